@@ -1,0 +1,35 @@
+"""fakequant: fused fake-quantization kernels and NNI-style quantizers for quantization-aware training."""
+
+from fakequant import (
+    _backend,
+    _ops,  # noqa: F401  (defines the fakequant:: op schemas before _C registers kernels)
+)
+from fakequant._backend import extension_error, extension_loaded, get_backend, set_backend
+from fakequant.functional import (
+    binarize,
+    bn_fold_fake_quant_weight,
+    fake_quant_per_channel,
+    fake_quant_per_tensor,
+    fold_bias,
+)
+from fakequant.qparams import PerChannel, PerTensor, choose_qparams, quant_range
+
+_backend.init()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "binarize",
+    "bn_fold_fake_quant_weight",
+    "choose_qparams",
+    "extension_error",
+    "extension_loaded",
+    "fake_quant_per_channel",
+    "fake_quant_per_tensor",
+    "fold_bias",
+    "get_backend",
+    "PerChannel",
+    "PerTensor",
+    "quant_range",
+    "set_backend",
+]

@@ -1,0 +1,246 @@
+"""Schemas of the ``fakequant::`` custom ops, their default (reference) kernels, fake impls and autograd.
+
+The schemas are defined here, in Python, before the compiled extension is loaded: ``fakequant._C``
+only adds ``TORCH_LIBRARY_IMPL`` kernels for the CPU (and CUDA) dispatch keys, which take precedence
+over the ``"default"`` (CompositeExplicitAutograd) reference kernels registered below.
+
+Ops (every ``compute_mask=False`` call returns an empty bool ``mask`` and cannot be differentiated):
+
+``fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max, compute_mask=True) -> (out, mask)``
+    ``scale``: one fp32 element, ``zero_point``: one int32/int64 element.
+``fake_quant_per_channel(x, scale, zero_point, axis, quant_min, quant_max, compute_mask=True) -> (out, mask)``
+    ``scale``/``zero_point``: 1-D with ``x.size(axis)`` elements.
+``binarize(x, clipped_ste=True, compute_mask=True) -> (out, mask)``
+    The mask (``|x| <= 1``) exists only for the clipped STE; the identity STE passes gradients through.
+``bn_fold_fake_quant_weight(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max,
+compute_mask=True) -> (out, mask)``
+    ``weight`` has output channels on axis 0; ``gamma``, ``var``, ``scale`` and ``zero_point`` are 1-D
+    with ``weight.size(0)`` elements. ``out = fake_quant_per_channel(weight * gamma / sqrt(var + eps))``
+    along axis 0. Gradients flow to ``weight``, ``gamma`` and ``var``; ``var`` may be the running
+    variance (a buffer, no gradient) or a batch variance.
+``masked_grad(grad, mask) -> Tensor``
+    The straight-through backward: ``grad`` where ``mask``, 0 elsewhere.
+``bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, eps) -> (grad_weight, grad_gamma, grad_var)``
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fakequant import reference
+
+LIBRARY = "fakequant"
+
+_lib = torch.library.Library(LIBRARY, "DEF")
+
+SCHEMAS = {
+    "fake_quant_per_tensor": (
+        "(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+        "bool compute_mask=True) -> (Tensor out, Tensor mask)"
+    ),
+    "fake_quant_per_channel": (
+        "(Tensor x, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max, "
+        "bool compute_mask=True) -> (Tensor out, Tensor mask)"
+    ),
+    "binarize": "(Tensor x, bool clipped_ste=True, bool compute_mask=True) -> (Tensor out, Tensor mask)",
+    "bn_fold_fake_quant_weight": (
+        "(Tensor weight, Tensor gamma, Tensor var, float eps, Tensor scale, Tensor zero_point, "
+        "int quant_min, int quant_max, bool compute_mask=True) -> (Tensor out, Tensor mask)"
+    ),
+    "masked_grad": "(Tensor grad, Tensor mask) -> Tensor",
+    "bn_fold_fake_quant_weight_backward": (
+        "(Tensor grad, Tensor weight, Tensor mask, Tensor gamma, Tensor var, float eps) "
+        "-> (Tensor grad_weight, Tensor grad_gamma, Tensor grad_var)"
+    ),
+}
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+OP_NAMES = tuple(SCHEMAS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Default kernels: the reference, laid out like the fake impls (empty_like keeps x's strides).
+# ---------------------------------------------------------------------------------------------
+
+
+def _like(values: torch.Tensor, template: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if values.numel() == 0 and template.numel() != 0:
+        return values  # the empty mask of compute_mask=False
+    out = torch.empty_like(template, dtype=dtype or values.dtype)
+    return out.copy_(values)
+
+
+def _with_layout(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _like(out, x), _like(mask, x, torch.bool)
+
+
+def fake_quant_per_tensor_default(x, scale, zero_point, quant_min, quant_max, compute_mask=True):
+    return _with_layout(
+        x, *reference.fake_quant_per_tensor_forward(x, scale, zero_point, quant_min, quant_max, compute_mask)
+    )
+
+
+def fake_quant_per_channel_default(x, scale, zero_point, axis, quant_min, quant_max, compute_mask=True):
+    return _with_layout(
+        x,
+        *reference.fake_quant_per_channel_forward(
+            x, scale, zero_point, axis, quant_min, quant_max, compute_mask
+        ),
+    )
+
+
+def binarize_default(x, clipped_ste=True, compute_mask=True):
+    return _with_layout(x, *reference.binarize_forward(x, clipped_ste, compute_mask))
+
+
+def bn_fold_fake_quant_weight_default(
+    weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask=True
+):
+    return _with_layout(
+        weight,
+        *reference.bn_fold_fake_quant_weight_forward(
+            weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask
+        ),
+    )
+
+
+def masked_grad_default(grad, mask):
+    return _like(reference.masked_grad(grad, mask), grad)
+
+
+def bn_fold_fake_quant_weight_backward_default(grad, weight, mask, gamma, var, eps):
+    grad_weight, grad_gamma, grad_var = reference.bn_fold_fake_quant_weight_backward(
+        grad, weight, mask, gamma, var, eps
+    )
+    return _like(grad_weight, weight), grad_gamma, grad_var
+
+
+DEFAULT_KERNELS = {
+    "fake_quant_per_tensor": fake_quant_per_tensor_default,
+    "fake_quant_per_channel": fake_quant_per_channel_default,
+    "binarize": binarize_default,
+    "bn_fold_fake_quant_weight": bn_fold_fake_quant_weight_default,
+    "masked_grad": masked_grad_default,
+    "bn_fold_fake_quant_weight_backward": bn_fold_fake_quant_weight_backward_default,
+}
+
+for _name, _kernel in DEFAULT_KERNELS.items():
+    torch.library.impl(f"{LIBRARY}::{_name}", "default", lib=_lib)(_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake impls: shapes, dtypes and strides only.
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_outputs(x: torch.Tensor, compute_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty_like(x)
+    mask = torch.empty_like(x, dtype=torch.bool) if compute_mask else x.new_empty(0, dtype=torch.bool)
+    return out, mask
+
+
+@torch.library.register_fake(f"{LIBRARY}::fake_quant_per_tensor", lib=_lib)
+def _(x, scale, zero_point, quant_min, quant_max, compute_mask=True):
+    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
+    return _fake_outputs(x, compute_mask)
+
+
+@torch.library.register_fake(f"{LIBRARY}::fake_quant_per_channel", lib=_lib)
+def _(x, scale, zero_point, axis, quant_min, quant_max, compute_mask=True):
+    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis)
+    return _fake_outputs(x, compute_mask)
+
+
+@torch.library.register_fake(f"{LIBRARY}::binarize", lib=_lib)
+def _(x, clipped_ste=True, compute_mask=True):
+    reference.check_binarize_args(x)
+    return _fake_outputs(x, clipped_ste and compute_mask)
+
+
+@torch.library.register_fake(f"{LIBRARY}::bn_fold_fake_quant_weight", lib=_lib)
+def _(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask=True):
+    reference.check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
+    return _fake_outputs(weight, compute_mask)
+
+
+@torch.library.register_fake(f"{LIBRARY}::masked_grad", lib=_lib)
+def _(grad, mask):
+    return torch.empty_like(grad)
+
+
+@torch.library.register_fake(f"{LIBRARY}::bn_fold_fake_quant_weight_backward", lib=_lib)
+def _(grad, weight, mask, gamma, var, eps):
+    return torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(var)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: straight-through estimators. Scales and zero points get no gradient.
+# ---------------------------------------------------------------------------------------------
+
+
+def _require_mask(ctx) -> torch.Tensor:
+    if not ctx.compute_mask:
+        raise RuntimeError(
+            "fakequant: this op ran with compute_mask=False, so it has no mask to differentiate with; "
+            "call it with compute_mask=True (the functional wrappers do so whenever a gradient is needed)"
+        )
+    return ctx.saved_tensors[0]
+
+
+def _save_mask(ctx, inputs, output):
+    ctx.compute_mask = inputs[-1]
+    ctx.save_for_backward(output[1])
+
+
+def _fake_quant_per_tensor_backward(ctx, grad_out, _grad_mask):
+    return torch.ops.fakequant.masked_grad(grad_out, _require_mask(ctx)), None, None, None, None, None
+
+
+def _fake_quant_per_channel_backward(ctx, grad_out, _grad_mask):
+    grad_x = torch.ops.fakequant.masked_grad(grad_out, _require_mask(ctx))
+    return grad_x, None, None, None, None, None, None
+
+
+def _binarize_setup(ctx, inputs, output):
+    x, clipped_ste, compute_mask = inputs
+    ctx.clipped_ste = clipped_ste
+    ctx.compute_mask = compute_mask
+    ctx.save_for_backward(output[1])
+
+
+def _binarize_backward(ctx, grad_out, _grad_mask):
+    if not ctx.clipped_ste:
+        return grad_out, None, None
+    return torch.ops.fakequant.masked_grad(grad_out, _require_mask(ctx)), None, None
+
+
+def _bn_fold_setup(ctx, inputs, output):
+    weight, gamma, var, eps = inputs[:4]
+    ctx.compute_mask = inputs[-1]
+    ctx.eps = eps
+    ctx.save_for_backward(output[1], weight, gamma, var)
+
+
+def _bn_fold_backward(ctx, grad_out, _grad_mask):
+    mask = _require_mask(ctx)
+    _, weight, gamma, var = ctx.saved_tensors
+    grad_weight, grad_gamma, grad_var = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(
+        grad_out, weight, mask, gamma, var, ctx.eps
+    )
+    return grad_weight, grad_gamma, grad_var, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    f"{LIBRARY}::fake_quant_per_tensor", _fake_quant_per_tensor_backward, setup_context=_save_mask, lib=_lib
+)
+torch.library.register_autograd(
+    f"{LIBRARY}::fake_quant_per_channel", _fake_quant_per_channel_backward, setup_context=_save_mask, lib=_lib
+)
+torch.library.register_autograd(
+    f"{LIBRARY}::binarize", _binarize_backward, setup_context=_binarize_setup, lib=_lib
+)
+torch.library.register_autograd(
+    f"{LIBRARY}::bn_fold_fake_quant_weight", _bn_fold_backward, setup_context=_bn_fold_setup, lib=_lib
+)

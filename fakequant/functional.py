@@ -1,0 +1,179 @@
+"""Public functional API: each wrapper calls one ``fakequant::`` op and returns its output with autograd.
+
+The mask that the backward pass needs is written only when a gradient can flow (grad mode on and an
+input that requires grad); inference skips that byte per element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fakequant import reference
+
+__all__ = [
+    "fake_quant_per_tensor",
+    "fake_quant_per_channel",
+    "binarize",
+    "bn_fold_fake_quant_weight",
+    "fold_bias",
+]
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def fake_quant_per_tensor(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+) -> torch.Tensor:
+    """Fake-quantizes ``x`` with one scale and zero point: quantize, clamp, dequantize.
+
+    ``q = round_half_even(x * (1 / scale)) + zero_point``, ``out = (clamp(q, quant_min, quant_max)
+    - zero_point) * scale``. The gradient is the straight-through estimator: ``grad`` where ``q`` lies
+    in ``[quant_min, quant_max]``, 0 elsewhere.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape and layout.
+        scale: fp32 tensor with one element, finite and > 0.
+        zero_point: int32/int64 tensor with one element in ``[quant_min, quant_max]``.
+        quant_min: lowest integer level.
+        quant_max: highest integer level.
+
+    Returns:
+        A tensor of ``x``'s shape, dtype and layout.
+
+    Example:
+        >>> x = torch.tensor([0.04, 0.06, 1.0])
+        >>> fake_quant_per_tensor(x, torch.tensor(0.1), torch.tensor(0), -8, 7)
+        tensor([0.0000, 0.1000, 0.7000])
+    """
+    out, _ = torch.ops.fakequant.fake_quant_per_tensor(
+        x, scale, zero_point, quant_min, quant_max, _needs_grad(x)
+    )
+    return out
+
+
+def fake_quant_per_channel(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+) -> torch.Tensor:
+    """Fake-quantizes ``x`` with one scale and zero point per slice along ``axis``.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape and layout.
+        scale: 1-D fp32 tensor of ``x.size(axis)`` elements, each finite and > 0.
+        zero_point: 1-D int32/int64 tensor of ``x.size(axis)`` elements in ``[quant_min, quant_max]``.
+        axis: the channel dimension (negative values count from the end).
+        quant_min: lowest integer level.
+        quant_max: highest integer level.
+
+    Returns:
+        A tensor of ``x``'s shape, dtype and layout.
+
+    Example:
+        >>> w = torch.tensor([[0.3, -0.3], [0.3, -0.3]])
+        >>> fake_quant_per_channel(w, torch.tensor([0.1, 0.2]), torch.zeros(2, dtype=torch.int32), 0, -8, 7)
+        tensor([[ 0.3000, -0.3000],
+                [ 0.4000, -0.4000]])
+    """
+    out, _ = torch.ops.fakequant.fake_quant_per_channel(
+        x, scale, zero_point, axis, quant_min, quant_max, _needs_grad(x)
+    )
+    return out
+
+
+def binarize(x: torch.Tensor, clipped_ste: bool = True) -> torch.Tensor:
+    """Binarizes ``x`` to ``+1`` (``x >= 0``) or ``-1``; NaN stays NaN.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor.
+        clipped_ste: gradient ``grad * (|x| <= 1)`` (activations in BNN) if True, else the identity
+            straight-through estimator (weights in BNN).
+
+    Returns:
+        A tensor of ``x``'s shape, dtype and layout holding -1 and +1.
+
+    Example:
+        >>> binarize(torch.tensor([-0.5, 0.0, 2.0]))
+        tensor([-1.,  1.,  1.])
+    """
+    out, _ = torch.ops.fakequant.binarize(x, clipped_ste, clipped_ste and _needs_grad(x))
+    return out
+
+
+def bn_fold_fake_quant_weight(
+    weight: torch.Tensor,
+    gamma: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+) -> torch.Tensor:
+    """Folds BatchNorm's scale into a conv weight and fake-quantizes it per output channel, in one pass.
+
+    ``out = fake_quant_per_channel(weight * gamma / sqrt(var + eps), scale, zero_point, axis=0)``.
+    Gradients reach ``weight``, ``gamma`` and (when it requires grad) ``var``.
+
+    Args:
+        weight: conv or linear weight, output channels on axis 0.
+        gamma: BatchNorm weight, 1-D of ``weight.size(0)`` elements.
+        var: running or batch variance, 1-D of ``weight.size(0)`` elements.
+        eps: BatchNorm's epsilon.
+        scale: 1-D fp32 per-channel scale of the folded weight.
+        zero_point: 1-D int32/int64 per-channel zero point.
+        quant_min: lowest integer level.
+        quant_max: highest integer level.
+
+    Returns:
+        The folded, fake-quantized weight, shaped like ``weight``.
+
+    Example:
+        >>> w = torch.ones(2, 1, 1, 1)
+        >>> out = bn_fold_fake_quant_weight(w, torch.tensor([1.0, 2.0]), torch.ones(2), 0.0,
+        ...                                 torch.tensor([0.5, 0.5]), torch.zeros(2, dtype=torch.int32), -8, 7)
+        >>> out.flatten()
+        tensor([1., 2.])
+    """
+    out, _ = torch.ops.fakequant.bn_fold_fake_quant_weight(
+        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, _needs_grad(weight, gamma, var)
+    )
+    return out
+
+
+def fold_bias(
+    bias: torch.Tensor | None,
+    beta: torch.Tensor,
+    mean: torch.Tensor,
+    gamma: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The bias of a conv with BatchNorm folded in: ``beta + (bias - mean) * gamma / sqrt(var + eps)``.
+
+    Args:
+        bias: the conv's bias, or None.
+        beta: BatchNorm bias.
+        mean: running or batch mean.
+        gamma: BatchNorm weight.
+        var: running or batch variance.
+        eps: BatchNorm's epsilon.
+
+    Returns:
+        The folded bias, 1-D fp32, differentiable in every input.
+
+    Example:
+        >>> fold_bias(None, torch.zeros(1), torch.ones(1), torch.ones(1), torch.ones(1), 0.0)
+        tensor([-1.])
+    """
+    centred = -mean.float() if bias is None else bias.float() - mean.float()
+    return beta.float() + centred * reference.bn_fold_factor(gamma, var, eps)

@@ -1,0 +1,370 @@
+"""Pure-PyTorch reference implementations: the oracle every kernel is tested against.
+
+Two layers live here:
+
+* ``*_forward`` functions compute ``(out, mask)`` with plain tensor ops and no autograd. They are
+  registered as the ``"default"`` kernel of each ``fakequant::`` op (the fallback on any device) and
+  they are "the pure-PyTorch composition" that the benchmarks compare against.
+* The differentiable functions (``fake_quant_per_tensor`` etc.) wrap those values in a
+  straight-through estimator built from ordinary autograd, so tests compare each op's registered
+  backward against gradients that autograd derives on its own.
+
+Numerics (SPEC §1): multiply by the fp32 reciprocal of the scale, round half to even, take the mask on
+the rounded, unclamped ``q``; NaN stays NaN (mask 0), ``+inf``/``-inf`` go to the top/bottom of the
+range (mask 0); fp16/bf16 are computed in fp32 and returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "QUANT_LIMIT",
+    "check_fake_quant_args",
+    "check_binarize_args",
+    "check_bn_fold_args",
+    "normalize_axis",
+    "fake_quant_per_tensor_forward",
+    "fake_quant_per_channel_forward",
+    "binarize_forward",
+    "bn_fold_factor",
+    "bn_fold_fake_quant_weight_forward",
+    "masked_grad",
+    "bn_fold_fake_quant_weight_backward",
+    "fake_quant_per_tensor",
+    "fake_quant_per_channel",
+    "binarize",
+    "bn_fold_fake_quant_weight",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int32, torch.int64)
+# Every integer level must be exact in fp32, whose 24-bit significand holds integers up to 2^24.
+QUANT_LIMIT = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks. The C++ kernels make the same checks with TORCH_CHECK_VALUE, so every backend
+# raises ValueError with the same wording.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_x(x: torch.Tensor, name: str = "x") -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"fakequant: {name} has dtype {x.dtype}; allowed: float32, float16, bfloat16")
+
+
+def _check_range(quant_min: int, quant_max: int) -> None:
+    if quant_min > quant_max:
+        raise ValueError(
+            f"fakequant: quant_min ({quant_min}) must be <= quant_max ({quant_max})"
+        )
+    if quant_min < -QUANT_LIMIT or quant_max > QUANT_LIMIT:
+        raise ValueError(
+            f"fakequant: quant range [{quant_min}, {quant_max}] must lie within "
+            f"[-2^24, 2^24] so that every level is exact in fp32"
+        )
+
+
+def normalize_axis(axis: int, ndim: int) -> int:
+    """Returns ``axis`` in ``[0, ndim)`` or raises ``ValueError``."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"fakequant: axis {axis} is out of range for a tensor with {ndim} dimensions "
+            f"(allowed: {-ndim} to {ndim - 1})"
+        )
+    return axis % ndim
+
+
+def _check_qparams(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    channels: int | None,
+) -> None:
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t.device != x.device:
+            raise ValueError(
+                f"fakequant: {name} is on {t.device} but x is on {x.device}; they must be on the same device"
+            )
+    if scale.dtype != torch.float32:
+        raise ValueError(f"fakequant: scale has dtype {scale.dtype}; allowed: float32")
+    if zero_point.dtype not in INT_DTYPES:
+        raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: int32, int64")
+    if channels is None:
+        for name, t in (("scale", scale), ("zero_point", zero_point)):
+            if t.numel() != 1:
+                raise ValueError(
+                    f"fakequant: per-tensor {name} must have exactly one element, got shape {tuple(t.shape)}"
+                )
+    else:
+        for name, t in (("scale", scale), ("zero_point", zero_point)):
+            if t.dim() != 1 or t.numel() != channels:
+                raise ValueError(
+                    f"fakequant: per-channel {name} must be 1-D with {channels} elements "
+                    f"(the size of the quantized axis), got shape {tuple(t.shape)}"
+                )
+    # Value checks are free on CPU tensors; on a GPU they would cost a device-to-host sync on every
+    # call, so there the quantizers (which compute the values) guarantee them instead.
+    if scale.device.type == "cpu" and scale.numel() > 0:
+        bad = ~(torch.isfinite(scale) & (scale > 0))
+        if bool(bad.any()):
+            value = scale[bad].flatten()[0].item()
+            raise ValueError(f"fakequant: scale must be finite and > 0, got {value}")
+    if zero_point.device.type == "cpu" and zero_point.numel() > 0:
+        bad = (zero_point < quant_min) | (zero_point > quant_max)
+        if bool(bad.any()):
+            value = zero_point[bad].flatten()[0].item()
+            raise ValueError(
+                f"fakequant: zero_point {value} is outside [quant_min, quant_max] = [{quant_min}, {quant_max}]"
+            )
+
+
+def check_fake_quant_args(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    axis: int | None = None,
+) -> int | None:
+    """Validates fake-quant arguments; returns the normalized axis (None for per-tensor)."""
+    _check_x(x)
+    _check_range(quant_min, quant_max)
+    channels = None
+    if axis is not None:
+        axis = normalize_axis(axis, x.dim())
+        channels = x.size(axis)
+    _check_qparams(x, scale, zero_point, quant_min, quant_max, channels)
+    return axis
+
+
+def check_binarize_args(x: torch.Tensor) -> None:
+    _check_x(x)
+
+
+def check_bn_fold_args(
+    weight: torch.Tensor,
+    gamma: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+) -> None:
+    _check_x(weight, "weight")
+    if weight.dim() < 1:
+        raise ValueError("fakequant: weight must have at least one dimension (output channels first)")
+    channels = weight.size(0)
+    for name, t in (("gamma", gamma), ("var", var)):
+        if t.device != weight.device:
+            raise ValueError(
+                f"fakequant: {name} is on {t.device} but weight is on {weight.device}; "
+                "they must be on the same device"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"fakequant: {name} has dtype {t.dtype}; allowed: float32, float16, bfloat16")
+        if t.dim() != 1 or t.numel() != channels:
+            raise ValueError(
+                f"fakequant: {name} must be 1-D with {channels} elements (weight.size(0)), "
+                f"got shape {tuple(t.shape)}"
+            )
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"fakequant: eps must be finite and >= 0, got {eps}")
+    _check_range(quant_min, quant_max)
+    _check_qparams(weight, scale, zero_point, quant_min, quant_max, channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward values: the pure-PyTorch composition.
+# ---------------------------------------------------------------------------------------------
+
+
+def _empty_mask(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.bool, device=x.device)
+
+
+def _channel_view(t: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _fake_quant_values(
+    xf: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    compute_mask: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantizes fp32 ``xf`` with broadcastable fp32 ``scale`` and ``zero_point``."""
+    inv_scale = 1.0 / scale
+    zp = zero_point.to(torch.float32)
+    q = torch.round(xf * inv_scale) + zp
+    out = ((q.clamp(quant_min, quant_max) - zp) * scale).to(out_dtype)
+    mask = ((q >= quant_min) & (q <= quant_max)) if compute_mask else _empty_mask(xf)
+    return out, mask
+
+
+def fake_quant_per_tensor_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
+    return _fake_quant_values(
+        x.float(), scale.reshape(()), zero_point.reshape(()), quant_min, quant_max, compute_mask, x.dtype
+    )
+
+
+def fake_quant_per_channel_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    axis = check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis)
+    return _fake_quant_values(
+        x.float(),
+        _channel_view(scale, axis, x.dim()),
+        _channel_view(zero_point, axis, x.dim()),
+        quant_min,
+        quant_max,
+        compute_mask,
+        x.dtype,
+    )
+
+
+def binarize_forward(
+    x: torch.Tensor, clipped_ste: bool = True, compute_mask: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``+1`` where ``x >= 0`` (0 included), ``-1`` below, NaN stays NaN; mask ``|x| <= 1``."""
+    check_binarize_args(x)
+    xf = x.float()
+    out = torch.where(xf >= 0, 1.0, -1.0)
+    out = torch.where(torch.isnan(xf), xf, out).to(x.dtype)
+    mask = (xf.abs() <= 1) if (clipped_ste and compute_mask) else _empty_mask(x)
+    return out, mask
+
+
+def bn_fold_factor(gamma: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """The per-channel BN scale ``gamma / sqrt(var + eps)`` in fp32."""
+    return gamma.float() / torch.sqrt(var.float() + eps)
+
+
+def bn_fold_fake_quant_weight_forward(
+    weight: torch.Tensor,
+    gamma: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
+    ndim = weight.dim()
+    folded = weight.float() * _channel_view(bn_fold_factor(gamma, var, eps), 0, ndim)
+    return _fake_quant_values(
+        folded,
+        _channel_view(scale, 0, ndim),
+        _channel_view(zero_point, 0, ndim),
+        quant_min,
+        quant_max,
+        compute_mask,
+        weight.dtype,
+    )
+
+
+def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Straight-through gradient: ``grad`` where ``mask``, exactly 0 elsewhere."""
+    if mask.shape != grad.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"fakequant: mask must be a bool tensor of the gradient's shape {tuple(grad.shape)}, "
+            f"got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def bn_fold_fake_quant_weight_backward(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the folded weight w.r.t. ``weight``, ``gamma`` and ``var`` (SPEC §1)."""
+    ndim = weight.dim()
+    std = torch.sqrt(var.float() + eps)
+    factor = gamma.float() / std
+    g = masked_grad(grad, mask).float()
+    grad_weight = (g * _channel_view(factor, 0, ndim)).to(weight.dtype)
+    reduce_dims = list(range(1, ndim))
+    s = (g * weight.float()).sum(dim=reduce_dims) if reduce_dims else g * weight.float()
+    grad_gamma = (s / std).to(gamma.dtype)
+    grad_var = (-0.5 * s * gamma.float() / (std * std * std)).to(var.dtype)
+    return grad_weight, grad_gamma, grad_var
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable references: the forward values above with a straight-through estimator that
+# autograd differentiates on its own (the oracle for every registered backward).
+# ---------------------------------------------------------------------------------------------
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns ``value`` in the forward pass and hands its gradient to ``source`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        ctx.source_dtype = source.dtype
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad.to(ctx.source_dtype)
+
+
+def _masked_source(source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # torch.where routes the gradient to `source` only where mask holds, and its value is `source`.
+    return torch.where(mask, source, source.detach())
+
+
+def fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max):
+    out, mask = fake_quant_per_tensor_forward(x.detach(), scale, zero_point, quant_min, quant_max)
+    return _StraightThrough.apply(out, _masked_source(x, mask))
+
+
+def fake_quant_per_channel(x, scale, zero_point, axis, quant_min, quant_max):
+    out, mask = fake_quant_per_channel_forward(x.detach(), scale, zero_point, axis, quant_min, quant_max)
+    return _StraightThrough.apply(out, _masked_source(x, mask))
+
+
+def binarize(x, clipped_ste=True):
+    out, mask = binarize_forward(x.detach(), clipped_ste)
+    source = _masked_source(x, mask) if clipped_ste else x
+    return _StraightThrough.apply(out, source)
+
+
+def bn_fold_fake_quant_weight(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max):
+    out, mask = bn_fold_fake_quant_weight_forward(
+        weight.detach(), gamma.detach(), var.detach(), eps, scale, zero_point, quant_min, quant_max
+    )
+    folded = weight.float() * _channel_view(bn_fold_factor(gamma, var, eps), 0, weight.dim())
+    return _StraightThrough.apply(out, _masked_source(folded, mask))

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The project's entry points. On a fresh clone with only python3 and pip, each command installs what
+# it needs (requirements.txt, then an incremental build of fakequant._C) before it runs.
+#   bash run.sh demo    the main job
+#   bash run.sh test    the test suite (what CI runs)
+#   bash run.sh bench   the benchmarks
+#   bash run.sh setup   install and build only
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python3}
+
+setup() {
+  "$PYTHON" -m pip install -q -r requirements.txt
+  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export CUDA_HOME=/usr/local/cuda
+  fi
+  # ninja rebuilds only what changed since the last build in build/.
+  MAX_JOBS=${MAX_JOBS:-2} "$PYTHON" setup.py -q build_ext --inplace
+}
+
+case "${1:-}" in
+  setup) setup ;;
+  demo) setup; "$PYTHON" examples/demo.py "${@:2}" ;;
+  test) setup; "$PYTHON" -m pytest tests "${@:2}" ;;
+  bench) setup; "$PYTHON" -m pytest bench --benchmark-only "${@:2}" ;;
+  *) echo "usage: bash run.sh demo|test|bench|setup [args]" >&2; exit 2 ;;
+esac
