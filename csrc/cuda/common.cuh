@@ -78,6 +78,7 @@ struct AxisLayout {
 inline AxisLayout axis_layout(const at::Tensor& t, int64_t axis) {
   const int64_t size = t.size(axis);
   if (size <= 1) return AxisLayout{1, 1};
+  if (t.numel() == 0) return AxisLayout{1, size};  // no element to place; the strides may be degenerate
   TORCH_INTERNAL_ASSERT(t.stride(axis) >= 1);
   return AxisLayout{t.stride(axis), size};
 }

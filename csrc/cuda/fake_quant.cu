@@ -41,6 +41,63 @@ struct PerTensorOp {
   }
 };
 
+// One channel's parameters, prepared on the device by channel_params_kernel. `fold` multiplies x before
+// the fake quantization: gamma / sqrt(var + eps) for bn_fold_fake_quant_weight, exactly 1 otherwise
+// (x * 1.0f == x for every float, NaN and infinities included).
+struct ChannelParams {
+  QuantParams quant;
+  float fold;
+};
+
+struct PerChannelOp {
+  const ChannelParams* params;
+  AxisLayout layout;
+  // True when every aligned vector lies within one channel (inner % kVec == 0, or a single channel):
+  // then the channel is computed once per vector instead of once per element.
+  bool channel_per_vector;
+
+  __device__ __forceinline__ void prepare() {}
+
+  template <int N>
+  __device__ __forceinline__ void apply(const float (&x)[N], int64_t offset, float (&out)[N], bool (&in)[N]) const {
+    if (N == 1 || channel_per_vector) {
+      const ChannelParams p = params[channel_of(offset, layout)];
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] = fake_quant_value(x[j] * p.fold, p.quant, in[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const ChannelParams p = params[channel_of(offset + j, layout)];
+        out[j] = fake_quant_value(x[j] * p.fold, p.quant, in[j]);
+      }
+    }
+  }
+};
+
+struct BinarizeOp {
+  __device__ __forceinline__ void prepare() {}
+
+  template <int N>
+  __device__ __forceinline__ void apply(const float (&x)[N], int64_t, float (&out)[N], bool (&in)[N]) const {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      out[j] = binarize_value(x[j]);
+      in[j] = binarize_in_range(x[j]);
+    }
+  }
+};
+
+// The tiny per-channel prep: reads scale, zero point (and gamma, var) on the device, in any of their
+// allowed dtypes and strides, so that the elementwise pass reads one fp32 record per channel.
+__global__ void __launch_bounds__(kThreads)
+    channel_params_kernel(ChannelParams* __restrict__ params, int64_t channels, Vector1d scale, Vector1d zero_point,
+                          float quant_min, float quant_max, bool fold_bn, Vector1d gamma, Vector1d var, float eps) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  params[c].quant = make_quant_params(scale.load(c), zero_point.load(c), quant_min, quant_max);
+  params[c].fold = fold_bn ? bn_fold_factor(gamma.load(c), var.load(c), eps) : 1.0f;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The elementwise kernel.
 // ---------------------------------------------------------------------------------------------
@@ -143,10 +200,60 @@ std::tuple<Tensor, Tensor> fake_quant_per_tensor_cuda(const Tensor& x, const Ten
   return run_forward(f, op);
 }
 
+// Per-channel fake quantization of `x` along `axis`, optionally of x * gamma / sqrt(var + eps) (BN folding).
+std::tuple<Tensor, Tensor> run_per_channel(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                                           int64_t axis, int64_t quant_min, int64_t quant_max, bool compute_mask,
+                                           const Tensor* gamma, const Tensor* var, double eps) {
+  const Forward f = make_forward(x, compute_mask);
+  if (x.numel() == 0) return {f.out, f.mask};
+  const int64_t channels = x.size(axis);
+  Tensor params = at::empty({channels * static_cast<int64_t>(sizeof(ChannelParams))}, x.options().dtype(at::kByte));
+  auto* params_data = reinterpret_cast<ChannelParams*>(params.data_ptr());
+  const bool fold_bn = gamma != nullptr;
+  const Vector1d no_vector{nullptr, 0, Vector1d::Type::kFloat};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  channel_params_kernel<<<static_cast<unsigned int>((channels + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      params_data, channels, vector1d(scale), vector1d(zero_point), static_cast<float>(quant_min),
+      static_cast<float>(quant_max), fold_bn, fold_bn ? vector1d(*gamma) : no_vector,
+      fold_bn ? vector1d(*var) : no_vector, static_cast<float>(eps));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const AxisLayout layout = axis_layout(f.input, axis);
+  const int64_t vector_elements = kVectorBytes / static_cast<int64_t>(f.input.element_size());
+  PerChannelOp op{params_data, layout, layout.channels == 1 || layout.inner % vector_elements == 0};
+  return run_forward(f, op);
+}
+
+std::tuple<Tensor, Tensor> fake_quant_per_channel_cuda(const Tensor& x, const Tensor& scale,
+                                                       const Tensor& zero_point, int64_t axis, int64_t quant_min,
+                                                       int64_t quant_max, bool compute_mask) {
+  const int64_t dim = checks::check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return run_per_channel(x, scale, zero_point, dim, quant_min, quant_max, compute_mask, nullptr, nullptr, 0.0);
+}
+
+std::tuple<Tensor, Tensor> bn_fold_fake_quant_weight_cuda(const Tensor& weight, const Tensor& gamma,
+                                                          const Tensor& var, double eps, const Tensor& scale,
+                                                          const Tensor& zero_point, int64_t quant_min,
+                                                          int64_t quant_max, bool compute_mask) {
+  checks::check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  return run_per_channel(weight, scale, zero_point, 0, quant_min, quant_max, compute_mask, &gamma, &var, eps);
+}
+
+std::tuple<Tensor, Tensor> binarize_cuda(const Tensor& x, bool clipped_ste, bool compute_mask) {
+  checks::check_float_input(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The identity STE needs no mask, so none is computed (as in the reference and the fake impl).
+  return run_forward(make_forward(x, clipped_ste && compute_mask), BinarizeOp{});
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fakequant
 
 TORCH_LIBRARY_IMPL(fakequant, CUDA, m) {
   m.impl("fake_quant_per_tensor", &fakequant::cuda::fake_quant_per_tensor_cuda);
+  m.impl("fake_quant_per_channel", &fakequant::cuda::fake_quant_per_channel_cuda);
+  m.impl("bn_fold_fake_quant_weight", &fakequant::cuda::bn_fold_fake_quant_weight_cuda);
+  m.impl("binarize", &fakequant::cuda::binarize_cuda);
 }
