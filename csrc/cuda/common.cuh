@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fakequant {
 namespace cuda {
@@ -29,6 +30,28 @@ constexpr int kVectorBytes = 16;
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T values[N];
+};
+
+// The mask of N consecutive elements (N = 1, 4 or 8 bools) as one 1-, 4- or 8-byte access; the caller
+// guarantees the alignment. Built from shifts because the compiler splits a store of a bool[8] struct
+// into two 4-byte vector stores.
+template <int N>
+struct MaskWord {
+  static_assert(N == 1 || N == 4 || N == 8, "mask words hold 1, 4 or 8 flags");
+  using type = std::conditional_t<N == 8, uint64_t, std::conditional_t<N == 4, uint32_t, uint8_t>>;
+
+  __device__ __forceinline__ static void store(bool* mask, int64_t index, const bool (&flags)[N]) {
+    type word = 0;
+#pragma unroll
+    for (int j = 0; j < N; ++j) word |= static_cast<type>(flags[j]) << (8 * j);
+    reinterpret_cast<type*>(mask)[index] = word;
+  }
+
+  __device__ __forceinline__ static void load(const bool* mask, int64_t index, bool (&flags)[N]) {
+    const type word = reinterpret_cast<const type*>(mask)[index];
+#pragma unroll
+    for (int j = 0; j < N; ++j) flags[j] = ((word >> (8 * j)) & 0xff) != 0;
+  }
 };
 
 inline int multiprocessor_count() {

@@ -122,12 +122,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < kVec; ++j) stored.values[j] = static_cast<scalar_t>(results[j]);
     reinterpret_cast<Pack<scalar_t, kVec>*>(out)[v] = stored;
-    if (mask != nullptr) {
-      Pack<bool, kVec> flags;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) flags.values[j] = in_range[j];
-      reinterpret_cast<Pack<bool, kVec>*>(mask)[v] = flags;
-    }
+    if (mask != nullptr) MaskWord<kVec>::store(mask, v, in_range);
   }
   // The tail that does not fill a vector (empty when kVec == 1).
   for (int64_t i = vectors * kVec + first; i < numel; i += step) {

@@ -29,10 +29,11 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t zero = static_cast<scalar_t>(0.0f);
   for (int64_t v = first; v < vectors; v += step) {
     const Pack<scalar_t, kVec> g = reinterpret_cast<const Pack<scalar_t, kVec>*>(grad)[v];
-    const Pack<bool, kVec> m = reinterpret_cast<const Pack<bool, kVec>*>(mask)[v];
+    bool m[kVec];
+    MaskWord<kVec>::load(mask, v, m);
     Pack<scalar_t, kVec> result;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) result.values[j] = m.values[j] ? g.values[j] : zero;
+    for (int j = 0; j < kVec; ++j) result.values[j] = m[j] ? g.values[j] : zero;
     reinterpret_cast<Pack<scalar_t, kVec>*>(out)[v] = result;
   }
   for (int64_t i = vectors * kVec + first; i < numel; i += step) out[i] = mask[i] ? grad[i] : zero;
