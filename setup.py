@@ -59,7 +59,10 @@ def extensions():
     return [
         CUDAExtension(
             "fakequant._C",
-            sources + _sources("csrc/cuda/*.cu"),
+            # The .cu files hold only kernels and include no ATen header (nvcc parses a .cu file's headers
+            # once per architecture plus twice for the host: with ATen that was most of the build time);
+            # their host side, csrc/cuda/*.cpp, is compiled once by the host compiler.
+            sources + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
             include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
             extra_compile_args={
                 "cxx": cxx_flags + ["-DFAKEQUANT_WITH_CUDA"],
