@@ -95,6 +95,12 @@ def get_backend() -> str:
     return _backend
 
 
+def available_backends(device: str = "cpu") -> list[str]:
+    """The backends that can run ops on tensors of ``device`` (``"cpu"`` or ``"cuda"``) here."""
+    del device  # only the reference and auto exist so far, and both serve every device
+    return list(BACKENDS)
+
+
 def init() -> None:
     load_extension()
     set_backend(os.environ.get("FAKEQUANT_BACKEND", "auto") or "auto")
