@@ -66,8 +66,8 @@ OP_NAMES = tuple(SCHEMAS)
 
 
 def _like(values: torch.Tensor, template: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    if values.numel() == 0 and template.numel() != 0:
-        return values  # the empty mask of compute_mask=False
+    if values.shape != template.shape:
+        return values  # the empty mask of compute_mask=False (also when x itself is empty)
     out = torch.empty_like(template, dtype=dtype or values.dtype)
     return out.copy_(values)
 
