@@ -56,7 +56,7 @@ NUM_WARPS = 4
 REDUCE_BLOCK_SIZE = 1024
 
 # 2^23: from there on every fp32 value is an integer.
-_TWO_POW_23 = 8388608.0
+_TWO_POW_23 = tl.constexpr(8388608.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +80,23 @@ def _round_half_even(v):
     rounded = tl.where(magnitude < _TWO_POW_23, rounded, magnitude)
     sign_bit = v.to(tl.uint32, bitcast=True) & 0x80000000
     return (rounded.to(tl.uint32, bitcast=True) | sign_bit).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_dtype(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype`` (the output's), to nearest even as ``Tensor.to`` does.
+
+    bfloat16 is rounded here with integer operations because the Triton interpreter (3.8) truncates on
+    fp32 -> bf16 casts, which would make the interpreter test a rounding the GPU does not run. NaN becomes
+    the canonical bf16 NaN, as in c10's conversion; overflow rounds to inf as IEEE rounding does.
+    """
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        bf16_bits = tl.where(v != v, 0x7FC0, rounded).to(tl.uint16)
+        return bf16_bits.to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
 
 
 @triton.jit
@@ -190,7 +207,7 @@ def _fake_quant_per_tensor_kernel(
     out, inside = _fake_quant_values(
         x, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
     )
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
     if WRITE_MASK:
         tl.store(mask_ptr + offsets, inside, mask=in_bounds)
 
@@ -260,7 +277,7 @@ def _fake_quant_per_channel_kernel(
     out, inside = _fake_quant_values(
         x, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
     )
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
     if WRITE_MASK:
         tl.store(mask_ptr + offsets, inside, mask=in_bounds)
 
@@ -316,14 +333,12 @@ def _binarize_kernel(x_ptr, out_ptr, mask_ptr, n_elements, WRITE_MASK: tl.conste
     x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     out = tl.where(x >= 0.0, 1.0, -1.0)
     out = tl.where(x != x, x, out)  # NaN stays NaN
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
     if WRITE_MASK:
         tl.store(mask_ptr + offsets, tl.abs(x) <= 1.0, mask=in_bounds)
 
 
-def binarize(
-    x: torch.Tensor, clipped_ste: bool = True, compute_mask: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+def binarize(x: torch.Tensor, clipped_ste: bool = True, compute_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::binarize``: ``(out, mask)`` in ``x``'s layout; a mask only for the clipped STE."""
     reference.check_binarize_args(x)
     _check_device(x)
@@ -391,7 +406,7 @@ def _bn_fold_fake_quant_weight_kernel(
     out, inside = _fake_quant_values(
         folded, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
     )
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
     if WRITE_MASK:
         tl.store(mask_ptr + offsets, inside, mask=in_bounds)
 
@@ -512,15 +527,15 @@ def _bn_fold_fake_quant_weight_backward_kernel(
         keep = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(tl.int1)
         grad = tl.where(keep, grad, tl.zeros_like(grad)).to(tl.float32)
         weight = tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        tl.store(grad_weight_ptr + offsets, (grad * factor).to(grad_weight_ptr.dtype.element_ty), mask=in_bounds)
+        tl.store(grad_weight_ptr + offsets, _to_dtype(grad * factor, grad_weight_ptr.dtype.element_ty), mask=in_bounds)
         acc += grad * weight
     total = tl.sum(acc, axis=0)
     std = tl.load(std_ptr + channel)
     gamma = tl.load(gamma_ptr + channel)
     grad_gamma = tl.math.div_rn(total, std)
     grad_var = tl.math.div_rn(-0.5 * total * gamma, std * std * std)
-    tl.store(grad_gamma_ptr + channel, grad_gamma.to(grad_gamma_ptr.dtype.element_ty))
-    tl.store(grad_var_ptr + channel, grad_var.to(grad_var_ptr.dtype.element_ty))
+    tl.store(grad_gamma_ptr + channel, _to_dtype(grad_gamma, grad_gamma_ptr.dtype.element_ty))
+    tl.store(grad_var_ptr + channel, _to_dtype(grad_var, grad_var_ptr.dtype.element_ty))
 
 
 def _channel_major(t: torch.Tensor) -> bool:
@@ -540,21 +555,23 @@ def bn_fold_fake_quant_weight_backward(
     _check_mask(grad, mask)
     if weight.shape != grad.shape:
         raise ValueError(
-            f"fakequant: grad has shape {tuple(grad.shape)} but weight has shape {tuple(weight.shape)}; "
-            "they must match"
+            f"fakequant: grad has shape {tuple(grad.shape)} but weight has shape {tuple(weight.shape)}; they must match"
         )
     _check_device(weight)
     grad_weight = torch.empty_like(weight)
     grad_gamma = torch.empty_like(gamma)
     grad_var = torch.empty_like(var)
+    std, factor = _bn_statistics(gamma, var, eps)
     if weight.numel() == 0:
-        # No element contributes: the per-channel sums are 0, as the reference's empty sums.
-        return grad_weight, grad_gamma.zero_(), grad_var.zero_()
+        # No element contributes: the per-channel sums are 0 (and the signs of the zeros the reference's).
+        total = torch.zeros_like(std)
+        grad_gamma.copy_(total / std)
+        grad_var.copy_(-0.5 * total * gamma.float() / (std * std * std))
+        return grad_weight, grad_gamma, grad_var
     # grad_weight is written in weight's layout when each channel is contiguous in it (contiguous or
     # channels_last weights); any other layout goes through a contiguous copy.
     weight_major = weight if _channel_major(weight) else weight.contiguous()
     result = grad_weight if weight_major is weight else torch.empty_like(weight_major)
-    std, factor = _bn_statistics(gamma, var, eps)
     with _device_guard(weight):
         wrap_triton(_bn_fold_fake_quant_weight_backward_kernel)[(weight.size(0),)](
             _dense_like(grad, weight_major),
