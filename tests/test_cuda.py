@@ -319,6 +319,23 @@ def test_backward_errors_of_their_own(auto_backend):
     assert message == "fakequant: eps must be finite and >= 0, got -1.0"
 
 
+def test_no_value_checks_in_cuda_kernels(auto_backend):
+    """A bad scale or zero point VALUE passes the CUDA kernels' checks (reading it would cost a device-to-host
+    sync per call, SPEC §1): with CPU tensors the call gets past every check to the CUDA device guard."""
+    require_cuda_build()
+    x = _f32(4, 3)
+    cases = {
+        "fake_quant_per_tensor": (x, torch.tensor(-1.0), torch.tensor(500), -128, 127, True),
+        "fake_quant_per_channel": (x, torch.full((4,), float("nan")), torch.full((4,), -500), 0, -128, 127, True),
+        "bn_fold_fake_quant_weight": (x, torch.ones(4), torch.ones(4), 1e-5, torch.zeros(4), _ZPS, -128, 127, True),
+    }
+    for name, args in cases.items():
+        with pytest.raises(ValueError):
+            getattr(reference, f"{name}_forward")(*args[:-1])  # the reference checks the values on CPU
+        with pytest.raises(RuntimeError, match="CUDAGuardImpl initialized with non-CUDA DeviceType"):
+            getattr(torch.ops.fakequant, name).default.redispatch(CUDA_KEY, *args)
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) CUDA-only: the kernels against the reference, Triton, opcheck, and no host sync.
 # ---------------------------------------------------------------------------------------------
