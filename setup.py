@@ -38,7 +38,7 @@ def build_cuda() -> bool:
 
 
 def extensions():
-    cxx_flags = ["-O3", "-std=c++17", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
+    cxx_flags = ["-O3", "-std=c++20", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not build_cuda():
         return [

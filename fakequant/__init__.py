@@ -12,7 +12,7 @@ from fakequant.functional import (
     fake_quant_per_tensor,
     fold_bias,
 )
-from fakequant.qparams import PerChannel, PerTensor, choose_qparams, quant_range
+from fakequant.qparams import PerChannel, PerTensor, QuantSpec, choose_qparams, quant_range
 
 _backend.init()
 
@@ -30,6 +30,7 @@ __all__ = [
     "get_backend",
     "PerChannel",
     "PerTensor",
+    "QuantSpec",
     "quant_range",
     "set_backend",
 ]
