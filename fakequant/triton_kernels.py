@@ -18,11 +18,20 @@ function used on every path, the Triton interpreter's included; the mask is take
 The forward expressions have no ``a * b + c`` shape, so contracting into an FMA cannot change them.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU tensors.
+
+Example (on a GPU; on CPU tensors under ``TRITON_INTERPRET=1`` the same without ``device="cuda"``):
+    >>> import torch, fakequant
+    >>> fakequant.set_backend("triton")  # doctest: +SKIP
+    >>> x = torch.tensor([0.04, 0.06, 1.0], device="cuda")  # doctest: +SKIP
+    >>> torch.ops.fakequant._triton_fake_quant_per_tensor(
+    ...     x, torch.tensor(0.1, device="cuda"), torch.tensor(0, device="cuda"), -8, 7)  # doctest: +SKIP
+    (tensor([0.0000, 0.1000, 0.7000], device='cuda:0'), tensor([True, True, False], device='cuda:0'))
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -43,8 +52,11 @@ __all__ = [
 ]
 
 # True when triton decorated the kernels for its interpreter (TRITON_INTERPRET=1 at import): then the
-# kernels run on CPU tensors, with numpy float32 arithmetic.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+# kernels run on CPU tensors, with numpy float32 arithmetic. (triton.knobs exists from Triton 3.4 on.)
+try:
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 # Elements per program and warps per program of the element-wise kernels: 1024 elements over 4 warps is
 # 8 elements per thread (two 16-byte fp32 vectors). Not tuned on a GPU: none was available when this was

@@ -608,10 +608,14 @@ def test_available_backends():
         assert "triton" in _backend.available_backends("cuda")
 
 
-def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
+def test_triton_on_cpu_without_interpreter_says_so(monkeypatch, triton_backend):
     monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
-    with pytest.raises(RuntimeError, match="CPU tensors only under the Triton interpreter; set TRITON_INTERPRET=1"):
+    message = "CPU tensors only under the Triton interpreter; set TRITON_INTERPRET=1"
+    with pytest.raises(RuntimeError, match=message):
         triton_kernels.binarize(torch.ones(3))
+    with pytest.raises(RuntimeError, match=message):
+        fakequant.binarize(torch.ones(3))
+    assert "triton" not in _backend.available_backends("cpu")
 
 
 def test_environment_variable_selects_the_backend():
