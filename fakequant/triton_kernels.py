@@ -36,6 +36,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from fakequant import reference
@@ -160,6 +161,11 @@ def _dense_like(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(layout, dtype=t.dtype).copy_(t)
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """False for the fake tensors this wrapper sees as the triton_op's fake impl (no values to check)."""
+    return not is_fake(t)
+
+
 def _check_device(t: torch.Tensor) -> None:
     if t.device.type == "cuda" or (INTERPRETED and t.device.type == "cpu"):
         return
@@ -233,7 +239,7 @@ def fake_quant_per_tensor(
     compute_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::fake_quant_per_tensor``: ``(out, mask)`` in ``x``'s layout."""
-    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
+    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, check_values=_has_values(scale))
     _check_device(x)
     x_dense = _dense(x)
     out = torch.empty_like(x)
@@ -304,7 +310,9 @@ def fake_quant_per_channel(
     compute_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::fake_quant_per_channel``: ``(out, mask)`` in ``x``'s layout."""
-    axis = reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis)
+    axis = reference.check_fake_quant_args(
+        x, scale, zero_point, quant_min, quant_max, axis, check_values=_has_values(scale)
+    )
     _check_device(x)
     x_dense = _dense(x)
     out = torch.empty_like(x)
@@ -435,7 +443,9 @@ def bn_fold_fake_quant_weight(
     compute_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::bn_fold_fake_quant_weight``: fold BN into ``weight`` and fake-quantize along axis 0."""
-    reference.check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
+    reference.check_bn_fold_args(
+        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, check_values=_has_values(scale)
+    )
     _check_device(weight)
     weight_dense = _dense(weight)
     out = torch.empty_like(weight)
