@@ -597,6 +597,30 @@ def test_auto_after_triton_restores_the_previous_kernels(auto_backend):
         assert ".py" not in cpu_line
 
 
+def test_auto_serves_cuda_tensors_with_triton_when_c_has_no_cuda_kernels(monkeypatch, auto_backend):
+    """The kernel "auto" puts on the CUDA key (run here on CPU tensors, which it does not mind)."""
+    cuda_line = next(
+        line for line in torch._C._dispatch_dump("fakequant::binarize").splitlines() if line.startswith("CUDA:")
+    )
+    if _backend.extension_has_cuda():
+        assert "_backend.py" not in cuda_line  # _C's own CUDA kernel
+        return
+    assert "_backend.py" in cuda_line
+    x = torch.tensor([-2.0, -0.5, 0.0, 3.0], device=DEVICE)
+    launched = []
+    real_wrap_triton = triton_kernels.wrap_triton
+    monkeypatch.setattr(triton_kernels, "wrap_triton", lambda k: launched.append(k) or real_wrap_triton(k))
+    out, mask = _backend._auto_cuda_kernel("binarize")(x, True, True)
+    assert out.tolist() == [-1.0, -1.0, 1.0, 1.0] and mask.tolist() == [False, True, True, False]
+    assert len(launched) == 1
+    # Without triton: the reference, with a warning that says why.
+    monkeypatch.setattr(_backend, "_triton_kernels", None)
+    monkeypatch.setattr(_backend, "_triton_error", "ImportError: no triton here")
+    with pytest.warns(RuntimeWarning, match=r"triton cannot be imported \(ImportError: no triton here\)"):
+        out, mask = _backend._auto_cuda_kernel("binarize")(x, True, True)
+    assert out.tolist() == [-1.0, -1.0, 1.0, 1.0] and len(launched) == 1
+
+
 def test_available_backends():
     cpu = _backend.available_backends("cpu")
     assert cpu[0] == "auto" and "reference" in cpu
@@ -647,7 +671,7 @@ from triton.backends.compiler import GPUTarget
 from fakequant import triton_kernels as tk
 
 COMMON = {"out_ptr": "*fp32", "mask_ptr": "*i1", "scale_ptr": "*fp32", "zero_point_ptr": "*i32",
-          "n_elements": "i64", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr"}
+          "n_elements": "i32", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr"}
 KERNELS = {
     "per_tensor": (tk._fake_quant_per_tensor_kernel, {"x_ptr": "*fp32", **COMMON}),
     "per_channel": (tk._fake_quant_per_channel_kernel,
@@ -672,6 +696,7 @@ for name, (kernel, types) in KERNELS.items():
         "ptx_approx": len(re.findall(r"(div|rcp|sqrt)\\.(approx|full)", ptx)),
         "ptx_min_max": len(re.findall(r"(min|max)(\\.\\w+)*\\.f32", ptx)),
         "ptx_fma": len(re.findall(r"fma\\.\\w+\\.f32", ptx)),
+        "ptx_offsets_64": len(re.findall(r"setp\\.lt\\.s64", ptx)),
         "sass_add_abs_2_23": len(re.findall(r"FADD R\\d+, \\|R\\d+\\|(\\.reuse)?, 8388608", sass)),
         "sass_sub_2_23": len(re.findall(r"FADD R\\d+, R\\d+(\\.reuse)?, -8388608", sass)),
     }
@@ -699,6 +724,8 @@ def test_gpu_build_keeps_exact_arithmetic():
         assert counts["sass_sub_2_23"] == counts["ptx_sub_2_23"], (name, counts)
         assert counts["ptx_div_rn"] > 0 and counts["ptx_approx"] == 0, (name, counts)
         assert counts["ptx_min_max"] == 0 and counts["ptx_fma"] == 0, (name, counts)
+        # n_elements is i32 here, so a 64-bit compare shows the offsets themselves are 64-bit (pid cast first).
+        assert counts["ptx_offsets_64"] > 0, (name, counts)
 
 
 # ---------------------------------------------------------------------------------------------
