@@ -700,6 +700,27 @@ for name, (kernel, types) in KERNELS.items():
         "sass_add_abs_2_23": len(re.findall(r"FADD R\\d+, \\|R\\d+\\|(\\.reuse)?, 8388608", sass)),
         "sass_sub_2_23": len(re.findall(r"FADD R\\d+, R\\d+(\\.reuse)?, -8388608", sass)),
     }
+
+# Every kernel, in every dtype, must also build (the interpreter accepts code the compiler rejects).
+def build_all():
+    built = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        float_args = {"x_ptr": dtype, "out_ptr": dtype, "weight_ptr": dtype, "grad_ptr": dtype,
+                      "grad_weight_ptr": dtype, "grad_gamma_ptr": dtype, "grad_var_ptr": dtype}
+        types = {**COMMON, "channel_stride": "i64", "channels": "i64", "factor_ptr": "*fp32", "std_ptr": "*fp32",
+                 "gamma_ptr": "*fp32", "channel_size": "i64", **{k: "*" + v for k, v in float_args.items()}}
+        for kernel in (tk._fake_quant_per_tensor_kernel, tk._fake_quant_per_channel_kernel, tk._binarize_kernel,
+                       tk._bn_fold_fake_quant_weight_kernel, tk._masked_grad_kernel,
+                       tk._bn_fold_fake_quant_weight_backward_kernel):
+            signature = {p: types[p] for p in kernel.arg_names}
+            constexprs = {p: v for p, v in (("WRITE_MASK", True), ("BLOCK", 1024)) if p in kernel.arg_names}
+            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            built.append(f"{kernel.fn.__name__}:{dtype}")
+    return built
+
+
+report["built_for_sm_90"] = build_all()
 print(json.dumps(report))
 """
 
@@ -718,6 +739,7 @@ def test_gpu_build_keeps_exact_arithmetic():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
+    assert len(report.pop("built_for_sm_90")) == 6 * 3
     for name, counts in report.items():
         assert counts["ptx_add_2_23"] > 0 and counts["ptx_add_2_23"] == counts["ptx_sub_2_23"], (name, counts)
         assert counts["sass_add_abs_2_23"] == counts["ptx_add_2_23"], (name, counts)
