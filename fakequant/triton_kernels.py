@@ -16,6 +16,8 @@ Numerics (SPEC §1): fp32 compute for every input dtype; the reciprocal ``1 / sc
 division (``div_rn``), as the reference's; rounding is half to even by :func:`_round_half_even`, the one
 function used on every path, the Triton interpreter's included; the mask is taken on the unclamped ``q``.
 The forward expressions have no ``a * b + c`` shape, so contracting into an FMA cannot change them.
+What the interpreter cannot show about the GPU build (the rounding kept as two FADDs, ``div.rn``, no
+``min``/``max`` in the clamp, 64-bit offsets) tests/test_triton.py checks in PTX and SASS built for sm_80.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU tensors.
 
@@ -86,7 +88,7 @@ def _round_half_even(v):
     addition itself rounds ``|v|`` half to even and subtracting ``2^23`` again is exact. Larger values, inf
     and NaN are integers (or NaN) already and pass through. The sign is copied back bit for bit, so ``-0.3``
     gives ``-0.0`` as ``rintf`` does. Neither LLVM nor ptxas reassociates fp32 additions without fast-math
-    flags, which Triton does not set.
+    flags, which Triton does not set (the sm_80 SASS holds ``FADD |v|, 8388608`` then ``FADD -8388608``).
     """
     magnitude = tl.abs(v)
     rounded = (magnitude + _TWO_POW_23) - _TWO_POW_23
