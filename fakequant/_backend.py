@@ -37,17 +37,15 @@ _extension_error: str | None = None
 _extension_has_cuda = False
 _triton_kernels = None
 _triton_error: str | None = None
-_extension_attempted = False
 _override_lib: torch.library.Library | None = None
 _backend = "auto"
 
 
 def load_extension() -> None:
     """Imports ``fakequant._C`` once; on failure warns once and keeps the reference kernels."""
-    global _extension, _extension_error, _extension_attempted, _extension_has_cuda
-    if _extension_attempted:
+    global _extension, _extension_error, _extension_has_cuda
+    if _extension is not None or _extension_error is not None:
         return
-    _extension_attempted = True
     if os.environ.get("FAKEQUANT_DISABLE_EXTENSION", "") not in ("", "0"):
         _extension_error = "disabled by FAKEQUANT_DISABLE_EXTENSION"
         return

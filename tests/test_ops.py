@@ -1,5 +1,8 @@
 """The cross-backend suite: every ``fakequant::`` op, on every backend present, against the reference.
 
+The ``backend`` fixture (tests/conftest.py) runs each test once per backend available for CPU tensors:
+the C++ kernels ("auto", "cuda"), the Triton kernels under the interpreter ("triton") and the reference.
+
 The reference itself is checked against ``torch.fake_quantize_per_tensor_affine`` and
 ``torch.fake_quantize_per_channel_affine`` on finite inputs; every backend is then checked bit for bit
 against the reference in fp32, and against the reference's computation in fp32 for fp16/bf16.
@@ -19,17 +22,6 @@ from fakequant.qparams import quant_range
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def cpu_backends() -> list[str]:
-    return _backend.available_backends("cpu")
-
-
-@pytest.fixture(params=cpu_backends())
-def backend(request):
-    fakequant.set_backend(request.param)
-    yield request.param
-    fakequant.set_backend("auto")
 
 
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
