@@ -804,3 +804,36 @@ def test_opcheck_triton_ops_on_cuda():
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.fakequant, f"_triton_{name}").default, args)
+
+
+@needs_cuda
+@pytest.mark.skipif(not _backend.extension_has_cuda(), reason="fakequant._C was built without CUDA kernels")
+def test_triton_matches_the_cuda_kernels_on_cuda():
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn(8, 16, 13, 11, generator=gen) * 3).cuda().contiguous(memory_format=torch.channels_last)
+    x.view(-1)[: len(NONFINITE)] = torch.tensor(NONFINITE)
+    scale, zero_point = qparams(0.05, 3, "cuda")
+    channel_scale = (torch.rand(16, generator=gen) * 0.1 + 0.01).cuda()
+    channel_zp = torch.randint(-4, 4, (16,), generator=gen, dtype=torch.int32).cuda()
+    weight, gamma, var, eps, w_scale, w_zp = bn_case((6, 3, 3, 3), gen)
+    keep = x > 0
+    for dtype in FLOATS:
+        xd, wd = x.to(dtype), weight.to(dtype)
+        calls = {
+            "fake_quant_per_tensor": (xd, scale, zero_point, -128, 127, True),
+            "fake_quant_per_channel": (xd, channel_scale, channel_zp, 1, -8, 7, True),
+            "binarize": (xd, True, True),
+            "bn_fold_fake_quant_weight": (wd, gamma, var, eps, w_scale, w_zp, -128, 127, True),
+            "masked_grad": (xd, keep),
+        }
+        for name, args in calls.items():
+            results = {}
+            for backend in ("cuda", "triton"):
+                fakequant.set_backend(backend)
+                try:
+                    out = getattr(torch.ops.fakequant, name)(*args)
+                finally:
+                    fakequant.set_backend("auto")
+                results[backend] = out if isinstance(out, tuple) else (out,)
+            for a, b in zip(results["cuda"], results["triton"], strict=True):
+                assert_bits_equal(a, b)
