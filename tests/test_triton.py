@@ -810,8 +810,9 @@ def test_opcheck_triton_ops_on_cuda():
 @pytest.mark.skipif(not _backend.extension_has_cuda(), reason="fakequant._C was built without CUDA kernels")
 def test_triton_matches_the_cuda_kernels_on_cuda():
     gen = torch.Generator().manual_seed(12)
-    x = (torch.randn(8, 16, 13, 11, generator=gen) * 3).cuda().contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, 13, 11, generator=gen) * 3
     x.view(-1)[: len(NONFINITE)] = torch.tensor(NONFINITE)
+    x = x.cuda().contiguous(memory_format=torch.channels_last)
     scale, zero_point = qparams(0.05, 3, "cuda")
     channel_scale = (torch.rand(16, generator=gen) * 0.1 + 0.01).cuda()
     channel_zp = torch.randint(-4, 4, (16,), generator=gen, dtype=torch.int32).cuda()
