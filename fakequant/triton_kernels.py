@@ -16,17 +16,29 @@ Numerics (SPEC §1): fp32 compute for every input dtype; the reciprocal ``1 / sc
 division (``div_rn``), as the reference's; rounding is half to even by :func:`_round_half_even`, the one
 function used on every path, the Triton interpreter's included; the mask is taken on the unclamped ``q``.
 The forward expressions have no ``a * b + c`` shape, so contracting into an FMA cannot change them.
+What the interpreter cannot show about the GPU build (the rounding kept as two FADDs, ``div.rn``, no
+``min``/``max`` in the clamp, 64-bit offsets) tests/test_triton.py checks in PTX and SASS built for sm_80.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU tensors.
+
+Example (on a GPU; on CPU tensors under ``TRITON_INTERPRET=1`` the same without ``device="cuda"``):
+    >>> import torch, fakequant
+    >>> fakequant.set_backend("triton")  # doctest: +SKIP
+    >>> x = torch.tensor([0.04, 0.06, 1.0], device="cuda")  # doctest: +SKIP
+    >>> torch.ops.fakequant._triton_fake_quant_per_tensor(
+    ...     x, torch.tensor(0.1, device="cuda"), torch.tensor(0, device="cuda"), -8, 7)  # doctest: +SKIP
+    (tensor([0.0000, 0.1000, 0.7000], device='cuda:0'), tensor([True, True, False], device='cuda:0'))
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from fakequant import reference
@@ -43,8 +55,11 @@ __all__ = [
 ]
 
 # True when triton decorated the kernels for its interpreter (TRITON_INTERPRET=1 at import): then the
-# kernels run on CPU tensors, with numpy float32 arithmetic.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+# kernels run on CPU tensors, with numpy float32 arithmetic. (triton.knobs exists from Triton 3.4 on.)
+try:
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 # Elements per program and warps per program of the element-wise kernels: 1024 elements over 4 warps is
 # 8 elements per thread (two 16-byte fp32 vectors). Not tuned on a GPU: none was available when this was
@@ -73,7 +88,7 @@ def _round_half_even(v):
     addition itself rounds ``|v|`` half to even and subtracting ``2^23`` again is exact. Larger values, inf
     and NaN are integers (or NaN) already and pass through. The sign is copied back bit for bit, so ``-0.3``
     gives ``-0.0`` as ``rintf`` does. Neither LLVM nor ptxas reassociates fp32 additions without fast-math
-    flags, which Triton does not set.
+    flags, which Triton does not set (the sm_80 SASS holds ``FADD |v|, 8388608`` then ``FADD -8388608``).
     """
     magnitude = tl.abs(v)
     rounded = (magnitude + _TWO_POW_23) - _TWO_POW_23
@@ -146,6 +161,11 @@ def _dense_like(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     if _same_layout(t, layout):
         return t
     return torch.empty_like(layout, dtype=t.dtype).copy_(t)
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """False for the fake tensors this wrapper sees as the triton_op's fake impl (no values to check)."""
+    return not is_fake(t)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -221,7 +241,7 @@ def fake_quant_per_tensor(
     compute_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::fake_quant_per_tensor``: ``(out, mask)`` in ``x``'s layout."""
-    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
+    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, check_values=_has_values(scale))
     _check_device(x)
     x_dense = _dense(x)
     out = torch.empty_like(x)
@@ -292,7 +312,9 @@ def fake_quant_per_channel(
     compute_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::fake_quant_per_channel``: ``(out, mask)`` in ``x``'s layout."""
-    axis = reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis)
+    axis = reference.check_fake_quant_args(
+        x, scale, zero_point, quant_min, quant_max, axis, check_values=_has_values(scale)
+    )
     _check_device(x)
     x_dense = _dense(x)
     out = torch.empty_like(x)
@@ -423,7 +445,9 @@ def bn_fold_fake_quant_weight(
     compute_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::bn_fold_fake_quant_weight``: fold BN into ``weight`` and fake-quantize along axis 0."""
-    reference.check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
+    reference.check_bn_fold_args(
+        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, check_values=_has_values(scale)
+    )
     _check_device(weight)
     weight_dense = _dense(weight)
     out = torch.empty_like(weight)

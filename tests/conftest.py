@@ -21,14 +21,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend" in metafunc.fixturenames:
-        from fakequant import _backend
+def _cpu_backends() -> list[str]:
+    from fakequant import _backend  # after TRITON_INTERPRET is settled: it may import triton
 
-        metafunc.parametrize("backend", _backend.available_backends("cpu"), indirect=True)
+    return _backend.available_backends("cpu")
 
 
-@pytest.fixture
+@pytest.fixture(params=_cpu_backends())
 def backend(request: pytest.FixtureRequest):
     import fakequant
 

@@ -556,11 +556,18 @@ def test_unknown_backend_lists_the_valid_ones():
         fakequant.set_backend("cudnn")
 
 
-def test_cuda_backend_without_cuda_kernels_says_why(auto_backend):
-    if _backend.extension_has_cuda():
-        pytest.skip("this build of fakequant._C has CUDA kernels, so the 'cuda' backend is available")
-    reason = "not loaded" if not _backend.extension_loaded() else "built without CUDA kernels"
-    with pytest.raises(RuntimeError, match=f"backend 'cuda' is not available: .*{reason}"):
+def test_cuda_backend_without_cuda_kernels_says_why(monkeypatch, auto_backend):
+    # As this machine's build when _C was built without CUDA; forced either way so that CI with a CUDA
+    # build checks the message too.
+    monkeypatch.setattr(_backend, "_extension_has_cuda", False)
+    if _backend.extension_loaded():
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*built without CUDA kernels"):
+            fakequant.set_backend("cuda")
+    monkeypatch.setattr(_backend, "_extension", None)
+    monkeypatch.setattr(_backend, "_extension_error", "libc10.so: cannot open shared object file")
+    with pytest.raises(
+        RuntimeError, match=r"'cuda' is not available: .*fakequant._C is not loaded \(libc10.so: cannot open"
+    ):
         fakequant.set_backend("cuda")
     assert fakequant.get_backend() == "auto"
     assert "cuda" not in _backend.available_backends("cpu")
@@ -597,6 +604,30 @@ def test_auto_after_triton_restores_the_previous_kernels(auto_backend):
         assert ".py" not in cpu_line
 
 
+def test_auto_serves_cuda_tensors_with_triton_when_c_has_no_cuda_kernels(monkeypatch, auto_backend):
+    """The kernel "auto" puts on the CUDA key (run here on CPU tensors, which it does not mind)."""
+    cuda_line = next(
+        line for line in torch._C._dispatch_dump("fakequant::binarize").splitlines() if line.startswith("CUDA:")
+    )
+    if _backend.extension_has_cuda():
+        assert "_backend.py" not in cuda_line  # _C's own CUDA kernel
+        return
+    assert "_backend.py" in cuda_line
+    x = torch.tensor([-2.0, -0.5, 0.0, 3.0], device=DEVICE)
+    launched = []
+    real_wrap_triton = triton_kernels.wrap_triton
+    monkeypatch.setattr(triton_kernels, "wrap_triton", lambda k: launched.append(k) or real_wrap_triton(k))
+    out, mask = _backend._auto_cuda_kernel("binarize")(x, True, True)
+    assert out.tolist() == [-1.0, -1.0, 1.0, 1.0] and mask.tolist() == [False, True, True, False]
+    assert len(launched) == 1
+    # Without triton: the reference, with a warning that says why.
+    monkeypatch.setattr(_backend, "_triton_kernels", None)
+    monkeypatch.setattr(_backend, "_triton_error", "ImportError: no triton here")
+    with pytest.warns(RuntimeWarning, match=r"triton cannot be imported \(ImportError: no triton here\)"):
+        out, mask = _backend._auto_cuda_kernel("binarize")(x, True, True)
+    assert out.tolist() == [-1.0, -1.0, 1.0, 1.0] and len(launched) == 1
+
+
 def test_available_backends():
     cpu = _backend.available_backends("cpu")
     assert cpu[0] == "auto" and "reference" in cpu
@@ -608,10 +639,14 @@ def test_available_backends():
         assert "triton" in _backend.available_backends("cuda")
 
 
-def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
+def test_triton_on_cpu_without_interpreter_says_so(monkeypatch, triton_backend):
     monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
-    with pytest.raises(RuntimeError, match="CPU tensors only under the Triton interpreter; set TRITON_INTERPRET=1"):
+    message = "CPU tensors only under the Triton interpreter; set TRITON_INTERPRET=1"
+    with pytest.raises(RuntimeError, match=message):
         triton_kernels.binarize(torch.ones(3))
+    with pytest.raises(RuntimeError, match=message):
+        fakequant.binarize(torch.ones(3))
+    assert "triton" not in _backend.available_backends("cpu")
 
 
 def test_environment_variable_selects_the_backend():
@@ -643,7 +678,7 @@ from triton.backends.compiler import GPUTarget
 from fakequant import triton_kernels as tk
 
 COMMON = {"out_ptr": "*fp32", "mask_ptr": "*i1", "scale_ptr": "*fp32", "zero_point_ptr": "*i32",
-          "n_elements": "i64", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr"}
+          "n_elements": "i32", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr"}
 KERNELS = {
     "per_tensor": (tk._fake_quant_per_tensor_kernel, {"x_ptr": "*fp32", **COMMON}),
     "per_channel": (tk._fake_quant_per_channel_kernel,
@@ -668,9 +703,31 @@ for name, (kernel, types) in KERNELS.items():
         "ptx_approx": len(re.findall(r"(div|rcp|sqrt)\\.(approx|full)", ptx)),
         "ptx_min_max": len(re.findall(r"(min|max)(\\.\\w+)*\\.f32", ptx)),
         "ptx_fma": len(re.findall(r"fma\\.\\w+\\.f32", ptx)),
+        "ptx_offsets_64": len(re.findall(r"setp\\.lt\\.s64", ptx)),
         "sass_add_abs_2_23": len(re.findall(r"FADD R\\d+, \\|R\\d+\\|(\\.reuse)?, 8388608", sass)),
         "sass_sub_2_23": len(re.findall(r"FADD R\\d+, R\\d+(\\.reuse)?, -8388608", sass)),
     }
+
+# Every kernel, in every dtype, must also build (the interpreter accepts code the compiler rejects).
+def build_all():
+    built = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        float_args = {"x_ptr": dtype, "out_ptr": dtype, "weight_ptr": dtype, "grad_ptr": dtype,
+                      "grad_weight_ptr": dtype, "grad_gamma_ptr": dtype, "grad_var_ptr": dtype}
+        types = {**COMMON, "channel_stride": "i64", "channels": "i64", "factor_ptr": "*fp32", "std_ptr": "*fp32",
+                 "gamma_ptr": "*fp32", "channel_size": "i64", **{k: "*" + v for k, v in float_args.items()}}
+        for kernel in (tk._fake_quant_per_tensor_kernel, tk._fake_quant_per_channel_kernel, tk._binarize_kernel,
+                       tk._bn_fold_fake_quant_weight_kernel, tk._masked_grad_kernel,
+                       tk._bn_fold_fake_quant_weight_backward_kernel):
+            signature = {p: types[p] for p in kernel.arg_names}
+            constexprs = {p: v for p, v in (("WRITE_MASK", True), ("BLOCK", 1024)) if p in kernel.arg_names}
+            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            built.append(f"{kernel.fn.__name__}:{dtype}")
+    return built
+
+
+report["built_for_sm_90"] = build_all()
 print(json.dumps(report))
 """
 
@@ -689,12 +746,15 @@ def test_gpu_build_keeps_exact_arithmetic():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
+    assert len(report.pop("built_for_sm_90")) == 6 * 3
     for name, counts in report.items():
         assert counts["ptx_add_2_23"] > 0 and counts["ptx_add_2_23"] == counts["ptx_sub_2_23"], (name, counts)
         assert counts["sass_add_abs_2_23"] == counts["ptx_add_2_23"], (name, counts)
         assert counts["sass_sub_2_23"] == counts["ptx_sub_2_23"], (name, counts)
         assert counts["ptx_div_rn"] > 0 and counts["ptx_approx"] == 0, (name, counts)
         assert counts["ptx_min_max"] == 0 and counts["ptx_fma"] == 0, (name, counts)
+        # n_elements is i32 here, so a 64-bit compare shows the offsets themselves are 64-bit (pid cast first).
+        assert counts["ptx_offsets_64"] > 0, (name, counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,3 +804,37 @@ def test_opcheck_triton_ops_on_cuda():
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.fakequant, f"_triton_{name}").default, args)
+
+
+@needs_cuda
+@pytest.mark.skipif(not _backend.extension_has_cuda(), reason="fakequant._C was built without CUDA kernels")
+def test_triton_matches_the_cuda_kernels_on_cuda():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(8, 16, 13, 11, generator=gen) * 3
+    x.view(-1)[: len(NONFINITE)] = torch.tensor(NONFINITE)
+    x = x.cuda().contiguous(memory_format=torch.channels_last)
+    scale, zero_point = qparams(0.05, 3, "cuda")
+    channel_scale = (torch.rand(16, generator=gen) * 0.1 + 0.01).cuda()
+    channel_zp = torch.randint(-4, 4, (16,), generator=gen, dtype=torch.int32).cuda()
+    weight, gamma, var, eps, w_scale, w_zp = bn_case((6, 3, 3, 3), gen)
+    keep = x > 0
+    for dtype in FLOATS:
+        xd, wd = x.to(dtype), weight.to(dtype)
+        calls = {
+            "fake_quant_per_tensor": (xd, scale, zero_point, -128, 127, True),
+            "fake_quant_per_channel": (xd, channel_scale, channel_zp, 1, -8, 7, True),
+            "binarize": (xd, True, True),
+            "bn_fold_fake_quant_weight": (wd, gamma, var, eps, w_scale, w_zp, -128, 127, True),
+            "masked_grad": (xd, keep),
+        }
+        for name, args in calls.items():
+            results = {}
+            for backend in ("cuda", "triton"):
+                fakequant.set_backend(backend)
+                try:
+                    out = getattr(torch.ops.fakequant, name)(*args)
+                finally:
+                    fakequant.set_backend("auto")
+                results[backend] = out if isinstance(out, tuple) else (out,)
+            for a, b in zip(results["cuda"], results["triton"], strict=True):
+                assert_bits_equal(a, b)
