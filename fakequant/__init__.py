@@ -4,7 +4,7 @@ from fakequant import (
     _backend,
     _ops,  # noqa: F401  (defines the fakequant:: op schemas before _C registers kernels)
 )
-from fakequant._backend import extension_error, extension_loaded, get_backend, set_backend
+from fakequant._backend import available_backends, extension_error, extension_loaded, get_backend, set_backend
 from fakequant.functional import (
     binarize,
     bn_fold_fake_quant_weight,
@@ -19,6 +19,7 @@ _backend.init()
 __version__ = "0.1.0"
 
 __all__ = [
+    "available_backends",
     "binarize",
     "bn_fold_fake_quant_weight",
     "choose_qparams",
