@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fakequant
 from fakequant import (
     BNNQuantizer,
     DoReFaQuantizer,
@@ -656,3 +657,19 @@ def test_export_onnx_is_reported_as_unsupported(tmp_path):
     model, _, quantizer = make_qat()
     with pytest.raises(NotImplementedError, match="ONNX export"):
         quantizer.export_model(tmp_path / "m.pth", onnx_path=tmp_path / "m.onnx", input_shape=(1, 1, 8, 8))
+
+
+def test_training_is_bit_identical_on_every_backend(backend):
+    config = [{**W8_OUT8[0], "quant_scheme": "per_channel_affine"}, W8_OUT8[1],
+              {"quant_types": ["input"], "quant_bits": 6, "op_names": ["fc2"]}]
+    data = batches(3)
+    model, opt, _ = make_qat(config=config)
+    losses = train(model, opt, data)
+    state = model.state_dict()
+    fakequant.set_backend("reference")
+    model, opt, _ = make_qat(config=config)
+    reference_losses = train(model, opt, data)
+    fakequant.set_backend(backend)
+    assert losses == reference_losses
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
