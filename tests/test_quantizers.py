@@ -673,3 +673,13 @@ def test_training_is_bit_identical_on_every_backend(backend):
     assert losses == reference_losses
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_state_is_created_on_the_model_device():
+    # the meta device stands in for a GPU here: every buffer must follow the model, or the ops would get
+    # a CPU scale for a device tensor
+    model = Mnist().to("meta")
+    quantizer = QAT_Quantizer(model, W8_OUT8 + [{"quant_types": ["input"], "op_names": ["fc2"]}])
+    quantizer.compress()
+    assert {value.device.type for value in model.state_dict().values()} == {"meta"}
+    assert model(torch.empty(2, 1, 8, 8, device="meta")).shape == (2, 10)

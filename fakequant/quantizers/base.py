@@ -83,7 +83,7 @@ class QuantizedLayer:
         full = BUFFER_PREFIX + name
         if hasattr(self.module, full):
             raise ValueError(f"module {self.name!r} already has an attribute {full!r}; was it quantized twice?")
-        self.module.register_buffer(full, value)
+        self.module.register_buffer(full, value.to(self.quantizer.device))
         self._buffer_names.append(full)
 
     def buffer(self, name: str) -> torch.Tensor:
@@ -196,6 +196,7 @@ class Quantizer:
         self.layer_configs: dict[str, LayerConfig] = resolve_config_list(model, config_list, self.rules)
         self.layers: dict[str, QuantizedLayer] = {}
         self._step = 0
+        self.device = torch.device("cpu")
         self._compressed = False
         self._handles: list = []
 
@@ -211,7 +212,10 @@ class Quantizer:
         model = self.bound_model
         if hasattr(model, STEP_BUFFER):
             raise ValueError(f"the model already has {STEP_BUFFER!r}: it is quantized by another quantizer")
-        model.register_buffer(STEP_BUFFER, torch.tensor(self._step, dtype=torch.int64))
+        tensors = [*model.parameters(), *model.buffers()]
+        # the state lives where the model lives (the ops need scales on the device of what they quantize)
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        model.register_buffer(STEP_BUFFER, torch.tensor(self._step, dtype=torch.int64, device=self.device))
         self._wrap_modules()
         self._handles.append(model.register_load_state_dict_post_hook(self._after_load))
         if self.optimizer is not None:
