@@ -683,3 +683,19 @@ def test_state_is_created_on_the_model_device():
     quantizer.compress()
     assert {value.device.type for value in model.state_dict().values()} == {"meta"}
     assert model(torch.empty(2, 1, 8, 8, device="meta")).shape == (2, 10)
+
+
+@pytest.mark.parametrize("quantizer_class", [QAT_Quantizer, DoReFaQuantizer])
+def test_half_model_trains_and_evaluates(quantizer_class):
+    # model.half() casts the float buffers (scales, ranges) as well; the ops still get fp32 scales
+    config = W8_OUT8 if quantizer_class is QAT_Quantizer else [
+        {"q_bits": 4, "op_types": "default"}, {"quant_types": ["output"], "quant_bits": 4, "op_types": ["ReLU6"]}]
+    model = Mnist()
+    quantizer_class(model, config).compress()
+    model.half()
+    x = images().half()
+    out = model(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.float16 and model.conv1.parametrizations.weight.original.grad is not None
+    model.eval()
+    assert torch.isfinite(model(x)).all()

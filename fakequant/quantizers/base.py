@@ -327,16 +327,15 @@ class Quantizer:
         spec = layer.config.specs["weight"]
         with torch.no_grad():
             scale, zero_point = self._weight_minmax_qparams(layer, weight)
-            scale_buf, zp_buf = layer.buffer("weight_scale"), layer.buffer("weight_zero_point")
-            scale_buf.copy_(scale)
-            zp_buf.copy_(zero_point)
+            layer.buffer("weight_scale").copy_(scale)
+            layer.buffer("weight_zero_point").copy_(zero_point)
         if not layer.active():
             return weight
         if isinstance(spec.granularity, PerChannel):
             return functional.fake_quant_per_channel(
-                weight, scale_buf, zp_buf, spec.granularity.axis, spec.quant_min, spec.quant_max
+                weight, scale, zero_point, spec.granularity.axis, spec.quant_min, spec.quant_max
             )
-        return functional.fake_quant_per_tensor(weight, scale_buf, zp_buf, spec.quant_min, spec.quant_max)
+        return functional.fake_quant_per_tensor(weight, scale, zero_point, spec.quant_min, spec.quant_max)
 
     @staticmethod
     def _spec_record(prefix: str, spec: QuantSpec) -> dict:
@@ -449,7 +448,7 @@ class EmaRangeQuantizer(Quantizer):
             current = torch.stack((low.float(), high.float()))
         tracked = layer.buffer(quant_type + "_range")
         if layer.observed[quant_type]:
-            tracked.lerp_(current, 1.0 - self.ema_decay)
+            tracked.lerp_(current.to(tracked.dtype), 1.0 - self.ema_decay)
         else:
             tracked.copy_(current)
             layer.buffer(quant_type + "_observed").fill_(1)
@@ -470,7 +469,8 @@ class EmaRangeQuantizer(Quantizer):
             return x
         spec = layer.config.specs[quant_type]
         return functional.fake_quant_per_tensor(
-            x, layer.buffer(quant_type + "_scale"), layer.buffer(quant_type + "_zero_point"),
+            # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
+            x, layer.buffer(quant_type + "_scale").float(), layer.buffer(quant_type + "_zero_point"),
             spec.quant_min, spec.quant_max,
         )
 

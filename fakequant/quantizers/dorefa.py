@@ -82,7 +82,7 @@ class DoReFaQuantizer(Quantizer):
     def _quant_unit(self, layer: QuantizedLayer, prefix: str, bits: int, v: torch.Tensor) -> torch.Tensor:
         """quant_k on [0, 1] (values outside are clamped by the op)."""
         return functional.fake_quant_per_tensor(
-            v, layer.buffer(prefix + "_scale"), layer.buffer(prefix + "_zero_point"), 0, (1 << bits) - 1
+            v, layer.buffer(prefix + "_scale").float(), layer.buffer(prefix + "_zero_point"), 0, (1 << bits) - 1
         )
 
     def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
