@@ -192,40 +192,50 @@ def _require_mask(ctx) -> torch.Tensor:
 
 
 def _save_mask(ctx, inputs, output):
+    # The bool mask output never has a gradient: don't let autograd fill zeros for it on every step.
+    ctx.set_materialize_grads(False)
     ctx.compute_mask = inputs[-1]
     ctx.save_for_backward(output[1])
 
 
 def _fake_quant_per_tensor_backward(ctx, grad_out, _grad_mask):
+    if grad_out is None:
+        return None, None, None, None, None, None
     return torch.ops.fakequant.masked_grad(grad_out, _require_mask(ctx)), None, None, None, None, None
 
 
 def _fake_quant_per_channel_backward(ctx, grad_out, _grad_mask):
+    if grad_out is None:
+        return None, None, None, None, None, None, None
     grad_x = torch.ops.fakequant.masked_grad(grad_out, _require_mask(ctx))
     return grad_x, None, None, None, None, None, None
 
 
 def _binarize_setup(ctx, inputs, output):
     x, clipped_ste, compute_mask = inputs
+    ctx.set_materialize_grads(False)
     ctx.clipped_ste = clipped_ste
     ctx.compute_mask = compute_mask
     ctx.save_for_backward(output[1])
 
 
 def _binarize_backward(ctx, grad_out, _grad_mask):
-    if not ctx.clipped_ste:
+    if grad_out is None or not ctx.clipped_ste:
         return grad_out, None, None
     return torch.ops.fakequant.masked_grad(grad_out, _require_mask(ctx)), None, None
 
 
 def _bn_fold_setup(ctx, inputs, output):
     weight, gamma, var, eps = inputs[:4]
+    ctx.set_materialize_grads(False)
     ctx.compute_mask = inputs[-1]
     ctx.eps = eps
     ctx.save_for_backward(output[1], weight, gamma, var)
 
 
 def _bn_fold_backward(ctx, grad_out, _grad_mask):
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None, None
     mask = _require_mask(ctx)
     _, weight, gamma, var = ctx.saved_tensors
     grad_weight, grad_gamma, grad_var = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(

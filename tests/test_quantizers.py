@@ -19,6 +19,7 @@ from fakequant import (
     fake_quant_per_channel,
     fake_quant_per_tensor,
     quant_range,
+    reference,
 )
 
 
@@ -301,12 +302,19 @@ def test_qat_weight_per_channel(scheme, dtype):
 
 def test_qat_weight_gradient_is_the_straight_through_estimator():
     model = nn.Sequential(nn.Linear(6, 3))
+    with torch.no_grad():
+        # Symmetric 3-bit: scale = max|w| / 3.5 puts the largest weight at a near-tie (level ~3.5, range
+        # [-4, 3]) whose side depends on the fp32 reciprocal: the reference's mask says what is clipped.
+        model[0].weight.copy_(torch.linspace(-0.5, 1.0, 18).reshape(3, 6))
     QAT_Quantizer(model, [{"quant_types": ["weight"], "quant_bits": 3, "op_types": ["Linear"]}]).compress()
-    x = torch.randn(5, 6)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
     model(x).sum().backward()
-    master = model[0].parametrizations.weight.original
-    # every level of a symmetric range that contains the weight is in range: the STE passes all of it
-    torch.testing.assert_close(master.grad, torch.ones(3, 5) @ x)
+    layer = model[0]
+    master = layer.parametrizations.weight.original
+    _, in_range = reference.fake_quant_per_tensor_forward(
+        master.detach(), layer.fakequant_weight_scale, layer.fakequant_weight_zero_point, -4, 3
+    )
+    torch.testing.assert_close(master.grad, (torch.ones(3, 5) @ x) * in_range, rtol=0, atol=0)
 
 
 def test_qat_activation_ema_first_observation_initialises_then_decays_0_99():
