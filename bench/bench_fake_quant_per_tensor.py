@@ -105,7 +105,10 @@ def run_forward_backward(benchmark, record, data, provider, fn):
 def test_forward_backward_fused(benchmark, record, data):
     _, _, scale, zero_point = data
     run_forward_backward(
-        benchmark, record, data, "fused",
+        benchmark,
+        record,
+        data,
+        "fused",
         lambda x: fakequant.fake_quant_per_tensor(x, scale, zero_point, QUANT_MIN, QUANT_MAX),
     )
 
@@ -113,7 +116,10 @@ def test_forward_backward_fused(benchmark, record, data):
 def test_forward_backward_reference(benchmark, record, data):
     _, _, scale, zero_point = data
     run_forward_backward(
-        benchmark, record, data, "reference composition",
+        benchmark,
+        record,
+        data,
+        "reference composition",
         lambda x: reference.fake_quant_per_tensor(x, scale, zero_point, QUANT_MIN, QUANT_MAX),
     )
 
@@ -121,7 +127,10 @@ def test_forward_backward_reference(benchmark, record, data):
 def test_forward_backward_torch(benchmark, record, data):
     _, _, scale, zero_point = data
     run_forward_backward(
-        benchmark, record, data, "torch.fake_quantize",
+        benchmark,
+        record,
+        data,
+        "torch.fake_quantize",
         lambda x: torch.fake_quantize_per_tensor_affine(x, scale, zero_point, QUANT_MIN, QUANT_MAX),
     )
 

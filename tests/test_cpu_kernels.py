@@ -174,7 +174,7 @@ def test_per_tensor_offset_views_start_mid_vector():
     base = special_values(300, 0.1, g)
     scale, zp = qparams(0.1, -2)
     for start in range(8):
-        assert_same_as_reference("fake_quant_per_tensor", base[start:start + 200], scale, zp, -128, 127)
+        assert_same_as_reference("fake_quant_per_tensor", base[start : start + 200], scale, zp, -128, 127)
 
 
 @pytest.mark.parametrize("bits", range(1, 17))
