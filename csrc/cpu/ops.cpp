@@ -181,15 +181,16 @@ const KernelTable& kernels() {
     const std::string wanted = env != nullptr ? env : "";
     TORCH_CHECK_VALUE(wanted.empty() || wanted == "avx2" || wanted == "baseline",
                       "fakequant: FAKEQUANT_CPU_CAPABILITY is '", wanted, "'; allowed: avx2, baseline (or unset)");
-    const KernelTable* avx2 = avx2_kernels();
 #if defined(__x86_64__) && defined(__GNUC__)
     const bool cpu_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
     const bool cpu_has_avx2 = false;
 #endif
-    if (wanted != "baseline" && avx2 != nullptr && cpu_has_avx2) return *avx2;
+    // avx2_kernels() itself is compiled for AVX2: call it only on a CPU that has it.
+    const KernelTable* avx2 = cpu_has_avx2 ? avx2_kernels() : nullptr;
+    if (wanted != "baseline" && avx2 != nullptr) return *avx2;
     TORCH_CHECK_VALUE(wanted != "avx2", "fakequant: FAKEQUANT_CPU_CAPABILITY=avx2 but ",
-                      avx2 == nullptr ? "this build has no AVX2 kernels" : "this CPU lacks AVX2/FMA");
+                      cpu_has_avx2 ? "this build has no AVX2 kernels" : "this CPU lacks AVX2/FMA");
     return baseline_kernels();
   }();
   return table;
@@ -221,9 +222,11 @@ std::vector<float> to_float_vector(const at::Tensor& t) {
 
 // A run shorter than this (one vector block) is served from a pattern array instead (see ChannelParams).
 constexpr int64_t kMinBroadcastRun = 32;
-// Pattern arrays hold at least this many entries, so that each stretch spans several vector blocks...
+// Pattern arrays hold at least this many entries, so that each stretch spans several vector blocks
+// (a design choice, not measured)...
 constexpr int64_t kMinPeriod = 256;
-// ...and at most this many: 4 arrays of 2^14 fp32 (256 KiB) stay in L2 next to the data being streamed.
+// ...and at most this many: the 3-4 arrays of 2^14 fp32 (192-256 KiB) stay in L2 next to the data being
+// streamed (not measured either; a longer pattern falls back to runs, element by element when runs are short).
 constexpr int64_t kMaxPeriod = int64_t{1} << 14;
 
 // Per-channel fp32 parameters of a dense tensor along `axis`, prepared once per call.
