@@ -53,6 +53,13 @@ def test_forward_copy(benchmark, record, data):
     record(benchmark, "forward", "copy", FORWARD_BYTES[False])
 
 
+def test_forward_copy_allocating(benchmark, record, data):
+    # The fused op allocates its output (and mask) on every call, as any functional op does; a copy into a
+    # fresh tensor shows what that allocation (page faults included) costs on its own.
+    benchmark(torch.add, data[0], 0)
+    record(benchmark, "forward", "copy (allocating)", FORWARD_BYTES[False])
+
+
 @pytest.mark.parametrize("compute_mask", [False, True], ids=["no_mask", "mask"])
 def test_forward_fused(benchmark, record, data, compute_mask):
     x, _, scale, zero_point = data
