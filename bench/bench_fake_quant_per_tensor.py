@@ -149,3 +149,67 @@ def test_forward_backward_compiled_reference(benchmark, record, data):
         return reference.fake_quant_per_tensor(x, scale, zero_point, QUANT_MIN, QUANT_MAX)
 
     run_forward_backward(benchmark, record, data, "compiled composition", torch.compile(composition))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved run: python bench/bench_fake_quant_per_tensor.py [rounds]
+# pytest-benchmark times one provider after another, so on a shared machine a burst of load lands on
+# whichever provider is running; here every round times each provider once, so load hits all alike.
+# ---------------------------------------------------------------------------------------------
+
+
+def interleaved(rounds: int = 50) -> None:
+    import os
+    import statistics
+    import sys
+    import time
+
+    torch.set_num_threads(int(os.environ.get("FAKEQUANT_BENCH_THREADS", "2")))
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    g = torch.Generator().manual_seed(0)
+    x, grad_out = torch.randn(N, generator=g) * 3, torch.randn(N, generator=g)
+    scale, zero_point = torch.tensor(0.05), torch.tensor(3, dtype=torch.int32)
+    y = torch.empty_like(x)
+    xg = x.clone().requires_grad_()
+    op = torch.ops.fakequant.fake_quant_per_tensor
+    compiled = torch.compile(reference.fake_quant_per_tensor_forward)
+    compiled_grad = torch.compile(lambda t: reference.fake_quant_per_tensor(t, scale, zero_point, QUANT_MIN, QUANT_MAX))
+
+    def grad_of(fn):
+        return lambda: torch.autograd.grad(fn(xg), xg, grad_out)
+
+    providers = {
+        "forward copy": (lambda: torch.add(x, 0, out=y), 8),
+        "forward copy (allocating)": (lambda: torch.add(x, 0), 8),
+        "forward fused (no mask)": (lambda: op(x, scale, zero_point, QUANT_MIN, QUANT_MAX, False), 8),
+        "forward fused (mask)": (lambda: op(x, scale, zero_point, QUANT_MIN, QUANT_MAX, True), 9),
+        "forward compiled (no mask)": (lambda: compiled(x, scale, zero_point, QUANT_MIN, QUANT_MAX, False), 8),
+        "forward compiled (mask)": (lambda: compiled(x, scale, zero_point, QUANT_MIN, QUANT_MAX, True), 9),
+        "fwd+bwd fused": (
+            grad_of(lambda t: fakequant.fake_quant_per_tensor(t, scale, zero_point, QUANT_MIN, QUANT_MAX)),
+            18,
+        ),
+        "fwd+bwd compiled": (grad_of(compiled_grad), 18),
+    }
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    for fn, _ in providers.values():  # warm-up and compilation
+        fn(), fn()
+    for _ in range(rounds):
+        for name, (fn, _) in providers.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    copy = statistics.median(times["forward copy"])
+    print(
+        f"{rounds} interleaved rounds, {torch.get_num_threads()} threads, {clock.__name__}, medians:", file=sys.stderr
+    )
+    for name, (_, bytes_per_element) in providers.items():
+        median = statistics.median(times[name])
+        gb_per_s = bytes_per_element * N / median / 1e9
+        print(f"{name:28s} {median * 1e3:8.3f} ms {gb_per_s:7.2f} GB/s {median / copy:6.2f}x copy")
+
+
+if __name__ == "__main__":
+    import sys
+
+    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 50)
