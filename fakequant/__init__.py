@@ -4,7 +4,7 @@ from fakequant import (
     _backend,
     _ops,  # noqa: F401  (defines the fakequant:: op schemas before _C registers kernels)
 )
-from fakequant._backend import extension_error, extension_loaded, get_backend, set_backend
+from fakequant._backend import available_backends, extension_error, extension_loaded, get_backend, set_backend
 from fakequant.functional import (
     binarize,
     bn_fold_fake_quant_weight,
@@ -12,13 +12,14 @@ from fakequant.functional import (
     fake_quant_per_tensor,
     fold_bias,
 )
-from fakequant.qparams import PerChannel, PerTensor, choose_qparams, quant_range
+from fakequant.qparams import PerChannel, PerTensor, QuantSpec, choose_qparams, quant_range
 
 _backend.init()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "available_backends",
     "binarize",
     "bn_fold_fake_quant_weight",
     "choose_qparams",
@@ -30,6 +31,7 @@ __all__ = [
     "get_backend",
     "PerChannel",
     "PerTensor",
+    "QuantSpec",
     "quant_range",
     "set_backend",
 ]

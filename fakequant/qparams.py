@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PerTensor", "PerChannel", "Granularity", "quant_range", "choose_qparams"]
+__all__ = ["PerTensor", "PerChannel", "Granularity", "QuantSpec", "quant_range", "choose_qparams"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,42 @@ def choose_qparams(
         zero_point = quant_min - torch.round(min_neg / scale)
         zero_point = torch.clamp(zero_point, quant_min, quant_max).to(torch.int32)
     return scale, zero_point
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is fake-quantized: width, signedness, symmetry and granularity.
+
+    Args:
+        bits: integer width, 1 to 16.
+        signed: signed ``[-2^(b-1), 2^(b-1) - 1]`` or unsigned ``[0, 2^b - 1]`` levels.
+        symmetric: symmetric (zero point fixed) or affine (zero point from the range).
+        narrow_range: drop the most negative signed level.
+        granularity: :class:`PerTensor` or :class:`PerChannel`.
+
+    Example:
+        >>> spec = QuantSpec(bits=8, granularity=PerChannel(0))
+        >>> spec.quant_min, spec.quant_max
+        (-128, 127)
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    narrow_range: bool = False
+    granularity: PerTensor | PerChannel = PerTensor()
+
+    def __post_init__(self) -> None:
+        quant_range(self.bits, self.signed, self.narrow_range)  # validates bits and the flags
+        if not isinstance(self.granularity, (PerTensor, PerChannel)):
+            raise ValueError(
+                f"QuantSpec: granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}"
+            )
+
+    @property
+    def quant_min(self) -> int:
+        return quant_range(self.bits, self.signed, self.narrow_range)[0]
+
+    @property
+    def quant_max(self) -> int:
+        return quant_range(self.bits, self.signed, self.narrow_range)[1]

@@ -1,0 +1,185 @@
+// CUDA kernels of the forward ops that return (out, mask): fake_quant_per_tensor, fake_quant_per_channel,
+// bn_fold_fake_quant_weight and binarize. One elementwise kernel template serves all of them: it walks
+// the storage of a dense input linearly (a grid-stride loop, 64-bit offsets, 16-byte vector loads when
+// the pointers allow), and an "op" functor supplies the per-element math from fakequant_math.h.
+// The host side (checks, allocation, layouts, registration) is ops.cpp.
+#include "device_utils.cuh"
+#include "fakequant_math.h"
+#include "kernels.cuh"
+
+namespace fakequant {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Per-element ops. Each has prepare() (run once per thread, before the loop) and
+// apply<N>(x[N], storage offset of x[0], out[N], in_range[N]).
+// ---------------------------------------------------------------------------------------------
+
+// scale and zero_point are read on the device by every thread (one cached line), never with .item().
+struct PerTensorOp {
+  const float* scale;
+  Vector1d zero_point;
+  float quant_min;
+  float quant_max;
+  QuantParams params;
+
+  __device__ __forceinline__ void prepare() {
+    params = make_quant_params(*scale, load(zero_point, 0), quant_min, quant_max);
+  }
+
+  template <int N>
+  __device__ __forceinline__ void apply(const float (&x)[N], int64_t, float (&out)[N], bool (&in)[N]) const {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = fake_quant_value(x[j], params, in[j]);
+  }
+};
+
+struct PerChannelOp {
+  const ChannelParams* params;
+  AxisLayout layout;
+  // True when no aligned vector straddles two channels (inner % vector length == 0, or one channel):
+  // then the channel is computed once per vector instead of once per element.
+  bool channel_per_vector;
+
+  __device__ __forceinline__ void prepare() {}
+
+  template <int N>
+  __device__ __forceinline__ void apply(const float (&x)[N], int64_t offset, float (&out)[N], bool (&in)[N]) const {
+    if (N == 1 || channel_per_vector) {
+      const ChannelParams p = params[channel_of(offset, layout)];
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] = fake_quant_value(x[j] * p.fold, p.quant, in[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const ChannelParams p = params[channel_of(offset + j, layout)];
+        out[j] = fake_quant_value(x[j] * p.fold, p.quant, in[j]);
+      }
+    }
+  }
+};
+
+struct BinarizeOp {
+  __device__ __forceinline__ void prepare() {}
+
+  template <int N>
+  __device__ __forceinline__ void apply(const float (&x)[N], int64_t, float (&out)[N], bool (&in)[N]) const {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      out[j] = binarize_value(x[j]);
+      in[j] = binarize_in_range(x[j]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The kernels.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, int kVec, typename Op>
+__global__ void __launch_bounds__(kThreads)
+    elementwise_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, bool* __restrict__ mask,
+                       int64_t numel, Op op) {
+  op.prepare();
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t vectors = numel / kVec;
+  for (int64_t v = first; v < vectors; v += step) {
+    const Pack<scalar_t, kVec> loaded = reinterpret_cast<const Pack<scalar_t, kVec>*>(x)[v];
+    float values[kVec];
+    float results[kVec];
+    bool in_range[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) values[j] = static_cast<float>(loaded.values[j]);
+    op.template apply<kVec>(values, v * kVec, results, in_range);
+    Pack<scalar_t, kVec> stored;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) stored.values[j] = static_cast<scalar_t>(results[j]);
+    reinterpret_cast<Pack<scalar_t, kVec>*>(out)[v] = stored;
+    if (mask != nullptr) MaskWord<kVec>::store(mask, v, in_range);
+  }
+  // The tail that does not fill a vector (empty when kVec == 1).
+  for (int64_t i = vectors * kVec + first; i < numel; i += step) {
+    float value[1] = {static_cast<float>(x[i])};
+    float result[1];
+    bool in_range[1];
+    op.template apply<1>(value, i, result, in_range);
+    out[i] = static_cast<scalar_t>(result[0]);
+    if (mask != nullptr) mask[i] = in_range[0];
+  }
+}
+
+// The tiny per-channel prep: reads scale, zero point (and gamma, var) on the device, in any of their
+// allowed dtypes and strides, so that the elementwise pass reads one fp32 record per channel.
+__global__ void __launch_bounds__(kThreads)
+    channel_params_kernel(ChannelParams* __restrict__ params, int64_t channels, Vector1d scale, Vector1d zero_point,
+                          float quant_min, float quant_max, bool fold_bn, Vector1d gamma, Vector1d var, float eps) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  params[c].quant = make_quant_params(load(scale, c), load(zero_point, c), quant_min, quant_max);
+  params[c].fold = fold_bn ? bn_fold_factor(load(gamma, c), load(var, c), eps) : 1.0f;
+}
+
+template <typename scalar_t>
+constexpr int vector_length() {
+  return kVectorBytes / sizeof(scalar_t);
+}
+
+template <typename Op>
+cudaError_t launch_elementwise(const ElementwiseArgs& args, Op op) {
+  if (args.numel == 0) return cudaSuccess;
+  dispatch_float_type(args.type, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    constexpr int kVec = vector_length<scalar_t>();
+    const auto* x = static_cast<const scalar_t*>(args.x);
+    auto* out = static_cast<scalar_t*>(args.out);
+    const bool vectorizable = is_aligned(x, kVectorBytes) && is_aligned(out, kVectorBytes) &&
+                              (args.mask == nullptr || is_aligned(args.mask, kVec));
+    if (vectorizable) {
+      elementwise_kernel<scalar_t, kVec, Op>
+          <<<grid_size((args.numel + kVec - 1) / kVec, args.max_blocks), kThreads, 0, args.stream>>>(
+              x, out, args.mask, args.numel, op);
+    } else {
+      elementwise_kernel<scalar_t, 1, Op>
+          <<<grid_size(args.numel, args.max_blocks), kThreads, 0, args.stream>>>(x, out, args.mask, args.numel, op);
+    }
+  });
+  return cudaGetLastError();
+}
+
+int vector_length(FloatType type) {
+  return type == FloatType::kFloat ? vector_length<float>() : vector_length<c10::Half>();
+}
+
+}  // namespace
+
+cudaError_t launch_fake_quant_per_tensor(const ElementwiseArgs& args, const float* scale, Vector1d zero_point,
+                                         float quant_min, float quant_max) {
+  return launch_elementwise(args, PerTensorOp{scale, zero_point, quant_min, quant_max, QuantParams{}});
+}
+
+cudaError_t launch_channel_params(ChannelParams* params, int64_t channels, Vector1d scale, Vector1d zero_point,
+                                  float quant_min, float quant_max, const Vector1d* gamma, const Vector1d* var,
+                                  float eps, cudaStream_t stream) {
+  if (channels == 0) return cudaSuccess;
+  const bool fold_bn = gamma != nullptr;
+  const Vector1d none{nullptr, 0, Vector1d::Type::kFloat};
+  const auto blocks = static_cast<unsigned int>((channels + kThreads - 1) / kThreads);
+  channel_params_kernel<<<blocks, kThreads, 0, stream>>>(params, channels, scale, zero_point, quant_min, quant_max,
+                                                         fold_bn, fold_bn ? *gamma : none, fold_bn ? *var : none, eps);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fake_quant_per_channel(const ElementwiseArgs& args, const ChannelParams* params,
+                                          AxisLayout layout) {
+  const bool channel_per_vector = layout.channels == 1 || layout.inner % vector_length(args.type) == 0;
+  return launch_elementwise(args, PerChannelOp{params, layout, channel_per_vector});
+}
+
+cudaError_t launch_binarize(const ElementwiseArgs& args) {
+  return launch_elementwise(args, BinarizeOp{});
+}
+
+}  // namespace cuda
+}  // namespace fakequant

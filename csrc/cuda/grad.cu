@@ -1,0 +1,121 @@
+// CUDA kernels of the backward ops: masked_grad (the straight-through estimator) and
+// bn_fold_fake_quant_weight_backward (one block per output channel: the folded weight's gradient and the
+// per-channel sum that gives the gradients of gamma and var, in one pass). Host side: ops.cpp.
+#include "device_utils.cuh"
+#include "fakequant_math.h"
+#include "kernels.cuh"
+
+namespace fakequant {
+namespace cuda {
+namespace {
+
+// masked_grad: grad where mask, +0 elsewhere, in grad's dtype (no conversion to fp32 needed).
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    masked_grad_kernel(const scalar_t* __restrict__ grad, const bool* __restrict__ mask, scalar_t* __restrict__ out,
+                       int64_t numel) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t vectors = numel / kVec;
+  const scalar_t zero = static_cast<scalar_t>(0.0f);
+  for (int64_t v = first; v < vectors; v += step) {
+    const Pack<scalar_t, kVec> g = reinterpret_cast<const Pack<scalar_t, kVec>*>(grad)[v];
+    bool m[kVec];
+    MaskWord<kVec>::load(mask, v, m);
+    Pack<scalar_t, kVec> result;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) result.values[j] = m[j] ? g.values[j] : zero;
+    reinterpret_cast<Pack<scalar_t, kVec>*>(out)[v] = result;
+  }
+  for (int64_t i = vectors * kVec + first; i < numel; i += step) out[i] = mask[i] ? grad[i] : zero;
+}
+
+// bn_fold_fake_quant_weight_backward, as reference.bn_fold_fake_quant_weight_backward computes it:
+//   g = where(mask, grad, 0) in fp32, std = sqrt(var + eps), factor = gamma / std
+//   grad_weight = g * factor,  s[c] = sum over channel c of g * weight (fp32)
+//   grad_gamma = s / std,      grad_var = -0.5 * s * gamma / (std * std * std)
+// grad_weight is bit-exact with the reference; s is summed in another order than torch.sum's, so
+// grad_gamma and grad_var agree to fp32 rounding, not bit for bit. The sum is deterministic: a fixed
+// per-thread order and a fixed tree across the block, no atomics.
+__device__ __forceinline__ float block_sum(float value, float* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  value = threadIdx.x < blockDim.x / 32 ? shared[lane] : 0.0f;
+  if (warp == 0) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  __syncthreads();  // `shared` is reused by the block's next channel
+  return value;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    bn_fold_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ weight,
+                            const bool* __restrict__ mask, scalar_t* __restrict__ grad_weight, AxisLayout layout,
+                            int64_t per_channel, Vector1d gamma, Vector1d var, float eps, Vector1d grad_gamma,
+                            Vector1d grad_var) {
+  __shared__ float shared[kThreads / 32];
+  for (int64_t c = blockIdx.x; c < layout.channels; c += gridDim.x) {
+    const float gamma_c = load(gamma, c);
+    const float var_c = load(var, c);
+    const float std_c = sqrtf(var_c + eps);
+    const float factor = bn_fold_factor(gamma_c, var_c, eps);
+    float partial = 0.0f;
+    for (int64_t k = threadIdx.x; k < per_channel; k += blockDim.x) {
+      const int64_t o = divide(k, layout.inner);
+      const int64_t offset = (o * layout.channels + c) * layout.inner + (k - o * layout.inner);
+      const float g = mask[offset] ? static_cast<float>(grad[offset]) : 0.0f;
+      grad_weight[offset] = static_cast<scalar_t>(g * factor);
+      partial += g * static_cast<float>(weight[offset]);
+    }
+    const float s = block_sum(partial, shared);
+    if (threadIdx.x == 0) {
+      store(grad_gamma, c, s / std_c);
+      store(grad_var, c, -0.5f * s * gamma_c / (std_c * std_c * std_c));
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_masked_grad(FloatType type, const void* grad, const bool* mask, void* out, int64_t numel,
+                               int max_blocks, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  dispatch_float_type(type, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+    const auto* g = static_cast<const scalar_t*>(grad);
+    auto* o = static_cast<scalar_t*>(out);
+    if (is_aligned(g, kVectorBytes) && is_aligned(o, kVectorBytes) && is_aligned(mask, kVec)) {
+      masked_grad_kernel<scalar_t, kVec>
+          <<<grid_size((numel + kVec - 1) / kVec, max_blocks), kThreads, 0, stream>>>(g, mask, o, numel);
+    } else {
+      masked_grad_kernel<scalar_t, 1><<<grid_size(numel, max_blocks), kThreads, 0, stream>>>(g, mask, o, numel);
+    }
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void* weight, const bool* mask,
+                                    void* grad_weight, AxisLayout layout, int64_t per_channel, Vector1d gamma,
+                                    Vector1d var, float eps, Vector1d grad_gamma, Vector1d grad_var,
+                                    cudaStream_t stream) {
+  if (layout.channels == 0) return cudaSuccess;
+  // Up to 65535 blocks; more channels than that are looped over by the grid-stride loop.
+  const auto blocks = static_cast<unsigned int>(layout.channels < 65535 ? layout.channels : 65535);
+  dispatch_float_type(type, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    bn_fold_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(weight), mask,
+        static_cast<scalar_t*>(grad_weight), layout, per_channel, gamma, var, eps, grad_gamma, grad_var);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace fakequant

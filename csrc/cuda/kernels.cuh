@@ -1,0 +1,89 @@
+// The interface between the CUDA kernels (fake_quant.cu, grad.cu) and their host side (ops.cpp).
+//
+// Only plain structs, raw pointers and the CUDA runtime API cross it: the .cu files include no ATen or
+// torch header, which keeps them quick to compile (nvcc parses a .cu file's headers once for the host and
+// once more per GPU architecture; with ATen included that was ~90 of the build's CPU seconds, see
+// setup.py). The argument checks, tensor allocation, layouts and the dispatcher registration live in
+// ops.cpp, compiled once by the host compiler.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fakequant_math.h"
+
+namespace fakequant {
+namespace cuda {
+
+// Threads per block. Not tuned on a GPU (the development machine and CI have none): 256 threads keep
+// 8 blocks resident per SM on sm_80/sm_90 for kernels of this register footprint. bench/ measures it.
+constexpr int kThreads = 256;
+// Grid-stride loops launch at most this many blocks per SM and loop over the rest, which amortizes the
+// per-thread set-up (per-tensor parameters) over several vectors. Not tuned on a GPU (none here).
+constexpr int kBlocksPerSm = 8;
+// Bytes per vector load: 16 (float4; 8 halves), the widest single load an sm_80/sm_90 thread issues.
+constexpr int kVectorBytes = 16;
+
+enum class FloatType : int8_t { kFloat, kHalf, kBFloat16 };
+
+// A small strided 1-D tensor (a per-channel parameter, or a one-element per-tensor one with stride 0)
+// in any of the dtypes the ops accept for it, read or written one element at a time on the device.
+// One kernel instantiation serves every dtype, which keeps the build small; these tensors hold one
+// value per channel, so the dtype switch costs nothing measurable next to the elementwise pass.
+struct Vector1d {
+  enum class Type : int8_t { kFloat, kHalf, kBFloat16, kInt, kLong };
+  void* data;
+  int64_t stride;
+  Type type;
+};
+
+// Elements between consecutive indices along an axis of a dense tensor, and the number of indices:
+// the element at storage offset k has index (k / inner) % channels along that axis.
+struct AxisLayout {
+  int64_t inner;
+  int64_t channels;
+};
+
+// One channel's parameters, prepared on the device. `fold` multiplies x before the fake quantization:
+// gamma / sqrt(var + eps) for bn_fold_fake_quant_weight, exactly 1 otherwise (x * 1.0f == x for every
+// float, NaN and infinities included).
+struct ChannelParams {
+  QuantParams quant;
+  float fold;
+};
+
+// One elementwise forward pass over the storage of a dense input: out[k], mask[k] from x[k].
+struct ElementwiseArgs {
+  const void* x;
+  void* out;
+  bool* mask;  // nullptr: no mask
+  int64_t numel;
+  FloatType type;
+  int max_blocks;  // multiprocessors * kBlocksPerSm
+  cudaStream_t stream;
+};
+
+// Each returns cudaGetLastError() right after its launch(es), which the caller checks with C10_CUDA_CHECK
+// (what C10_CUDA_KERNEL_LAUNCH_CHECK does). numel == 0 launches nothing.
+cudaError_t launch_fake_quant_per_tensor(const ElementwiseArgs& args, const float* scale, Vector1d zero_point,
+                                         float quant_min, float quant_max);
+// gamma and var are nullptr for a plain per-channel fake quantization (fold = 1).
+cudaError_t launch_channel_params(ChannelParams* params, int64_t channels, Vector1d scale, Vector1d zero_point,
+                                  float quant_min, float quant_max, const Vector1d* gamma, const Vector1d* var,
+                                  float eps, cudaStream_t stream);
+cudaError_t launch_fake_quant_per_channel(const ElementwiseArgs& args, const ChannelParams* params,
+                                          AxisLayout layout);
+cudaError_t launch_binarize(const ElementwiseArgs& args);
+
+cudaError_t launch_masked_grad(FloatType type, const void* grad, const bool* mask, void* out, int64_t numel,
+                               int max_blocks, cudaStream_t stream);
+// One block per channel (grid-stride over channels); the elements of channel c sit at storage offsets
+// (o * channels + c) * inner + i, o < per_channel / inner, i < inner.
+cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void* weight, const bool* mask,
+                                    void* grad_weight, AxisLayout layout, int64_t per_channel, Vector1d gamma,
+                                    Vector1d var, float eps, Vector1d grad_gamma, Vector1d grad_var,
+                                    cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fakequant
