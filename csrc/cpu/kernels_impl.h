@@ -41,7 +41,7 @@ constexpr int64_t kVec = Vec::size();
 // 256-bit store writes.
 constexpr int64_t kBlock = 4 * kVec;
 // Elements per parallel_for task: ATen's own elementwise grain (at::internal::GRAIN_SIZE = 32768). Not
-// re-tuned: with ~6 agents on 2 cores, 2^14/2^15/2^16 could not be told apart in this session.
+// re-tuned here: the shared 2-core machine was too loaded for 2-thread timings to separate grain sizes.
 constexpr int64_t kGrain = int64_t{1} << 15;
 // bn_fold backward reduces per-channel sums over fixed chunks (independent of the thread count, so the
 // result is deterministic) of this many elements; at most kMaxSumChunks partial-sum rows are kept. Chosen,
