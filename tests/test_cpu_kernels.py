@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,15 @@ def special_values(n: int, scale: float, generator: torch.Generator) -> torch.Te
 def test_compiled_kernels_serve_every_op():
     for name in _ops.OP_NAMES:
         cpu_op(name)
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd (Linux) to list the extension's libraries")
+def test_extension_is_built_with_openmp():
+    # at::parallel_for is an inline template: compiled without -fopenmp it silently runs on one thread.
+    import fakequant._C
+
+    libraries = subprocess.run(["ldd", fakequant._C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in libraries
 
 
 BASELINE_SCRIPT = textwrap.dedent(
