@@ -296,17 +296,7 @@ class ConvBnQAT(nn.Module):
         freeze_bn_step: int | None = None,
     ) -> None:
         super().__init__()
-        if _conv_type(conv) is None:
-            raise ValueError(f"ConvBnQAT: conv must be a Conv1d, Conv2d or Conv3d, got {type(conv).__name__}")
-        if not isinstance(bn, _BatchNorm):
-            raise ValueError(f"ConvBnQAT: bn must be a BatchNorm1d/2d/3d, got {type(bn).__name__}")
-        if not _is_matching_bn(conv, bn):
-            raise ValueError(
-                f"ConvBnQAT: {type(bn).__name__}(num_features={bn.num_features}, "
-                f"track_running_stats={bn.track_running_stats}) cannot be folded into "
-                f"{type(conv).__name__}(out_channels={conv.out_channels}); allowed: the BatchNorm of the conv's "
-                "dimensionality with num_features == out_channels and track_running_stats=True"
-            )
+        self.check_pair(conv, bn)
         weight_spec = weight_spec if weight_spec is not None else QuantSpec(bits=8, granularity=PerChannel(0))
         if not isinstance(weight_spec, QuantSpec):
             raise ValueError(f"ConvBnQAT: weight_spec must be a QuantSpec, got {weight_spec!r}")
@@ -336,6 +326,25 @@ class ConvBnQAT(nn.Module):
         self._fake_quant_on = True
         self._frozen = False
         self.register_load_state_dict_post_hook(ConvBnQAT._sync_flags)
+
+    @staticmethod
+    def check_pair(conv: nn.Module, bn: nn.Module) -> None:
+        """Raises ``ValueError`` unless ``bn`` can be folded into ``conv``.
+
+        Example:
+            >>> ConvBnQAT.check_pair(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        """
+        if _conv_type(conv) is None:
+            raise ValueError(f"ConvBnQAT: conv must be a Conv1d, Conv2d or Conv3d, got {type(conv).__name__}")
+        if not isinstance(bn, _BatchNorm):
+            raise ValueError(f"ConvBnQAT: bn must be a BatchNorm1d/2d/3d, got {type(bn).__name__}")
+        if not _is_matching_bn(conv, bn):
+            raise ValueError(
+                f"ConvBnQAT: {type(bn).__name__}(num_features={bn.num_features}, "
+                f"track_running_stats={bn.track_running_stats}) cannot be folded into "
+                f"{type(conv).__name__}(out_channels={conv.out_channels}); allowed: the BatchNorm of the conv's "
+                "dimensionality with num_features == out_channels and track_running_stats=True"
+            )
 
     # -- mode ------------------------------------------------------------------------------------
 
