@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from fakequant import PerChannel, PerTensor, QuantSpec, choose_qparams, reference
+from fakequant import PerChannel, PerTensor, QAT_Quantizer, QuantSpec, choose_qparams, reference
 from fakequant.bn_fold import (
     ConvBnQAT,
     conv_bn_modules,
@@ -492,6 +493,215 @@ def test_fold_rejects_bad_pairs():
 
 
 # ---------------------------------------------------------------------------------------------
+# QAT_Quantizer integration
+# ---------------------------------------------------------------------------------------------
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.name()))
+        return func(*args, **(kwargs or {}))
+
+
+def conv_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+    )
+
+
+QAT_CONFIG = [
+    {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"],
+     "quant_scheme": "per_channel_symmetric"},
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+]
+
+
+def batch(seed: int) -> torch.Tensor:
+    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_qat_quantizer_folds_conv_bn_pairs_by_default():
+    model = conv_bn_net()
+    quantizer = QAT_Quantizer(model, QAT_CONFIG)
+    quantizer.compress()
+    assert quantizer.folded_pairs == {"0": "1", "3": "4"}
+    assert isinstance(model[0], ConvBnQAT) and isinstance(model[1], nn.Identity)
+    assert model[0].weight_spec == QuantSpec(bits=8, granularity=PerChannel(0))
+    assert len(model[2]._forward_hooks) == 1  # the ReLU output quantization is untouched
+    with OpRecorder() as recorder:
+        model(batch(0))
+    assert recorder.ops.count("fakequant::bn_fold_fake_quant_weight") == 2  # one fused call per pair
+    assert recorder.ops.count("fakequant::fake_quant_per_channel") == 1  # the Linear weight
+    assert recorder.ops.count("fakequant::fake_quant_per_tensor") == 2  # the two ReLU outputs
+
+
+def test_qat_quantizer_bn_folding_off_and_explicit_pairs():
+    model = conv_bn_net()
+    QAT_Quantizer(model, QAT_CONFIG, bn_folding=False).compress()
+    assert not conv_bn_modules(model) and isinstance(model[1], nn.BatchNorm2d)
+    model = conv_bn_net()
+    quantizer = QAT_Quantizer(model, QAT_CONFIG, bn_folding=[("3", "4")])
+    quantizer.compress()
+    assert quantizer.folded_pairs == {"3": "4"} and set(conv_bn_modules(model)) == {"3"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bn_folding": "yes"}, "allowed: True .*False .*list of \\(conv_name, bn_name\\) pairs"),
+        ({"bn_folding": [("0",)]}, "allowed: True"),
+        ({"bn_folding": [("0", "nope")]}, "'nope' is not a submodule"),
+        ({"bn_folding": [("0", "4")], "config_list": [{"quant_types": ["weight"], "op_names": ["3"]}]},
+         "'0' is not configured for 'weight'"),
+        ({"bn_folding": [("0", "1")], "config_list": QAT_CONFIG + [{"quant_types": ["output"], "op_names": ["1"]}]},
+         "has its own config_list entry"),
+        ({"bn_folding": [("0", "6")]}, "bn must be a BatchNorm"),
+        ({"freeze_bn_step": -3}, "freeze_bn_step=-3"),
+    ],
+)
+def test_qat_quantizer_bad_folding_options(kwargs, message):
+    config_list = kwargs.pop("config_list", QAT_CONFIG)
+    with pytest.raises(ValueError, match=message):
+        QAT_Quantizer(conv_bn_net(), config_list, **kwargs)
+
+
+def test_qat_quantizer_skips_pairs_whose_bn_is_configured():
+    model = conv_bn_net()
+    quantizer = QAT_Quantizer(model, QAT_CONFIG + [{"quant_types": ["output"], "op_names": ["4"]}])
+    quantizer.compress()
+    assert quantizer.folded_pairs == {"0": "1"}
+
+
+def test_qat_quantizer_untraceable_model_needs_dummy_input():
+    with pytest.raises(ValueError, match="dummy_input=.*bn_folding=False"):
+        QAT_Quantizer(Untraceable(conv_bn_net()), QAT_CONFIG).compress()
+    model = Untraceable(conv_bn_net())
+    quantizer = QAT_Quantizer(model, QAT_CONFIG, dummy_input=batch(0))
+    quantizer.compress()
+    assert quantizer.folded_pairs == {"net.0": "net.1", "net.3": "net.4"}
+
+
+def test_qat_quantizer_drives_quant_start_and_bn_freezing_from_its_steps():
+    model = conv_bn_net()
+    float_model = copy.deepcopy(model)
+    config = [dict(QAT_CONFIG[0], quant_start_step=2)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # steps count, weights stay put
+    QAT_Quantizer(model, config, optimizer, freeze_bn_step=4).compress()
+    fused = model[0]
+    for step in range(6):
+        x = batch(step)
+        before = fused.bn.running_mean.clone()
+        out = model(x)
+        float_out = float_model(x)
+        if step < 2:
+            assert not fused._fake_quant_on and torch.equal(out, float_out)
+        elif step < 4:
+            assert fused._fake_quant_on and not fused._frozen
+            assert not torch.equal(before, fused.bn.running_mean)
+        else:
+            assert fused._frozen and torch.equal(before, fused.bn.running_mean)
+            model.eval()
+            with torch.no_grad():
+                assert torch.equal(model(x), out.detach())
+            model.train()
+        optimizer.zero_grad()
+        out.square().mean().backward()
+        optimizer.step()
+
+
+def test_qat_quantizer_gradients_reach_conv_weight_gamma_beta():
+    model = conv_bn_net()
+    QAT_Quantizer(model, QAT_CONFIG).compress()
+    model(batch(0)).square().mean().backward()
+    for parameter in (model[0].conv.weight, model[0].bn.weight, model[0].bn.bias, model[3].conv.weight):
+        assert parameter.grad is not None and parameter.grad.abs().max().item() > 0
+
+
+def train_steps(model, optimizer, steps, first_seed=0):
+    for step in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(batch(first_seed + step)), torch.arange(4)).backward()
+        optimizer.step()
+
+
+def test_qat_quantizer_state_dict_round_trip_with_frozen_bn(tmp_path):
+    model = conv_bn_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    QAT_Quantizer(model, QAT_CONFIG, optimizer, freeze_bn_step=3).compress()
+    train_steps(model, optimizer, 4)
+    assert model[0]._frozen
+    torch.save(model.state_dict(), tmp_path / "state.pth")
+
+    rebuilt = conv_bn_net()
+    rebuilt_optimizer = torch.optim.SGD(rebuilt.parameters(), lr=0.05)
+    quantizer = QAT_Quantizer(rebuilt, QAT_CONFIG, rebuilt_optimizer, freeze_bn_step=3)
+    quantizer.compress()
+    assert not rebuilt[0]._frozen
+    rebuilt.load_state_dict(torch.load(tmp_path / "state.pth"))
+    assert quantizer.steps == 4 and rebuilt[0]._frozen and rebuilt[3]._frozen
+    x = batch(100)
+    assert torch.equal(rebuilt(x), model(x))
+    rebuilt.eval()
+    model.eval()
+    assert torch.equal(rebuilt(x), model(x))
+
+
+def test_qat_quantizer_export_writes_folded_weights_and_calibration(tmp_path):
+    model = conv_bn_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    quantizer = QAT_Quantizer(model, QAT_CONFIG, optimizer)
+    quantizer.compress()
+    train_steps(model, optimizer, 3)
+    calibration = quantizer.export_model(tmp_path / "model.pth", tmp_path / "calibration.pth")
+    exported = torch.load(tmp_path / "model.pth")
+    assert not any(key.startswith(("1.", "4.", "0.conv", "0.bn", "3.conv", "3.bn")) for key in exported)
+    fused = model[3]
+    weight, bias = fused.folded_weight_and_bias()
+    assert torch.equal(exported["3.weight"], weight) and torch.equal(exported["3.bias"], bias)
+    record = calibration["3"]
+    assert record["bn_folded"] == "4" and record["weight_bits"] == 8
+    assert torch.equal(torch.load(tmp_path / "calibration.pth")["3"]["weight_scale"], record["weight_scale"])
+    # The exported float weight quantized with the exported calibration is exactly the weight eval runs with.
+    x = torch.randn(2, 8, 8, 8)
+    quantized = torch.fake_quantize_per_channel_affine(
+        exported["3.weight"], record["weight_scale"], record["weight_zero_point"], 0, -128, 127
+    )
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(x), F.conv2d(x, quantized, exported["3.bias"], padding=1))
+    # A float model with each BN replaced by Identity and conv biases loads the export directly.
+    deployed = conv_bn_net()
+    deployed[1], deployed[4] = nn.Identity(), nn.Identity()
+    deployed[3] = nn.Conv2d(8, 8, 3, padding=1)
+    deployed.load_state_dict(exported)
+
+
+def test_qat_quantizer_unwrap_restores_conv_and_bn():
+    model = conv_bn_net()
+    originals = list(model)
+    reference_model = copy.deepcopy(model)
+    quantizer = QAT_Quantizer(model, QAT_CONFIG)
+    quantizer.compress()
+    model.eval()
+    x = batch(3)
+    with torch.no_grad():
+        assert not torch.equal(model(x), reference_model.eval()(x))
+    quantizer.unwrap()
+    assert all(a is b for a, b in zip(model, originals, strict=True))
+    assert model.state_dict().keys() == reference_model.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference_model(x))
+    QAT_Quantizer(model, QAT_CONFIG).compress()  # foldable again
+
+
+# ---------------------------------------------------------------------------------------------
 # Accuracy on real data
 # ---------------------------------------------------------------------------------------------
 
@@ -505,10 +715,22 @@ def digits_cnn() -> nn.Module:
     )
 
 
-def train_digits(fold: bool, fake_quant: bool = True, freeze_bn_epoch: int | None = None, epochs: int = 8) -> float:
-    """Test accuracy (%) of :func:`digits_cnn` on a fixed split of scikit-learn's digits; Adam, lr 3e-3 / 10
-    for the last two epochs. ``fold`` swaps in ConvBnQAT (``fake_quant=False`` keeps it float, to compare
-    BN freezing alone)."""
+DIGITS_QAT_CONFIG = [
+    {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"],
+     "quant_scheme": "per_channel_symmetric"},
+    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
+]
+DIGITS_STEPS_PER_EPOCH = 21  # 1300 training images in batches of 64
+
+
+def train_digits(mode: str, freeze_bn_epoch: int | None = None, epochs: int = 8) -> float:
+    """Test accuracy (%) of :func:`digits_cnn` on a fixed split of scikit-learn's digits; Adam, lr 3e-3, then
+    3e-4 for the last two epochs.
+
+    Modes: ``"fp32"``; ``"qat"``, QAT_Quantizer with 8-bit per-channel weights, 8-bit ReLU outputs and BN
+    folding (BN frozen from ``freeze_bn_epoch``); ``"float_folded"``, ConvBnQAT with fake quantization off
+    (the float model under the same BN-freezing schedule).
+    """
     datasets = pytest.importorskip("sklearn.datasets")
     digits = datasets.load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -517,10 +739,17 @@ def train_digits(fold: bool, fake_quant: bool = True, freeze_bn_epoch: int | Non
     train_idx, test_idx = order[:1300], order[1300:]
     torch.manual_seed(0)
     model = digits_cnn()
-    fused = fold_conv_bn(model, find_conv_bn_pairs(model)) if fold else {}
-    for module in fused.values():
-        module.enable_fake_quant(fake_quant)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    fused = {}
+    if mode == "qat":
+        freeze_step = None if freeze_bn_epoch is None else freeze_bn_epoch * DIGITS_STEPS_PER_EPOCH
+        quantizer = QAT_Quantizer(model, DIGITS_QAT_CONFIG, optimizer, freeze_bn_step=freeze_step)
+        quantizer.compress()
+        assert len(quantizer.folded_pairs) == 2
+    elif mode == "float_folded":
+        fused = fold_conv_bn(model, find_conv_bn_pairs(model))
+        for module in fused.values():
+            module.enable_fake_quant(False)
     batches = torch.Generator().manual_seed(1)
     for epoch in range(epochs):
         for module in fused.values():
@@ -535,6 +764,9 @@ def train_digits(fold: bool, fake_quant: bool = True, freeze_bn_epoch: int | Non
             optimizer.zero_grad()
             F.cross_entropy(model(images[batch]), labels[batch]).backward()
             optimizer.step()
+    if mode == "qat":
+        assert quantizer.steps == epochs * DIGITS_STEPS_PER_EPOCH
+        assert all(m._frozen == (freeze_bn_epoch is not None) for m in conv_bn_modules(model).values())
     model.eval()
     with torch.no_grad():
         predictions = model(images[test_idx]).argmax(1)
@@ -546,17 +778,17 @@ def test_digits_qat_with_bn_folding_within_one_point_of_fp32():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small convs: one thread is as fast, and immune to oversubscription
     try:
-        fp32 = train_digits(fold=False)
-        folded = train_digits(fold=True)
+        fp32 = train_digits("fp32")
+        qat = train_digits("qat")
         # Freezing BN statistics two epochs before the end costs this tiny task about 1 point by itself
         # (float model: 96.2 -> 94.2 / 95.4 / 95.2 over three seeds), so the frozen QAT run is compared with
         # the float model under the same freezing schedule.
-        float_frozen = train_digits(fold=True, fake_quant=False, freeze_bn_epoch=6)
-        folded_frozen = train_digits(fold=True, freeze_bn_epoch=6)
+        float_frozen = train_digits("float_folded", freeze_bn_epoch=6)
+        qat_frozen = train_digits("qat", freeze_bn_epoch=6)
     finally:
         torch.set_num_threads(threads)
-    print(f"digits accuracy: fp32 {fp32:.2f}, QAT+fold {folded:.2f}; "
-          f"BN frozen at epoch 6: float {float_frozen:.2f}, QAT+fold {folded_frozen:.2f}")
+    print(f"digits accuracy: fp32 {fp32:.2f}, QAT+fold {qat:.2f}; "
+          f"BN frozen at epoch 6: float {float_frozen:.2f}, QAT+fold {qat_frozen:.2f}")
     assert fp32 > 95.0, fp32
-    assert folded >= fp32 - 1.0, (folded, fp32)
-    assert folded_frozen >= float_frozen - 1.0, (folded_frozen, float_frozen)
+    assert qat >= fp32 - 1.0, (qat, fp32)
+    assert qat_frozen >= float_frozen - 1.0, (qat_frozen, float_frozen)
