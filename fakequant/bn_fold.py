@@ -240,7 +240,9 @@ def folded_weight_range(
     if flat.size(1) == 0:
         zeros = torch.zeros(weight.size(0), device=weight.device)
         return zeros, zeros.clone()
-    w_min, w_max = torch.aminmax(flat, dim=1)
+    # amin + amax, not aminmax(dim=1): measured 8.6 us against 64 us on a 64x576 weight (1 thread), since
+    # aminmax's dim reduction is not vectorized on CPU.
+    w_min, w_max = flat.amin(dim=1), flat.amax(dim=1)
     lo, hi = w_min * factor, w_max * factor
     negative = factor < 0
     return torch.where(negative, hi, lo), torch.where(negative, lo, hi)
