@@ -302,6 +302,26 @@ def test_zero_gamma_channel_stays_finite():
     assert bool(torch.isfinite(bn.running_var).all()) and bool(torch.isfinite(bn.running_mean).all())
 
 
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    conv, bn = make_pair()
+    eager = ConvBnQAT(conv, bn).train()
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x = inputs()
+    out, compiled_out = eager(x), compiled(x)
+    # fp32 rounding only (inductor fuses the BN arithmetic differently): measured 2e-6 on outputs of ~6,
+    # 5e-9 on the running mean.
+    torch.testing.assert_close(compiled_out, out, rtol=0, atol=1e-5)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    F.mse_loss(out, target).backward()
+    F.mse_loss(compiled_out, target).backward()
+    for compiled_grad, grad in ((compiled_module.conv.weight.grad, conv.weight.grad),
+                                (compiled_module.bn.weight.grad, bn.weight.grad)):
+        assert ((compiled_grad - grad).norm() / grad.norm()).item() < 1e-4  # measured 2e-6, 4e-7
+    torch.testing.assert_close(compiled_module.bn.running_mean, bn.running_mean, rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Schedule and state
 # ---------------------------------------------------------------------------------------------
