@@ -194,3 +194,8 @@ def test_bad_optimizer_and_model():
         fakequant.QAT_Quantizer(Net(), [GOOD], optimizer="sgd")
     with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
         fakequant.QAT_Quantizer(torch.zeros(1), [GOOD])
+
+
+def test_entry_matching_no_module_warns():
+    with pytest.warns(UserWarning, match=r"config_list\[1\] matches no module of the model \(op_types \['ReLU'\]\)"):
+        configs([GOOD, {"quant_types": ["output"], "op_types": ["ReLU"]}])

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fakequant
 from fakequant import (
     BNNQuantizer,
     DoReFaQuantizer,
@@ -656,3 +657,45 @@ def test_export_onnx_is_reported_as_unsupported(tmp_path):
     model, _, quantizer = make_qat()
     with pytest.raises(NotImplementedError, match="ONNX export"):
         quantizer.export_model(tmp_path / "m.pth", onnx_path=tmp_path / "m.onnx", input_shape=(1, 1, 8, 8))
+
+
+def test_training_is_bit_identical_on_every_backend(backend):
+    config = [{**W8_OUT8[0], "quant_scheme": "per_channel_affine"}, W8_OUT8[1],
+              {"quant_types": ["input"], "quant_bits": 6, "op_names": ["fc2"]}]
+    data = batches(3)
+    model, opt, _ = make_qat(config=config)
+    losses = train(model, opt, data)
+    state = model.state_dict()
+    fakequant.set_backend("reference")
+    model, opt, _ = make_qat(config=config)
+    reference_losses = train(model, opt, data)
+    fakequant.set_backend(backend)
+    assert losses == reference_losses
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_state_is_created_on_the_model_device():
+    # the meta device stands in for a GPU here: every buffer must follow the model, or the ops would get
+    # a CPU scale for a device tensor
+    model = Mnist().to("meta")
+    quantizer = QAT_Quantizer(model, W8_OUT8 + [{"quant_types": ["input"], "op_names": ["fc2"]}])
+    quantizer.compress()
+    assert {value.device.type for value in model.state_dict().values()} == {"meta"}
+    assert model(torch.empty(2, 1, 8, 8, device="meta")).shape == (2, 10)
+
+
+@pytest.mark.parametrize("quantizer_class", [QAT_Quantizer, DoReFaQuantizer])
+def test_half_model_trains_and_evaluates(quantizer_class):
+    # model.half() casts the float buffers (scales, ranges) as well; the ops still get fp32 scales
+    config = W8_OUT8 if quantizer_class is QAT_Quantizer else [
+        {"q_bits": 4, "op_types": "default"}, {"quant_types": ["output"], "quant_bits": 4, "op_types": ["ReLU6"]}]
+    model = Mnist()
+    quantizer_class(model, config).compress()
+    model.half()
+    x = images().half()
+    out = model(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.float16 and model.conv1.parametrizations.weight.original.grad is not None
+    model.eval()
+    assert torch.isfinite(model(x)).all()

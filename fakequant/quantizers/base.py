@@ -83,7 +83,7 @@ class QuantizedLayer:
         full = BUFFER_PREFIX + name
         if hasattr(self.module, full):
             raise ValueError(f"module {self.name!r} already has an attribute {full!r}; was it quantized twice?")
-        self.module.register_buffer(full, value)
+        self.module.register_buffer(full, value.to(self.quantizer.device))
         self._buffer_names.append(full)
 
     def buffer(self, name: str) -> torch.Tensor:
@@ -196,6 +196,7 @@ class Quantizer:
         self.layer_configs: dict[str, LayerConfig] = resolve_config_list(model, config_list, self.rules)
         self.layers: dict[str, QuantizedLayer] = {}
         self._step = 0
+        self.device = torch.device("cpu")
         self._compressed = False
         self._handles: list = []
 
@@ -211,7 +212,10 @@ class Quantizer:
         model = self.bound_model
         if hasattr(model, STEP_BUFFER):
             raise ValueError(f"the model already has {STEP_BUFFER!r}: it is quantized by another quantizer")
-        model.register_buffer(STEP_BUFFER, torch.tensor(self._step, dtype=torch.int64))
+        tensors = [*model.parameters(), *model.buffers()]
+        # the state lives where the model lives (the ops need scales on the device of what they quantize)
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        model.register_buffer(STEP_BUFFER, torch.tensor(self._step, dtype=torch.int64, device=self.device))
         self._wrap_modules()
         self._handles.append(model.register_load_state_dict_post_hook(self._after_load))
         if self.optimizer is not None:
@@ -323,16 +327,15 @@ class Quantizer:
         spec = layer.config.specs["weight"]
         with torch.no_grad():
             scale, zero_point = self._weight_minmax_qparams(layer, weight)
-            scale_buf, zp_buf = layer.buffer("weight_scale"), layer.buffer("weight_zero_point")
-            scale_buf.copy_(scale)
-            zp_buf.copy_(zero_point)
+            layer.buffer("weight_scale").copy_(scale)
+            layer.buffer("weight_zero_point").copy_(zero_point)
         if not layer.active():
             return weight
         if isinstance(spec.granularity, PerChannel):
             return functional.fake_quant_per_channel(
-                weight, scale_buf, zp_buf, spec.granularity.axis, spec.quant_min, spec.quant_max
+                weight, scale, zero_point, spec.granularity.axis, spec.quant_min, spec.quant_max
             )
-        return functional.fake_quant_per_tensor(weight, scale_buf, zp_buf, spec.quant_min, spec.quant_max)
+        return functional.fake_quant_per_tensor(weight, scale, zero_point, spec.quant_min, spec.quant_max)
 
     @staticmethod
     def _spec_record(prefix: str, spec: QuantSpec) -> dict:
@@ -445,7 +448,7 @@ class EmaRangeQuantizer(Quantizer):
             current = torch.stack((low.float(), high.float()))
         tracked = layer.buffer(quant_type + "_range")
         if layer.observed[quant_type]:
-            tracked.lerp_(current, 1.0 - self.ema_decay)
+            tracked.lerp_(current.to(tracked.dtype), 1.0 - self.ema_decay)
         else:
             tracked.copy_(current)
             layer.buffer(quant_type + "_observed").fill_(1)
@@ -466,7 +469,8 @@ class EmaRangeQuantizer(Quantizer):
             return x
         spec = layer.config.specs[quant_type]
         return functional.fake_quant_per_tensor(
-            x, layer.buffer(quant_type + "_scale"), layer.buffer(quant_type + "_zero_point"),
+            # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
+            x, layer.buffer(quant_type + "_scale").float(), layer.buffer(quant_type + "_zero_point"),
             spec.quant_min, spec.quant_max,
         )
 

@@ -8,6 +8,7 @@ earlier one for the same module), and a winning ``exclude`` entry leaves the mod
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -289,11 +290,13 @@ def resolve_config_list(model: nn.Module, config_list: object, rules: AlgorithmR
     entries = [_validate_entry(i, e, rules, known_types, modules) for i, e in enumerate(config_list)]
 
     resolved: dict[str, LayerConfig] = {}
+    matched_any = [False] * len(entries)
     for name, module in modules.items():
         chosen = None
         for entry in entries:
             if _matches(entry, name, module):
                 chosen = entry
+                matched_any[entry["index"]] = True
         if chosen is None or chosen["exclude"]:
             continue
         config = LayerConfig(
@@ -319,4 +322,10 @@ def resolve_config_list(model: nn.Module, config_list: object, rules: AlgorithmR
                 config.specs["weight"] = QuantSpec(spec.bits, spec.signed, spec.symmetric, spec.narrow_range,
                                                    PerChannel(axis))
         resolved[name] = config
+    for index, matched in enumerate(matched_any):
+        if not matched:
+            # op types are checked against torch.nn and the model; one absent from this model is legal (a
+            # shared config_list), but probably not what was meant
+            warnings.warn(f"config_list[{index}] matches no module of the model (op_types "
+                          f"{sorted(entries[index]['op_types'] or [])})", UserWarning, stacklevel=3)
     return resolved

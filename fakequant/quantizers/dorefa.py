@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fakequant import functional
-from fakequant.qparams import QuantSpec
+from fakequant.qparams import QuantSpec, choose_qparams, quant_range
 from fakequant.quantizers.base import QuantizedLayer, Quantizer
 from fakequant.quantizers.config import AlgorithmRules
 
@@ -13,8 +13,10 @@ __all__ = ["DoReFaQuantizer"]
 
 
 def _unit_scale(bits: int) -> torch.Tensor:
-    # quant_k's grid on [0, 1]: k-bit levels 0 .. 2^k - 1, one step of 1 / (2^k - 1)
-    return torch.tensor(1.0 / ((1 << bits) - 1), dtype=torch.float32)
+    """quant_k's grid on [0, 1]: the levels 0 .. 2^k - 1 of an unsigned k-bit range, one step 1 / (2^k - 1)."""
+    quant_min, quant_max = quant_range(bits, signed=False)
+    scale, _ = choose_qparams(torch.tensor(0.0), torch.tensor(1.0), quant_min, quant_max, symmetric=False)
+    return scale
 
 
 class DoReFaQuantizer(Quantizer):
@@ -82,7 +84,7 @@ class DoReFaQuantizer(Quantizer):
     def _quant_unit(self, layer: QuantizedLayer, prefix: str, bits: int, v: torch.Tensor) -> torch.Tensor:
         """quant_k on [0, 1] (values outside are clamped by the op)."""
         return functional.fake_quant_per_tensor(
-            v, layer.buffer(prefix + "_scale"), layer.buffer(prefix + "_zero_point"), 0, (1 << bits) - 1
+            v, layer.buffer(prefix + "_scale").float(), layer.buffer(prefix + "_zero_point"), 0, (1 << bits) - 1
         )
 
     def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
