@@ -399,10 +399,11 @@ class ConvBnQAT(nn.Module):
         scale, zero_point = choose_qparams(lo, hi, spec.quant_min, spec.quant_max, spec.symmetric)
         self.weight_scale.copy_(scale)
         self.weight_zero_point.copy_(zero_point)
+        # The fresh fp32 values go to the op, not the buffers: model.half() makes the buffers fp16.
         if self.per_channel:
-            return self.weight_scale, self.weight_zero_point
+            return scale, zero_point
         channels = self.conv.out_channels
-        return self.weight_scale.expand(channels).contiguous(), self.weight_zero_point.expand(channels).contiguous()
+        return scale.expand(channels).contiguous(), zero_point.expand(channels).contiguous()
 
     def _fake_quant_folded(self, gamma: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         factor = reference.bn_fold_factor(gamma, var, self.bn.eps)
@@ -492,8 +493,8 @@ class ConvBnQAT(nn.Module):
             "quant_min": spec.quant_min,
             "quant_max": spec.quant_max,
             "granularity": "per_channel" if self.per_channel else "per_tensor",
-            "scale": self.weight_scale.clone() if self.per_channel else scale[:1].clone(),
-            "zero_point": self.weight_zero_point.clone() if self.per_channel else zero_point[:1].clone(),
+            "scale": scale.clone() if self.per_channel else scale[:1].clone(),
+            "zero_point": zero_point.clone() if self.per_channel else zero_point[:1].clone(),
         }
 
     def extra_repr(self) -> str:
