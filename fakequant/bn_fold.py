@@ -493,8 +493,9 @@ class ConvBnQAT(nn.Module):
             "quant_min": spec.quant_min,
             "quant_max": spec.quant_max,
             "granularity": "per_channel" if self.per_channel else "per_tensor",
-            "scale": scale.clone() if self.per_channel else scale[:1].clone(),
-            "zero_point": zero_point.clone() if self.per_channel else zero_point[:1].clone(),
+            # per tensor: 0-d, as the quantizers report per-tensor scales
+            "scale": scale.clone() if self.per_channel else scale[0].clone(),
+            "zero_point": zero_point.clone() if self.per_channel else zero_point[0].clone(),
         }
 
     def extra_repr(self) -> str:

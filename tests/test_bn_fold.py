@@ -619,6 +619,21 @@ def test_qat_quantizer_skips_pairs_whose_bn_is_configured():
     assert quantizer.folded_pairs == {"0": "1"}
 
 
+def test_qat_quantizer_input_output_quantization_of_a_folded_conv():
+    model = conv_bn_net()
+    config = QAT_CONFIG + [{"quant_types": ["input", "weight", "output"], "quant_bits": 8, "op_names": ["0"]}]
+    quantizer = QAT_Quantizer(model, config)
+    quantizer.compress()
+    fused = model[0]
+    assert isinstance(fused, ConvBnQAT) and len(fused._forward_pre_hooks) == 1 and len(fused._forward_hooks) == 1
+    x = batch(0)
+    out = fused(x)  # training: observes the input and the fused (BN) output ranges
+    record = quantizer.calibration()["0"]
+    assert record["tracked_min_output"] == pytest.approx(out.min().item(), abs=record["output_scale"].item())
+    assert record["bn_folded"] == "1" and record["weight_scale"].shape == ()  # per tensor (the QAT default)
+    assert len(torch.unique(out.detach())) <= 256  # the output is fake-quantized to 8 bits
+
+
 def test_qat_quantizer_untraceable_model_needs_dummy_input():
     with pytest.raises(ValueError, match="dummy_input=.*bn_folding=False"):
         QAT_Quantizer(Untraceable(conv_bn_net()), QAT_CONFIG).compress()
