@@ -314,7 +314,9 @@ class Quantizer:
         w = weight.detach()
         if isinstance(spec.granularity, PerChannel):
             w = w.movedim(spec.granularity.axis, 0).reshape(w.shape[spec.granularity.axis], -1)
-            low, high = torch.aminmax(w, dim=1)
+            # amin + amax: 10 us against 65 us for aminmax(dim=1) on a 64x576 weight (1 thread, measured
+            # here), whose dim reduction is not vectorized on CPU.
+            low, high = w.amin(dim=1), w.amax(dim=1)
         else:
             low, high = torch.aminmax(w)
         return choose_qparams(low, high, spec.quant_min, spec.quant_max, spec.symmetric)
