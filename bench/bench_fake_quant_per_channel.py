@@ -77,7 +77,11 @@ def nni_differentiable(i):
 
 SPEC = common.OpBench(
     op="per_channel",
-    cases=common.flat_cases(FLAT_CHANNELS) + common.resnet50_weight_cases() + common.resnet50_activation_cases(),
+    cases=(
+        common.flat_cases(FLAT_CHANNELS)
+        + common.resnet50_weight_cases()
+        + common.resnet50_activation_cases(in_quick=False)  # per-channel is for weights; act. only in full runs
+    ),
     make_inputs=make_inputs,
     fused_forward=fused_forward,
     fused_differentiable=fused_differentiable,

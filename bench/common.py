@@ -87,6 +87,11 @@ class Case:
     kind: str = "flat"
 
     @property
+    def test_id(self) -> str:
+        """The label as a pytest id that ``-k`` accepts (``2_22``, ``w_512x512x3x3``)."""
+        return self.label.replace("^", "_").replace(" ", "_")
+
+    @property
     def numel(self) -> int:
         n = 1
         for d in self.shape:
@@ -118,13 +123,15 @@ QUICK_WEIGHT_SHAPES = ((512, 512, 3, 3),)
 QUICK_ACTIVATION_SHAPES = ((8, 256, 56, 56),)
 
 
-def resnet50_weight_cases() -> list[Case]:
-    shapes = QUICK_WEIGHT_SHAPES if QUICK else RESNET50_WEIGHT_SHAPES
+def resnet50_weight_cases(in_quick: bool = True) -> list[Case]:
+    """ResNet-50 weight shapes (channel axis 0); ``in_quick=False`` drops them from a --quick run."""
+    shapes = (QUICK_WEIGHT_SHAPES if in_quick else ()) if QUICK else RESNET50_WEIGHT_SHAPES
     return [Case(_shape_label("w", s), tuple(s), 0, "weight") for s in shapes]
 
 
-def resnet50_activation_cases() -> list[Case]:
-    shapes = QUICK_ACTIVATION_SHAPES if QUICK else RESNET50_ACTIVATION_SHAPES
+def resnet50_activation_cases(in_quick: bool = True) -> list[Case]:
+    """ResNet-50 activation shapes (NCHW, channel axis 1); ``in_quick=False`` drops them from a --quick run."""
+    shapes = (QUICK_ACTIVATION_SHAPES if in_quick else ()) if QUICK else RESNET50_ACTIVATION_SHAPES
     return [Case(_shape_label("act", s), tuple(s), 1, "activation") for s in shapes]
 
 
@@ -301,7 +308,7 @@ class OpBench:
         for case in self.cases:
             for provider, modes in self.providers():
                 for mode in modes:
-                    out.append(pytest.param(provider, mode, case, id=f"{case.label}-{provider}-{mode}"))
+                    out.append(pytest.param(provider, mode, case, id=f"{case.test_id}-{provider}-{mode}"))
         return out
 
     def _compiled_fn(self, kind: str) -> Callable:
