@@ -188,15 +188,21 @@ def record(benchmark, *, op: str, provider: str, mode: str, case: Case, nbytes: 
 # ---------------------------------------------------------------------------------------------
 
 
+GPU_BACKENDS = ("cuda", "triton")
+
+
 def fakequant_backends() -> dict[str, str]:
     """Provider name -> fakequant backend, for every non-reference backend that runs on ``DEVICE``."""
     found = {}
     previous = fakequant.get_backend()
     probe = torch.zeros(4, device=DEVICE)
+    available = getattr(_backend, "available_backends", lambda device: _backend.BACKENDS)
     try:
-        for backend in _backend.BACKENDS:
+        for backend in available(DEVICE):
             if backend == "reference":
                 continue  # the `reference` provider measures the composition without the dispatcher
+            if DEVICE.type == "cpu" and backend in GPU_BACKENDS:
+                continue  # on CPU tensors these are the C++ kernels again, or the (slow) Triton interpreter
             try:
                 fakequant.set_backend(backend)
                 torch.ops.fakequant.binarize(probe)
