@@ -13,12 +13,26 @@ from fakequant.functional import (
     fold_bias,
 )
 from fakequant.qparams import PerChannel, PerTensor, QuantSpec, choose_qparams, quant_range
+from fakequant.quantizers import (
+    BNNQuantizer,
+    DoReFaQuantizer,
+    NaiveQuantizer,
+    QAT_Quantizer,
+    QATQuantizer,
+    Quantizer,
+)
 
 _backend.init()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BNNQuantizer",
+    "DoReFaQuantizer",
+    "NaiveQuantizer",
+    "QAT_Quantizer",
+    "QATQuantizer",
+    "Quantizer",
     "binarize",
     "bn_fold_fake_quant_weight",
     "choose_qparams",

@@ -1,0 +1,484 @@
+"""The quantizer machinery shared by every algorithm: selecting modules, hooks, state, steps and export.
+
+Design (why hooks and a parametrization):
+
+* **Weights** use ``torch.nn.utils.parametrize``: ``module.weight`` becomes the output of a small
+  :class:`WeightFakeQuant` module applied to the float master parameter, which stays registered as
+  ``module.parametrizations.weight.original``. It is the same ``Parameter`` object as before
+  ``compress()``, so an optimizer built earlier keeps updating it, the fake-quantized weight is recomputed
+  from it on every forward, and ``remove_parametrizations(..., leave_parametrized=False)`` gives the plain
+  float module back. Nothing replaces ``forward``; the module's own code reads ``self.weight`` as always.
+* **Inputs** are quantized by a forward pre-hook and **outputs** by a forward hook.
+* **State** (scales, zero points, tracked ranges, observation flags) is held in buffers named
+  ``fakequant_*`` registered on the quantized module itself, and the step counter in the buffer
+  ``fakequant_step`` on the root model. Buffers, unlike child modules, do not change what an
+  ``nn.Sequential`` runs, so any model can be quantized, and everything appears in ``model.state_dict()``.
+  Python mirrors of the step and of the "range initialised" flags keep ``.item()`` syncs off the hot path;
+  a load_state_dict post-hook refreshes them, so a loaded checkpoint resumes exactly.
+
+Extension points for subclasses (BatchNorm folding plugs in here):
+
+* :meth:`Quantizer._wrap_modules` chooses and wraps the modules (one call of :meth:`Quantizer._wrap_module`
+  per selected module, which returns the :class:`QuantizedLayer` handling it);
+* :meth:`Quantizer._on_step` runs once per training step, after the step counter advanced, and calls
+  :meth:`QuantizedLayer.on_step` of every layer;
+* :meth:`Quantizer.calibration` builds the export dict from :meth:`QuantizedLayer.calibration`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fakequant.qparams import PerChannel, QuantSpec, choose_qparams
+from fakequant.quantizers.config import AlgorithmRules, LayerConfig, resolve_config_list
+
+__all__ = ["Quantizer", "QuantizedLayer", "WeightFakeQuant", "BUFFER_PREFIX", "STEP_BUFFER"]
+
+BUFFER_PREFIX = "fakequant_"
+STEP_BUFFER = BUFFER_PREFIX + "step"
+
+
+class WeightFakeQuant(nn.Module):
+    """Parametrization that returns the fake-quantized weight computed from the float master weight.
+
+    Holds no state itself: the layer's buffers live on the quantized module, so the state_dict keys do not
+    depend on the parametrization internals.
+    """
+
+    def __init__(self, layer: QuantizedLayer) -> None:
+        super().__init__()
+        self.layer = layer  # a plain object, not a submodule
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.layer.quantizer.quantize_weight(self.layer, weight)
+
+
+class QuantizedLayer:
+    """One quantized module: its configuration, its hooks and its ``fakequant_*`` buffers.
+
+    Args:
+        quantizer: the quantizer that owns the layer.
+        name: qualified module name.
+        module: the module.
+        config: its resolved configuration.
+    """
+
+    def __init__(self, quantizer: Quantizer, name: str, module: nn.Module, config: LayerConfig) -> None:
+        self.quantizer = quantizer
+        self.name = name
+        self.module = module
+        self.config = config
+        self.observed: dict[str, bool] = {}  # mirrors of the fakequant_<type>_observed buffers
+        self._handles: list = []
+        self._buffer_names: list[str] = []
+
+    # -- state ------------------------------------------------------------------------------------
+    def add_buffer(self, name: str, value: torch.Tensor) -> None:
+        """Registers ``fakequant_<name>`` on the module (persistent, so it is in the state_dict)."""
+        full = BUFFER_PREFIX + name
+        if hasattr(self.module, full):
+            raise ValueError(f"module {self.name!r} already has an attribute {full!r}; was it quantized twice?")
+        self.module.register_buffer(full, value)
+        self._buffer_names.append(full)
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return self.module._buffers[BUFFER_PREFIX + name]
+
+    def sync_from_buffers(self) -> None:
+        """Refreshes the Python mirrors after a state_dict was loaded."""
+        for quant_type in self.observed:
+            self.observed[quant_type] = bool(self.buffer(quant_type + "_observed").item())
+
+    def active(self) -> bool:
+        """True once the step counter has reached this layer's ``quant_start_step``."""
+        return self.quantizer._step >= self.config.quant_start_step
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Registers the weight parametrization and the input/output hooks the config asks for."""
+        quant_types = self.config.quant_types
+        if "weight" in quant_types:
+            parametrize.register_parametrization(self.module, "weight", WeightFakeQuant(self))
+        if "input" in quant_types:
+            self._handles.append(self.module.register_forward_pre_hook(self._input_hook))
+        if "output" in quant_types:
+            self._handles.append(self.module.register_forward_hook(self._output_hook))
+
+    def add_hook_handle(self, handle) -> None:
+        self._handles.append(handle)
+
+    def detach(self) -> None:
+        """Removes the hooks, the parametrization and the buffers; the module is a plain float module again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if parametrize.is_parametrized(self.module, "weight"):
+            parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=False)
+        for name in self._buffer_names:
+            del self.module._buffers[name]
+        self._buffer_names.clear()
+
+    def _input_hook(self, module: nn.Module, args: tuple):
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise ValueError(
+                f"fakequant: module {self.name!r} has 'input' quantization but its first positional argument is "
+                f"{type(args[0]).__name__ if args else 'missing'}; allowed: a tensor as first positional argument"
+            )
+        return (self.quantizer.quantize_input(self, args[0]), *args[1:])
+
+    def _output_hook(self, module: nn.Module, args: tuple, output):
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(
+                f"fakequant: module {self.name!r} has 'output' quantization but returned "
+                f"{type(output).__name__}; allowed: modules that return one tensor"
+            )
+        return self.quantizer.quantize_output(self, output)
+
+    # -- per step and export ----------------------------------------------------------------------
+    def on_step(self, step: int) -> None:
+        """Called once per training step (after the counter advanced) via :meth:`Quantizer._on_step`."""
+        self.quantizer._update_layer_on_step(self, step)
+
+    def calibration(self) -> dict:
+        """The export record of this layer (see :meth:`Quantizer.calibration`)."""
+        return self.quantizer._layer_calibration(self)
+
+
+def _ddp_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class Quantizer:
+    """Base class of the NNI-style quantizers.
+
+    Args:
+        model: the model to quantize (modified in place by :meth:`compress`).
+        config_list: NNI config dicts (SPEC §3).
+        optimizer: if given, each ``optimizer.step()`` advances the quantizer's step counter (through
+            ``register_step_post_hook``). Without one, call :meth:`step` after each optimizer step.
+
+    Example:
+        >>> import fakequant
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU6())
+        >>> fakequant.QAT_Quantizer(model, [{'quant_types': ['weight'], 'op_types': ['Linear']}]).compress()
+        Sequential(...)
+    """
+
+    rules: AlgorithmRules
+    #: the config_list used when none is given (None: a config_list is required)
+    default_config_list: list[dict] | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config_list: list[dict] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{type(self).__name__}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if config_list is None:
+            if self.default_config_list is None:
+                raise ValueError(f"{type(self).__name__}: config_list is required")
+            config_list = self.default_config_list
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"{type(self).__name__}: optimizer must be a torch.optim.Optimizer or None, got "
+                f"{type(optimizer).__name__}"
+            )
+        self.bound_model = model
+        self.config_list = config_list
+        self.optimizer = optimizer
+        self.layer_configs: dict[str, LayerConfig] = resolve_config_list(model, config_list, self.rules)
+        self.layers: dict[str, QuantizedLayer] = {}
+        self._step = 0
+        self._compressed = False
+        self._handles: list = []
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def compress(self) -> nn.Module:
+        """Attaches the quantization to the model in place and returns the model.
+
+        Returns:
+            The same model object, now fake-quantized in its forward pass.
+        """
+        if self._compressed:
+            raise ValueError(f"{type(self).__name__}: compress() was already called; call unwrap() first")
+        model = self.bound_model
+        if hasattr(model, STEP_BUFFER):
+            raise ValueError(f"the model already has {STEP_BUFFER!r}: it is quantized by another quantizer")
+        model.register_buffer(STEP_BUFFER, torch.tensor(self._step, dtype=torch.int64))
+        self._wrap_modules()
+        self._handles.append(model.register_load_state_dict_post_hook(self._after_load))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self.step()))
+        self._compressed = True
+        return model
+
+    def _wrap_modules(self) -> None:
+        """Chooses the modules to quantize and wraps each one (override to replace modules, e.g. Conv+BN)."""
+        modules = dict(self.bound_model.named_modules())
+        for name, config in self.layer_configs.items():
+            self.layers[name] = self._wrap_module(name, modules[name], config)
+
+    def _wrap_module(self, name: str, module: nn.Module, config: LayerConfig) -> QuantizedLayer:
+        layer = QuantizedLayer(self, name, module, config)
+        self._init_layer_state(layer)  # buffers first: the parametrization is evaluated once on registration
+        layer.attach()
+        return layer
+
+    def unwrap(self) -> nn.Module:
+        """Removes every hook, parametrization and ``fakequant_*`` buffer: the model is a plain float model.
+
+        Returns:
+            The model, whose ``forward`` is again the float computation with the current float weights.
+        """
+        for layer in self.layers.values():
+            layer.detach()
+        self.layers.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.bound_model._buffers.pop(STEP_BUFFER, None)
+        self._compressed = False
+        return self.bound_model
+
+    # -- steps ------------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Training steps taken so far (the counter ``quant_start_step`` is compared with)."""
+        return self._step
+
+    def step(self) -> None:
+        """Advances the step counter by one; call it after ``optimizer.step()`` unless the optimizer was
+        passed to the constructor (then it is called for you)."""
+        self._step += 1
+        self.bound_model._buffers[STEP_BUFFER].fill_(self._step)
+        self._on_step()
+
+    def _on_step(self) -> None:
+        """Everything that happens once per training step, after the counter advanced."""
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.on_step(self._step)
+
+    def _update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
+        """Per-layer work after a step (BNN clamps its weights here). Nothing by default."""
+
+    def _after_load(self, module: nn.Module, incompatible_keys) -> None:
+        self._step = int(self.bound_model._buffers[STEP_BUFFER].item())
+        for layer in self.layers.values():
+            layer.sync_from_buffers()
+
+    # -- the algorithm (subclasses) ---------------------------------------------------------------
+    def _init_layer_state(self, layer: QuantizedLayer) -> None:
+        """Registers the layer's ``fakequant_*`` buffers."""
+        raise NotImplementedError
+
+    def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quantize_input(self, layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _layer_calibration(self, layer: QuantizedLayer) -> dict:
+        raise NotImplementedError
+
+    # -- shared helpers ---------------------------------------------------------------------------
+    def _add_qparam_buffers(self, layer: QuantizedLayer, quant_type: str, channels: int | None) -> None:
+        shape = () if channels is None else (channels,)
+        layer.add_buffer(quant_type + "_scale", torch.ones(shape, dtype=torch.float32))
+        layer.add_buffer(quant_type + "_zero_point", torch.zeros(shape, dtype=torch.int32))
+
+    @staticmethod
+    def _weight_channels(layer: QuantizedLayer) -> int | None:
+        spec = layer.config.specs["weight"]
+        if isinstance(spec.granularity, PerChannel):
+            return layer.module.weight.shape[spec.granularity.axis]
+        return None
+
+    def _weight_minmax_qparams(self, layer: QuantizedLayer, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Scale and zero point from the current weight's range (per tensor or per channel)."""
+        spec = layer.config.specs["weight"]
+        w = weight.detach()
+        if isinstance(spec.granularity, PerChannel):
+            w = w.movedim(spec.granularity.axis, 0).reshape(w.shape[spec.granularity.axis], -1)
+            low, high = torch.aminmax(w, dim=1)
+        else:
+            low, high = torch.aminmax(w)
+        return choose_qparams(low, high, spec.quant_min, spec.quant_max, spec.symmetric)
+
+    def _minmax_fake_quant_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
+        """Weight ranges taken from the current weight on every forward (tracked from step 0), fake
+        quantization from ``quant_start_step``."""
+        from fakequant import functional
+
+        spec = layer.config.specs["weight"]
+        with torch.no_grad():
+            scale, zero_point = self._weight_minmax_qparams(layer, weight)
+            scale_buf, zp_buf = layer.buffer("weight_scale"), layer.buffer("weight_zero_point")
+            scale_buf.copy_(scale)
+            zp_buf.copy_(zero_point)
+        if not layer.active():
+            return weight
+        if isinstance(spec.granularity, PerChannel):
+            return functional.fake_quant_per_channel(
+                weight, scale_buf, zp_buf, spec.granularity.axis, spec.quant_min, spec.quant_max
+            )
+        return functional.fake_quant_per_tensor(weight, scale_buf, zp_buf, spec.quant_min, spec.quant_max)
+
+    @staticmethod
+    def _spec_record(prefix: str, spec: QuantSpec) -> dict:
+        record = {
+            f"{prefix}_bits": spec.bits,
+            f"{prefix}_quant_min": spec.quant_min,
+            f"{prefix}_quant_max": spec.quant_max,
+            f"{prefix}_symmetric": spec.symmetric,
+        }
+        if isinstance(spec.granularity, PerChannel):
+            record[f"{prefix}_axis"] = spec.granularity.axis
+        return record
+
+    # -- export -----------------------------------------------------------------------------------
+    def calibration(self) -> dict[str, dict]:
+        """The per-layer calibration records, keyed by qualified module name.
+
+        Each record holds, for every quant type of the layer, ``<type>_bits``, ``<type>_quant_min`` /
+        ``<type>_quant_max``, ``<type>_scale`` / ``<type>_zero_point`` (fp32 / int32 tensors on the CPU) and,
+        for activations, the tracked range as ``tracked_min_<type>`` / ``tracked_max_<type>`` (NNI's names).
+
+        Returns:
+            ``{layer_name: record}``.
+        """
+        return {name: layer.calibration() for name, layer in self.layers.items()}
+
+    def float_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state_dict as the unwrapped float model would have it: float master weights under
+        their own names (``conv.weight``), and no ``fakequant_*`` buffers."""
+        marker = ".parametrizations.weight.original"
+        out = {}
+        for key, value in self.bound_model.state_dict().items():
+            if key.rsplit(".", 1)[-1].startswith(BUFFER_PREFIX):
+                continue
+            if key.endswith(marker) or key == marker[1:]:
+                key = key[: -len(marker)] + ".weight" if key != marker[1:] else "weight"
+            out[key] = value.detach().clone()
+        return out
+
+    def export_model(
+        self,
+        model_path: str | os.PathLike,
+        calibration_path: str | os.PathLike | None = None,
+        onnx_path: str | os.PathLike | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, dict]:
+        """Saves the float weights and the calibration records, as NNI's ``export_model``.
+
+        Args:
+            model_path: where ``torch.save`` writes the float state_dict (:meth:`float_state_dict`).
+            calibration_path: where ``torch.save`` writes the calibration dict, if given.
+            onnx_path: not supported yet (raises ``NotImplementedError`` when given).
+            input_shape: the ONNX dummy input shape (with ``onnx_path`` only).
+            device: the ONNX dummy input device (with ``onnx_path`` only).
+
+        Returns:
+            The calibration dict (:meth:`calibration`).
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 4))
+            >>> quantizer = NaiveQuantizer(model); _ = quantizer.compress()  # doctest: +SKIP
+            >>> calibration = quantizer.export_model("model.pth", "calibration.pth")  # doctest: +SKIP
+        """
+        if onnx_path is not None:
+            raise NotImplementedError(
+                "fakequant: ONNX export (onnx_path) is not implemented yet; export_model saves the float "
+                "weights and the calibration dict only (call it with onnx_path=None)"
+            )
+        del input_shape, device
+        torch.save(self.float_state_dict(), model_path)
+        calibration = self.calibration()
+        if calibration_path is not None:
+            torch.save(calibration, calibration_path)
+        return calibration
+
+
+class EmaRangeQuantizer(Quantizer):
+    """A quantizer whose activations are fake-quantized with EMA-tracked ranges (QAT).
+
+    Args:
+        sync_ranges: with ``torch.distributed`` initialised, all-reduce every observed activation range
+            (min of mins, max of maxes) before the EMA update, so every rank holds the same ranges and
+            scales. Turn it off only to compare.
+    """
+
+    #: EMA decay of the activation ranges (SPEC §2)
+    ema_decay = 0.99
+
+    def __init__(self, model, config_list=None, optimizer=None, *, sync_ranges: bool = True) -> None:
+        super().__init__(model, config_list, optimizer)
+        self.sync_ranges = sync_ranges
+
+    def _add_activation_state(self, layer: QuantizedLayer, quant_type: str) -> None:
+        self._add_qparam_buffers(layer, quant_type, None)
+        # [min, max]; meaningful once fakequant_<type>_observed is 1
+        layer.add_buffer(quant_type + "_range", torch.zeros(2, dtype=torch.float32))
+        layer.add_buffer(quant_type + "_observed", torch.zeros((), dtype=torch.int64))
+        layer.observed[quant_type] = False
+
+    def _observe(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor) -> None:
+        """EMA update of the tracked range with this batch's (all-reduced) min and max, then new qparams."""
+        spec = layer.config.specs[quant_type]
+        low, high = torch.aminmax(x.detach())
+        if self.sync_ranges and _ddp_initialized():
+            extremes = torch.stack((-low.float(), high.float()))
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+            current = torch.stack((-extremes[0], extremes[1]))
+        else:
+            current = torch.stack((low.float(), high.float()))
+        tracked = layer.buffer(quant_type + "_range")
+        if layer.observed[quant_type]:
+            tracked.lerp_(current, 1.0 - self.ema_decay)
+        else:
+            tracked.copy_(current)
+            layer.buffer(quant_type + "_observed").fill_(1)
+            layer.observed[quant_type] = True
+        scale, zero_point = choose_qparams(tracked[0], tracked[1], spec.quant_min, spec.quant_max, spec.symmetric)
+        layer.buffer(quant_type + "_scale").copy_(scale)
+        layer.buffer(quant_type + "_zero_point").copy_(zero_point)
+
+    def _fake_quant_activation(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor) -> torch.Tensor:
+        """Ranges tracked in training mode from step 0; fake quantization from ``quant_start_step`` once a
+        range has been observed (an eval pass before any training batch runs in float)."""
+        from fakequant import functional
+
+        if layer.module.training:
+            with torch.no_grad():
+                self._observe(layer, quant_type, x)
+        if not (layer.active() and layer.observed[quant_type]):
+            return x
+        spec = layer.config.specs[quant_type]
+        return functional.fake_quant_per_tensor(
+            x, layer.buffer(quant_type + "_scale"), layer.buffer(quant_type + "_zero_point"),
+            spec.quant_min, spec.quant_max,
+        )
+
+    def _activation_record(self, layer: QuantizedLayer, quant_type: str) -> dict:
+        tracked = layer.buffer(quant_type + "_range").detach().cpu()
+        observed = layer.observed[quant_type]
+        record = self._spec_record(quant_type, layer.config.specs[quant_type])
+        record.update({
+            f"tracked_min_{quant_type}": float(tracked[0]) if observed else None,
+            f"tracked_max_{quant_type}": float(tracked[1]) if observed else None,
+            f"{quant_type}_scale": layer.buffer(quant_type + "_scale").detach().cpu().clone(),
+            f"{quant_type}_zero_point": layer.buffer(quant_type + "_zero_point").detach().cpu().clone(),
+        })
+        return record
+

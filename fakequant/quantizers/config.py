@@ -1,0 +1,322 @@
+"""Parsing and validation of NNI-style ``config_list`` entries (SPEC §3).
+
+Every entry is checked when the quantizer is built, and a mistake raises a ``ValueError`` that names the
+entry index, the key, the value given and what is allowed. Entries are then resolved per module: as in
+NNI's ``select_config``, the last entry that matches a module wins as a whole (a later entry overrides an
+earlier one for the same module), and a winning ``exclude`` entry leaves the module unquantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fakequant.qparams import PerChannel, PerTensor, QuantSpec
+
+__all__ = [
+    "QUANT_TYPES",
+    "QUANT_SCHEMES",
+    "QUANT_DTYPES",
+    "DEFAULT_OP_TYPES",
+    "AlgorithmRules",
+    "LayerConfig",
+    "resolve_config_list",
+]
+
+QUANT_TYPES = ("weight", "input", "output")
+QUANT_SCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric")
+QUANT_DTYPES = ("int", "uint")
+# 'default' stands for the weighted layers (SPEC §3).
+DEFAULT_OP_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+COMMON_KEYS = ("quant_types", "quant_bits", "op_types", "op_names", "exclude", "quant_start_step")
+
+
+@dataclass(frozen=True)
+class AlgorithmRules:
+    """What one quantizer accepts in its config_list.
+
+    Args:
+        name: the quantizer's class name, used in error messages.
+        keys: the config keys accepted besides :data:`COMMON_KEYS`.
+        quant_types: the quant types the algorithm implements.
+        min_bits: the smallest width accepted.
+        max_bits: the largest width accepted.
+        default_bits: the width used when an entry gives none.
+        default_specs: the QuantSpec of each quant type when the entry gives no scheme or dtype.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    quant_types: tuple[str, ...]
+    min_bits: int
+    max_bits: int
+    default_bits: int
+    default_specs: Mapping[str, QuantSpec]
+
+
+@dataclass
+class LayerConfig:
+    """The resolved configuration of one module.
+
+    Attributes:
+        name: qualified module name (``""`` is the root module).
+        op_type: the module's class name.
+        entry_index: index of the config_list entry that selected the module.
+        quant_types: the quant types applied, in config order.
+        specs: the QuantSpec of each quant type.
+        quant_start_step: fake quantization starts once this many steps have been taken.
+    """
+
+    name: str
+    op_type: str
+    entry_index: int
+    quant_types: tuple[str, ...]
+    specs: dict[str, QuantSpec] = field(default_factory=dict)
+    quant_start_step: int = 0
+
+    def bits(self, quant_type: str) -> int:
+        return self.specs[quant_type].bits
+
+
+def _fail(index: int, key: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"config_list[{index}]: key {key!r} has value {value!r}; allowed: {allowed}")
+
+
+def _as_str_list(index: int, key: str, value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _fail(index, key, value, "a string or a non-empty list of strings")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _known_op_types(model: nn.Module) -> set[str]:
+    names = {"default"}
+    names.update(type(m).__name__ for m in model.modules())
+    names.update(
+        n for n, obj in vars(nn).items() if isinstance(obj, type) and issubclass(obj, nn.Module)
+    )
+    return names
+
+
+def _per_type(index: int, key: str, value: object, quant_types: list[str], check) -> dict[str, object]:
+    """Expands an int/str setting or a dict keyed by quant type to one value per quant type."""
+    if isinstance(value, Mapping):
+        extra = [t for t in value if t not in quant_types]
+        if extra:
+            raise _fail(index, key, value, f"dict keys among the entry's quant_types {quant_types}")
+        missing = [t for t in quant_types if t not in value]
+        if missing and key == "quant_bits":
+            raise _fail(index, key, value, f"a width for every quant type in {quant_types} (missing {missing})")
+        out = {}
+        for quant_type, item in value.items():
+            check(index, key, value, item, quant_type)
+            out[quant_type] = item
+        return out
+    for quant_type in quant_types:
+        check(index, key, value, value, quant_type)
+    return {quant_type: value for quant_type in quant_types}
+
+
+def _spec_for(rules: AlgorithmRules, quant_type: str, bits: int, scheme: str | None, dtype: str | None) -> QuantSpec:
+    default = rules.default_specs[quant_type]
+    symmetric, granularity = default.symmetric, default.granularity
+    if scheme is not None:
+        symmetric = scheme.endswith("symmetric")
+        granularity = PerChannel(0) if scheme.startswith("per_channel") else PerTensor()
+    signed = default.signed if dtype is None else dtype == "int"
+    narrow_range = default.narrow_range and signed and bits >= 2
+    return QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow_range,
+                     granularity=granularity)
+
+
+def _validate_entry(index: int, entry: object, rules: AlgorithmRules, known_types: set[str],
+                    modules: dict[str, nn.Module]) -> dict:
+    """Checks one entry and returns it normalised (lists for op_types/op_names/quant_types)."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"config_list[{index}]: each entry must be a dict, got {type(entry).__name__} {entry!r}")
+    allowed_keys = COMMON_KEYS + rules.keys
+    for key in entry:
+        if key not in allowed_keys:
+            raise ValueError(
+                f"config_list[{index}]: unknown key {key!r} (value {entry[key]!r}); "
+                f"{rules.name} allows: {', '.join(allowed_keys)}"
+            )
+    if "op_types" not in entry and "op_names" not in entry:
+        raise ValueError(
+            f"config_list[{index}]: entry {dict(entry)!r} has neither 'op_types' nor 'op_names'; "
+            "allowed: at least one of them, to say which modules it applies to"
+        )
+    out: dict = {"index": index}
+    if "exclude" in entry and not isinstance(entry["exclude"], bool):
+        raise _fail(index, "exclude", entry["exclude"], "True or False")
+    out["exclude"] = entry.get("exclude", False)
+
+    op_types = None
+    if "op_types" in entry:
+        op_types = _as_str_list(index, "op_types", entry["op_types"])
+        for op_type in op_types:
+            if op_type not in known_types:
+                raise _fail(
+                    index, "op_types", entry["op_types"],
+                    f"'default' ({', '.join(DEFAULT_OP_TYPES)}), a torch.nn module class name or the class "
+                    f"name of a module in the model ({op_type!r} is neither)",
+                )
+        expanded = set()
+        for op_type in op_types:
+            expanded.update(DEFAULT_OP_TYPES if op_type == "default" else (op_type,))
+        op_types = expanded
+    out["op_types"] = op_types
+
+    op_names = None
+    if "op_names" in entry:
+        op_names = _as_str_list(index, "op_names", entry["op_names"])
+        for op_name in op_names:
+            if op_name not in modules:
+                raise _fail(index, "op_names", entry["op_names"],
+                            f"qualified names of modules in the model ({op_name!r} matches no module)")
+            if op_types is not None and type(modules[op_name]).__name__ not in op_types:
+                raise _fail(
+                    index, "op_names", entry["op_names"],
+                    f"names of modules whose type is in op_types {sorted(op_types)} ({op_name!r} is a "
+                    f"{type(modules[op_name]).__name__}, so it matches nothing)",
+                )
+    out["op_names"] = set(op_names) if op_names is not None else None
+
+    if "quant_types" in entry:
+        quant_types = _as_str_list(index, "quant_types", entry["quant_types"])
+        for quant_type in quant_types:
+            if quant_type not in rules.quant_types:
+                raise _fail(index, "quant_types", entry["quant_types"],
+                            f"a list drawn from {list(rules.quant_types)} ({rules.name})")
+        if len(set(quant_types)) != len(quant_types):
+            raise _fail(index, "quant_types", entry["quant_types"], "each quant type at most once")
+    else:
+        # DoReFa's documented {'q_bits': 8, 'op_types': 'default'} quantizes weights only.
+        quant_types = ["weight"]
+    out["quant_types"] = quant_types
+
+    def check_bits(index, key, whole, bits, quant_type):
+        if not _is_int(bits) or not rules.min_bits <= bits <= rules.max_bits:
+            span = str(rules.min_bits) if rules.min_bits == rules.max_bits else (
+                f"{rules.min_bits} to {rules.max_bits}")
+            raise _fail(index, key, whole, f"an int from {span} for {rules.name}, or a dict "
+                                           f"{{quant_type: int}} (bad width {bits!r} for {quant_type!r})")
+
+    if "quant_bits" in entry and "q_bits" in entry:
+        raise _fail(index, "q_bits", entry["q_bits"], "'q_bits' (the weight width) or 'quant_bits', not both")
+    if "q_bits" in entry:
+        check_bits(index, "q_bits", entry["q_bits"], entry["q_bits"], "weight")
+        bits = {t: (entry["q_bits"] if t == "weight" else rules.default_bits) for t in quant_types}
+    elif "quant_bits" in entry:
+        bits = _per_type(index, "quant_bits", entry["quant_bits"], quant_types, check_bits)
+    else:
+        bits = {t: rules.default_bits for t in quant_types}
+    out["bits"] = bits
+
+    if "quant_start_step" in entry:
+        step = entry["quant_start_step"]
+        if not _is_int(step) or step < 0:
+            raise _fail(index, "quant_start_step", step, "an int >= 0")
+    out["quant_start_step"] = entry.get("quant_start_step", 0)
+
+    def check_scheme(index, key, whole, scheme, quant_type):
+        if scheme not in QUANT_SCHEMES:
+            raise _fail(index, key, whole, f"one of {list(QUANT_SCHEMES)} or a dict {{quant_type: scheme}}")
+        if scheme.startswith("per_channel") and quant_type != "weight":
+            raise _fail(index, key, whole, f"per-tensor schemes for {quant_type!r} (per-channel is for weights)")
+
+    def check_dtype(index, key, whole, dtype, quant_type):
+        if dtype not in QUANT_DTYPES:
+            raise _fail(index, key, whole, f"one of {list(QUANT_DTYPES)} or a dict {{quant_type: dtype}}")
+
+    schemes = _per_type(index, "quant_scheme", entry["quant_scheme"], quant_types, check_scheme) if (
+        "quant_scheme" in entry) else {}
+    dtypes = _per_type(index, "quant_dtype", entry["quant_dtype"], quant_types, check_dtype) if (
+        "quant_dtype" in entry) else {}
+    specs = {}
+    for quant_type in quant_types:
+        try:
+            specs[quant_type] = _spec_for(rules, quant_type, bits[quant_type], schemes.get(quant_type),
+                                          dtypes.get(quant_type))
+        except ValueError as error:
+            raise _fail(index, "quant_bits", entry.get("quant_bits", entry.get("q_bits")),
+                        f"a width that {quant_type!r} with this scheme/dtype supports ({error})") from None
+    out["specs"] = specs
+    return out
+
+
+def _matches(entry: dict, name: str, module: nn.Module) -> bool:
+    if entry["op_types"] is not None and type(module).__name__ not in entry["op_types"]:
+        return False
+    return entry["op_names"] is None or name in entry["op_names"]
+
+
+def resolve_config_list(model: nn.Module, config_list: object, rules: AlgorithmRules) -> dict[str, LayerConfig]:
+    """Validates ``config_list`` against ``model`` and returns the configuration of every selected module.
+
+    Args:
+        model: the model to quantize.
+        config_list: a list of NNI config dicts.
+        rules: what the quantizer accepts.
+
+    Returns:
+        ``{qualified_name: LayerConfig}`` in the model's module order.
+
+    Raises:
+        ValueError: a bad entry, naming the entry index, key, value and what is allowed; or a module that
+            cannot take what it was given (a 'weight' quant type on a module without a weight parameter).
+
+    Example:
+        >>> from fakequant.quantizers.qat import QAT_Quantizer
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU6())
+        >>> configs = resolve_config_list(model, [{'quant_types': ['weight'], 'op_types': ['Linear']}],
+        ...                               QAT_Quantizer.rules)
+        >>> list(configs), configs['0'].bits('weight')
+        (['0'], 8)
+    """
+    if not isinstance(config_list, Sequence) or isinstance(config_list, (str, bytes)):
+        raise ValueError(f"config_list must be a list of dicts, got {type(config_list).__name__} {config_list!r}")
+    modules = dict(model.named_modules())
+    known_types = _known_op_types(model)
+    entries = [_validate_entry(i, e, rules, known_types, modules) for i, e in enumerate(config_list)]
+
+    resolved: dict[str, LayerConfig] = {}
+    for name, module in modules.items():
+        chosen = None
+        for entry in entries:
+            if _matches(entry, name, module):
+                chosen = entry
+        if chosen is None or chosen["exclude"]:
+            continue
+        config = LayerConfig(
+            name=name,
+            op_type=type(module).__name__,
+            entry_index=chosen["index"],
+            quant_types=tuple(chosen["quant_types"]),
+            specs=dict(chosen["specs"]),
+            quant_start_step=chosen["quant_start_step"],
+        )
+        if "weight" in config.quant_types:
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, nn.Parameter) or not torch.is_floating_point(weight):
+                raise ValueError(
+                    f"config_list[{config.entry_index}]: quant type 'weight' selected module {name!r} "
+                    f"({config.op_type}), which has no floating-point 'weight' parameter; allowed: modules "
+                    "with a weight (Conv*, Linear, ...) or only 'input'/'output' for this module"
+                )
+            spec = config.specs["weight"]
+            if isinstance(spec.granularity, PerChannel):
+                # ConvTranspose weights hold output channels on axis 1.
+                axis = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+                config.specs["weight"] = QuantSpec(spec.bits, spec.signed, spec.symmetric, spec.narrow_range,
+                                                   PerChannel(axis))
+        resolved[name] = config
+    return resolved
