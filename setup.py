@@ -38,7 +38,7 @@ def build_cuda() -> bool:
 
 
 def extensions():
-    cxx_flags = ["-O3", "-std=c++17", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
+    cxx_flags = ["-O3", "-std=c++20", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not build_cuda():
         return [
@@ -58,7 +58,7 @@ def extensions():
             include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
             extra_compile_args={
                 "cxx": cxx_flags + ["-DFAKEQUANT_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "-DFAKEQUANT_WITH_CUDA", f"-DPy_LIMITED_API={PY_LIMITED_API}"],
+                "nvcc": ["-O3", "-std=c++20", "-DFAKEQUANT_WITH_CUDA", f"-DPy_LIMITED_API={PY_LIMITED_API}"],
             },
             py_limited_api=True,
         )

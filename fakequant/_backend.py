@@ -1,9 +1,19 @@
 """Loading the compiled extension and choosing which kernels serve the ``fakequant::`` ops.
 
 The compiled extension ``fakequant._C`` registers C++ (and, in a CUDA build, CUDA) kernels on the
-CPU/CUDA dispatch keys when it is imported. A backend other than ``"auto"`` stacks one more
-``torch.library.Library`` of Python kernels on those keys; choosing ``"auto"`` again removes it, and
-the dispatcher falls back to what was registered before.
+CPU/CUDA dispatch keys when it is imported. A backend choice stacks at most one more
+``torch.library.Library`` of Python kernels on those keys; choosing another backend destroys it first,
+and the dispatcher falls back to what was registered before (``_C``'s kernels, else the reference
+registered as the ``"default"`` kernel in :mod:`fakequant._ops`).
+
+Backends:
+
+* ``"auto"`` (the default): CPU tensors use ``_C``'s C++ kernels; CUDA tensors use ``_C``'s CUDA kernels
+  when it was built with CUDA, else the Triton kernels when triton imports, else the reference.
+* ``"cuda"``: ``_C``'s kernels on every device (C++ on CPU tensors, CUDA on CUDA tensors).
+* ``"triton"``: the Triton kernels (:mod:`fakequant.triton_kernels`) on CUDA tensors, and on CPU tensors
+  under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+* ``"reference"``: the pure-PyTorch kernels on every device.
 
 Set ``FAKEQUANT_DISABLE_EXTENSION=1`` to skip loading ``_C`` (for example to rule out a bad build);
 ``FAKEQUANT_BACKEND`` picks the backend at import time, as :func:`set_backend` does later.
@@ -12,6 +22,7 @@ Set ``FAKEQUANT_DISABLE_EXTENSION=1`` to skip loading ``_C`` (for example to rul
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -19,17 +30,22 @@ import torch
 
 from fakequant import _ops
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "cuda", "triton", "reference")
 
 _extension = None
 _extension_error: str | None = None
+_extension_has_cuda = False
+_triton_kernels = None
+_triton_error: str | None = None
 _override_lib: torch.library.Library | None = None
 _backend = "auto"
 
 
 def load_extension() -> None:
     """Imports ``fakequant._C`` once; on failure warns once and keeps the reference kernels."""
-    global _extension, _extension_error
+    global _extension, _extension_error, _extension_has_cuda
+    if _extension is not None or _extension_error is not None:
+        return
     if os.environ.get("FAKEQUANT_DISABLE_EXTENSION", "") not in ("", "0"):
         _extension_error = "disabled by FAKEQUANT_DISABLE_EXTENSION"
         return
@@ -43,6 +59,11 @@ def load_extension() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+        return
+    # Asked before any backend override exists, so only _C's own CUDA registrations can answer yes.
+    _extension_has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{_ops.LIBRARY}::fake_quant_per_tensor", "CUDA"
+    )
 
 
 def extension_loaded() -> bool:
@@ -55,24 +76,119 @@ def extension_error() -> str | None:
     return _extension_error
 
 
-def _register_override(kernels: dict, dispatch_keys: tuple[str, ...]) -> None:
+def extension_has_cuda() -> bool:
+    """True when ``fakequant._C`` is loaded and holds CUDA kernels."""
+    return _extension_has_cuda
+
+
+def load_triton_kernels():
+    """Imports :mod:`fakequant.triton_kernels` once; returns it, or None when triton cannot be used."""
+    global _triton_kernels, _triton_error
+    if _triton_kernels is None and _triton_error is None:
+        try:
+            _triton_kernels = importlib.import_module("fakequant.triton_kernels")
+        except Exception as error:  # noqa: BLE001  (ImportError, or triton failing to set itself up)
+            _triton_error = f"{type(error).__name__}: {error}"
+    return _triton_kernels
+
+
+def backend_unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot be chosen here, or None when it can.
+
+    Example:
+        >>> import fakequant._backend as backend
+        >>> backend.backend_unavailable_reason("reference") is None
+        True
+    """
+    _check_name(name)
+    if name == "cuda":
+        if _extension is None:
+            return f"the compiled extension fakequant._C is not loaded ({_extension_error})"
+        if not _extension_has_cuda:
+            return (
+                "fakequant._C was built without CUDA kernels (build with a CUDA build of torch and CUDA_HOME "
+                "set, without FAKEQUANT_BUILD_CUDA=0)"
+            )
+    if name == "triton" and load_triton_kernels() is None:
+        return f"triton cannot be imported ({_triton_error})"
+    return None
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """The backends whose kernels can run on tensors of ``device`` here, in :data:`BACKENDS` order.
+
+    ``"triton"`` counts for CPU tensors only under the Triton interpreter; on a machine without a GPU
+    no backend can run CUDA tensors.
+
+    Example:
+        >>> import fakequant._backend as backend
+        >>> "reference" in backend.available_backends("cpu")
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
+    names = []
+    for name in BACKENDS:
+        if backend_unavailable_reason(name) is not None:
+            continue
+        if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and _triton_kernels.INTERPRETED)):
+            continue
+        if name == "cuda" and device.type not in ("cpu", "cuda"):
+            continue
+        names.append(name)
+    return names
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"fakequant: unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def _register_override(kernels_by_key: dict[str, dict]) -> None:
     global _override_lib
     lib = torch.library.Library(_ops.LIBRARY, "IMPL")
     with warnings.catch_warnings():
         # The dispatcher warns that a kernel is overridden: that is exactly what a backend choice does.
         warnings.simplefilter("ignore")
-        for name, kernel in kernels.items():
-            for key in dispatch_keys:
+        for key, kernels in kernels_by_key.items():
+            for name, kernel in kernels.items():
                 lib.impl(name, kernel, key)
     _override_lib = lib
+
+
+def _auto_cuda_kernel(name: str):
+    """The "auto" kernel for CUDA tensors when _C has no CUDA kernels: Triton, else the reference.
+
+    Triton is imported on the first call, not when fakequant is, so that CPU-only users never pay for it.
+    """
+
+    def kernel(*args, **kwargs):
+        triton_kernels = load_triton_kernels()
+        if triton_kernels is None:
+            warnings.warn(
+                f"fakequant: triton cannot be imported ({_triton_error}); CUDA tensors use the reference kernels",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return _ops.DEFAULT_KERNELS[name](*args, **kwargs)
+        return triton_kernels.OPS[name](*args, **kwargs)
+
+    return kernel
 
 
 def set_backend(name: str) -> None:
     """Chooses the kernels behind every ``fakequant::`` op.
 
     Args:
-        name: ``"auto"`` (the compiled kernels where built, else the reference) or ``"reference"``
-            (the pure-PyTorch kernels on every device).
+        name: ``"auto"`` (C++ kernels on CPU tensors; on CUDA tensors the CUDA kernels where built, else
+            Triton, else the reference), ``"cuda"`` (the compiled extension's kernels on every device),
+            ``"triton"`` (the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``) or
+            ``"reference"`` (the pure-PyTorch kernels on every device).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
+        RuntimeError: the backend is not available here; the message says why.
 
     Example:
         >>> import fakequant
@@ -80,13 +196,20 @@ def set_backend(name: str) -> None:
         >>> fakequant.set_backend("auto")
     """
     global _override_lib, _backend
-    if name not in BACKENDS:
-        raise ValueError(f"fakequant: unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    _check_name(name)
+    reason = backend_unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"fakequant: backend {name!r} is not available: {reason}")
     if _override_lib is not None:
         _override_lib._destroy()
         _override_lib = None
     if name == "reference":
-        _register_override(_ops.DEFAULT_KERNELS, ("CPU", "CUDA"))
+        _register_override({key: _ops.DEFAULT_KERNELS for key in ("CPU", "CUDA")})
+    elif name == "triton":
+        # On CPU tensors without the interpreter the Triton host wrappers raise an error that says so.
+        _register_override({key: _triton_kernels.OPS for key in ("CPU", "CUDA")})
+    elif name == "auto" and not _extension_has_cuda and importlib.util.find_spec("triton") is not None:
+        _register_override({"CUDA": {op: _auto_cuda_kernel(op) for op in _ops.OP_NAMES}})
     _backend = name
 
 

@@ -66,8 +66,8 @@ OP_NAMES = tuple(SCHEMAS)
 
 
 def _like(values: torch.Tensor, template: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    if values.numel() == 0 and template.numel() != 0:
-        return values  # the empty mask of compute_mask=False
+    if values.shape != template.shape:
+        return values  # the empty mask of compute_mask=False (also when x itself is empty)
     out = torch.empty_like(template, dtype=dtype or values.dtype)
     return out.copy_(values)
 
@@ -143,13 +143,13 @@ def _fake_outputs(x: torch.Tensor, compute_mask: bool) -> tuple[torch.Tensor, to
 
 @torch.library.register_fake(f"{LIBRARY}::fake_quant_per_tensor", lib=_lib)
 def _(x, scale, zero_point, quant_min, quant_max, compute_mask=True):
-    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
+    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, check_values=False)
     return _fake_outputs(x, compute_mask)
 
 
 @torch.library.register_fake(f"{LIBRARY}::fake_quant_per_channel", lib=_lib)
 def _(x, scale, zero_point, axis, quant_min, quant_max, compute_mask=True):
-    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis)
+    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis, check_values=False)
     return _fake_outputs(x, compute_mask)
 
 
@@ -161,7 +161,9 @@ def _(x, clipped_ste=True, compute_mask=True):
 
 @torch.library.register_fake(f"{LIBRARY}::bn_fold_fake_quant_weight", lib=_lib)
 def _(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask=True):
-    reference.check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
+    reference.check_bn_fold_args(
+        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, check_values=False
+    )
     return _fake_outputs(weight, compute_mask)
 
 

@@ -86,6 +86,7 @@ def _check_qparams(
     quant_min: int,
     quant_max: int,
     channels: int | None,
+    check_values: bool,
 ) -> None:
     for name, t in (("scale", scale), ("zero_point", zero_point)):
         if t.device != x.device:
@@ -110,7 +111,10 @@ def _check_qparams(
                     f"(the size of the quantized axis), got shape {tuple(t.shape)}"
                 )
     # Value checks are free on CPU tensors; on a GPU they would cost a device-to-host sync on every
-    # call, so there the quantizers (which compute the values) guarantee them instead.
+    # call, so there the quantizers (which compute the values) guarantee them instead. Fake tensors
+    # (tracing, compile) have no values to check.
+    if not check_values:
+        return
     if scale.device.type == "cpu" and scale.numel() > 0:
         bad = ~(torch.isfinite(scale) & (scale > 0))
         if bool(bad.any()):
@@ -132,6 +136,7 @@ def check_fake_quant_args(
     quant_min: int,
     quant_max: int,
     axis: int | None = None,
+    check_values: bool = True,
 ) -> int | None:
     """Validates fake-quant arguments; returns the normalized axis (None for per-tensor)."""
     _check_x(x)
@@ -140,7 +145,7 @@ def check_fake_quant_args(
     if axis is not None:
         axis = normalize_axis(axis, x.dim())
         channels = x.size(axis)
-    _check_qparams(x, scale, zero_point, quant_min, quant_max, channels)
+    _check_qparams(x, scale, zero_point, quant_min, quant_max, channels, check_values)
     return axis
 
 
@@ -157,6 +162,7 @@ def check_bn_fold_args(
     zero_point: torch.Tensor,
     quant_min: int,
     quant_max: int,
+    check_values: bool = True,
 ) -> None:
     _check_x(weight, "weight")
     if weight.dim() < 1:
@@ -178,7 +184,7 @@ def check_bn_fold_args(
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"fakequant: eps must be finite and >= 0, got {eps}")
     _check_range(quant_min, quant_max)
-    _check_qparams(weight, scale, zero_point, quant_min, quant_max, channels)
+    _check_qparams(weight, scale, zero_point, quant_min, quant_max, channels, check_values)
 
 
 # ---------------------------------------------------------------------------------------------

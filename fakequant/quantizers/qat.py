@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+from typing import Any
 
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fakequant.bn_fold import ConvBnQAT, find_conv_bn_pairs, fold_conv_bn, unfold_conv_bn
 from fakequant.qparams import PerTensor, QuantSpec
 from fakequant.quantizers.base import EmaRangeQuantizer, QuantizedLayer
-from fakequant.quantizers.config import AlgorithmRules
+from fakequant.quantizers.config import AlgorithmRules, LayerConfig
 
 __all__ = ["QAT_Quantizer", "QATQuantizer"]
+
+
+class _FoldedConvBnLayer(QuantizedLayer):
+    """A Conv+BN pair replaced by a :class:`ConvBnQAT`: the module quantizes its folded weight itself, so
+    only the input/output hooks are attached here."""
+
+    def attach(self) -> None:
+        if "input" in self.config.quant_types:
+            self._handles.append(self.module.register_forward_pre_hook(self._input_hook))
+        if "output" in self.config.quant_types:
+            self._handles.append(self.module.register_forward_hook(self._output_hook))
+
+
+def _check_pairs_option(bn_folding: object) -> bool | list[tuple[str, str]]:
+    if isinstance(bn_folding, bool):
+        return bn_folding
+    if isinstance(bn_folding, Sequence) and not isinstance(bn_folding, str):
+        pairs = []
+        for pair in bn_folding:
+            if (not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2
+                    or not all(isinstance(name, str) for name in pair)):
+                break
+            pairs.append((pair[0], pair[1]))
+        else:
+            return pairs
+    raise ValueError(
+        f"QAT_Quantizer: bn_folding={bn_folding!r}; allowed: True (find Conv+BN pairs), False (no folding) "
+        "or a list of (conv_name, bn_name) pairs"
+    )
 
 
 class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
@@ -21,13 +56,27 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
       unsigned int, affine, per tensor.
     * ``quant_start_step``: ranges are tracked from step 0, fake quantization starts once that many steps
       were taken (steps advance with the optimizer passed in, or :meth:`step`).
+    * BatchNorm folding (on by default): every Conv1d/2d/3d configured for ``'weight'`` whose output feeds
+      only a BatchNorm (found by :func:`fakequant.bn_fold.find_conv_bn_pairs`) is replaced by a
+      :class:`fakequant.bn_fold.ConvBnQAT` and the BN by ``nn.Identity``: training uses the BN-folded weight,
+      fake-quantized by one fused op, while BN keeps the float model's statistics; from ``freeze_bn_step`` on
+      the statistics freeze and training computes exactly the folded inference conv. Input/output
+      quantization configured on the conv applies to the fused module (its output is the BN's output). A
+      pair whose BN has its own config entry is not folded. :meth:`export_model` writes the folded float
+      weight and bias under the conv's name (no BN entries) and the folded weight's scale and zero point;
+      :meth:`unwrap` puts the original conv and BN back.
 
     Args:
         model: the model (modified in place by :meth:`compress`).
         config_list: NNI config dicts; keys ``quant_types``, ``quant_bits`` (2 to 16), ``op_types``,
             ``op_names``, ``exclude``, ``quant_start_step``, ``quant_scheme``, ``quant_dtype``.
         optimizer: optional; its ``step()`` advances the step counter.
+        dummy_input: example model inputs (NNI's argument), used to find Conv+BN pairs by a forward pass when
+            ``torch.fx`` cannot trace the model.
         sync_ranges: all-reduce activation ranges across ranks (on by default).
+        bn_folding: True (find the pairs), False (no folding) or an explicit list of
+            ``(conv_name, bn_name)`` pairs.
+        freeze_bn_step: BN statistics freeze once this many steps were taken (None: never).
 
     Example:
         >>> import torch.nn as nn
@@ -53,8 +102,124 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
         },
     )
 
+    def __init__(
+        self,
+        model: nn.Module,
+        config_list: list[dict] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        dummy_input: Any = None,
+        *,
+        sync_ranges: bool = True,
+        bn_folding: bool | Sequence[tuple[str, str]] = True,
+        freeze_bn_step: int | None = None,
+    ) -> None:
+        super().__init__(model, config_list, optimizer, sync_ranges=sync_ranges)
+        self.bn_folding = _check_pairs_option(bn_folding)
+        if freeze_bn_step is not None and (
+            not isinstance(freeze_bn_step, int) or isinstance(freeze_bn_step, bool) or freeze_bn_step < 0
+        ):
+            raise ValueError(f"QAT_Quantizer: freeze_bn_step={freeze_bn_step!r}; allowed: None or an int >= 0")
+        self.freeze_bn_step = freeze_bn_step
+        self.dummy_input = dummy_input
+        self.folded_pairs: dict[str, str] = {}  # conv name -> BN name, filled by compress()
+        if isinstance(self.bn_folding, list):
+            self._check_explicit_pairs(self.bn_folding)
+
+    # -- BatchNorm folding ------------------------------------------------------------------------
+    def _foldable_conv(self, name: str) -> bool:
+        config = self.layer_configs.get(name)
+        return config is not None and "weight" in config.quant_types
+
+    def _check_explicit_pairs(self, pairs: list[tuple[str, str]]) -> None:
+        modules = dict(self.bound_model.named_modules())
+        for conv_name, bn_name in pairs:
+            for name in (conv_name, bn_name):
+                if name not in modules or not name:
+                    raise ValueError(f"QAT_Quantizer: bn_folding pair {(conv_name, bn_name)!r}: {name!r} is not a "
+                                     "submodule of the model; allowed: qualified module names")
+            if not self._foldable_conv(conv_name):
+                raise ValueError(
+                    f"QAT_Quantizer: bn_folding pair {(conv_name, bn_name)!r}: {conv_name!r} is not configured for "
+                    "'weight' quantization in config_list; allowed: convs whose weight is quantized"
+                )
+            if bn_name in self.layer_configs:
+                raise ValueError(
+                    f"QAT_Quantizer: bn_folding pair {(conv_name, bn_name)!r}: the BN {bn_name!r} has its own "
+                    "config_list entry, and a folded BN no longer exists as a module; allowed: BNs left unconfigured"
+                )
+            # ConvBnQAT checks the module types and widths with its own error messages.
+            ConvBnQAT.check_pair(modules[conv_name], modules[bn_name])
+
+    def _conv_bn_pairs(self) -> list[tuple[str, str]]:
+        if self.bn_folding is False:
+            return []
+        if isinstance(self.bn_folding, list):
+            return list(self.bn_folding)
+        model = self.bound_model
+        if not any(self._foldable_conv(name) for name in self.layer_configs) or not any(
+            isinstance(module, _BatchNorm) for module in model.modules()
+        ):
+            return []  # nothing to fold: no tracing needed
+        try:
+            pairs = find_conv_bn_pairs(model, self.dummy_input)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. With QAT_Quantizer, pass dummy_input=..., bn_folding=[(conv_name, bn_name), ...], "
+                "or bn_folding=False"
+            ) from error
+        return [(conv, bn) for conv, bn in pairs if self._foldable_conv(conv) and bn not in self.layer_configs]
+
+    def _wrap_modules(self) -> None:
+        pairs = self._conv_bn_pairs()
+        fused = fold_conv_bn(
+            self.bound_model,
+            pairs,
+            weight_spec={conv: self.layer_configs[conv].specs["weight"] for conv, _ in pairs},
+            quant_start_step={conv: self.layer_configs[conv].quant_start_step for conv, _ in pairs},
+            freeze_bn_step=self.freeze_bn_step,
+        )
+        for module in fused.values():
+            module.update_step(self._step)
+        self.folded_pairs = dict(pairs)
+        super()._wrap_modules()  # named_modules() now gives the ConvBnQAT under each folded conv's name
+
+    def _wrap_module(self, name: str, module: nn.Module, config: LayerConfig) -> QuantizedLayer:
+        if not isinstance(module, ConvBnQAT):
+            return super()._wrap_module(name, module, config)
+        layer = _FoldedConvBnLayer(self, name, module, config)
+        self._init_layer_state(layer)
+        layer.attach()
+        return layer
+
+    def _update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
+        if isinstance(layer.module, ConvBnQAT):
+            layer.module.update_step(step)
+
+    def unwrap(self) -> nn.Module:
+        """Removes the quantization and puts every folded conv and BN back: a plain float model."""
+        model = super().unwrap()
+        unfold_conv_bn(model)
+        self.folded_pairs = {}
+        return model
+
+    def float_state_dict(self) -> dict[str, torch.Tensor]:
+        """The float state_dict for export; a folded pair appears as one conv with the folded float weight
+        and bias (``<conv>.weight``, ``<conv>.bias``) and no BN entries."""
+        state = super().float_state_dict()
+        for conv_name in self.folded_pairs:
+            module = self.bound_model.get_submodule(conv_name)
+            prefix = conv_name + "."
+            state = {key: value for key, value in state.items() if not key.startswith(prefix)}
+            weight, bias = module.folded_weight_and_bias()
+            state[prefix + "weight"] = weight.detach().clone()
+            state[prefix + "bias"] = bias.detach().clone()
+        return state
+
+    # -- the algorithm ----------------------------------------------------------------------------
     def _init_layer_state(self, layer: QuantizedLayer) -> None:
         for quant_type in layer.config.quant_types:
+            if quant_type == "weight" and isinstance(layer.module, ConvBnQAT):
+                continue  # ConvBnQAT keeps the folded weight's scale and zero point itself
             if quant_type == "weight":
                 self._add_qparam_buffers(layer, "weight", self._weight_channels(layer))
             else:
@@ -79,6 +244,15 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
         return record
 
     def _weight_record(self, layer: QuantizedLayer) -> dict:
+        if isinstance(layer.module, ConvBnQAT):
+            calibration = layer.module.calibration()
+            record = self._spec_record("weight", layer.config.specs["weight"])
+            record.update({
+                "bn_folded": self.folded_pairs[layer.name],
+                "weight_scale": calibration["scale"].cpu(),
+                "weight_zero_point": calibration["zero_point"].cpu(),
+            })
+            return record
         # Recomputed from the current float weight: the exported weights are those after the last step.
         with torch.no_grad():
             scale, zero_point = self._weight_minmax_qparams(layer, layer.module.parametrizations.weight.original)

@@ -1,0 +1,51 @@
+// The raw-pointer kernels behind the CPU ops, compiled once per instruction set (kernels.cpp: the
+// compiler's baseline; kernels_avx2.cpp: AVX2/FMA/F16C) and chosen at run time by ops.cpp. The kernels
+// see dense storage only: ops.cpp checks arguments, lays tensors out and prepares fp32 parameters.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "fakequant_math.h"
+
+namespace fakequant::cpu {
+
+// Per-channel parameters of a dense tensor walked linearly over storage.
+//   period == 0 ("runs"): storage offset o belongs to channel (o / run) % channels; the arrays hold
+//     `channels` entries and every run of `run` consecutive elements shares one entry.
+//   period > 0 ("pattern"): the arrays hold `period` entries (the channel pattern of storage, repeated),
+//     and offset o uses entry o % period. Used when runs are shorter than a vector block.
+struct ChannelParams {
+  const float* scale = nullptr;
+  const float* inv_scale = nullptr;
+  const float* zero_point = nullptr;
+  const float* fold = nullptr;  // BN fold factor per entry, or nullptr (plain per-channel fake quant)
+  int64_t run = 1;
+  int64_t channels = 1;
+  int64_t period = 0;
+  float quant_min = 0.0f;
+  float quant_max = 0.0f;
+};
+
+struct KernelTable {
+  const char* name;
+  // mask == nullptr skips the mask entirely (compute_mask=false).
+  void (*fake_quant_per_tensor)(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n,
+                                const QuantParams& params);
+  void (*fake_quant_per_channel)(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n,
+                                 const ChannelParams& params);
+  void (*binarize)(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n);
+  // out = mask ? grad : 0, for 2- and 4-byte element types.
+  void (*masked_grad)(c10::ScalarType dtype, const void* grad, const bool* mask, void* out, int64_t n);
+  // grad_weight = (mask ? grad : 0) * fold[c]; sums[c] = sum over channel c of (mask ? grad : 0) * weight,
+  // in fp32. `params` is in runs mode with `fold` set; sums has params.channels entries.
+  void (*bn_fold_backward)(c10::ScalarType dtype, const void* grad, const void* weight, const bool* mask,
+                           void* grad_weight, int64_t n, const ChannelParams& params, float* sums);
+};
+
+const KernelTable& baseline_kernels();
+// nullptr when this build has no AVX2 variant (not GCC/clang on x86-64).
+const KernelTable* avx2_kernels();
+
+}  // namespace fakequant::cpu

@@ -1,0 +1,441 @@
+// The vectorized CPU kernels, written once and compiled once per instruction set: the including .cpp
+// defines FAKEQUANT_CPU_VARIANT (the namespace) and, for AVX2, CPU_CAPABILITY/CPU_CAPABILITY_AVX2 before
+// any include, so that at::vec::Vectorized<float> is the AVX2 specialization there and the generic
+// (compiler-vectorized) one in the baseline build.
+//
+// Every kernel walks dense storage in blocks of 4 vectors (32 floats with AVX2) and finishes each range
+// with a scalar tail that calls the fakequant_math.h functions, so the tail is the arithmetic the CUDA
+// kernels run and the vector body must agree with it bit for bit (tests/test_cpu_kernels.py checks the
+// tails against the bodies at every length 0..70).
+#pragma once
+
+#ifndef FAKEQUANT_CPU_VARIANT
+#error "define FAKEQUANT_CPU_VARIANT before including kernels_impl.h"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/kernel_table.h"
+#include "fakequant_math.h"
+
+namespace fakequant::cpu::FAKEQUANT_CPU_VARIANT {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+// One loop iteration handles 4 vectors: 32 floats with AVX2, exactly the 32 mask bytes that one
+// 256-bit store writes.
+constexpr int64_t kBlock = 4 * kVec;
+// Elements per parallel_for task. 2^15 fp32 elements (~3 us of work): at 2^14 the second thread's
+// start-up cost showed on 2^16-element tensors, at 2^16 a 2^16-element tensor ran on one thread only;
+// measured on this 2-core machine, per-tensor forward, 2^15..2^17 elements (within noise of each other).
+constexpr int64_t kGrain = int64_t{1} << 15;
+// bn_fold backward reduces per-channel sums over fixed chunks (independent of the thread count, so the
+// result is deterministic) of this many elements; at most kMaxSumChunks partial-sum rows are kept.
+constexpr int64_t kSumChunk = int64_t{1} << 16;
+constexpr int64_t kMaxSumChunks = 64;
+
+// ----------------------------------------------------------------------------------------------
+// Loading and storing one block of kBlock elements as 4 fp32 vectors.
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+struct BlockIO {
+  // fp16/bf16: one Vectorized<T> holds 2 fp32 vectors' worth of elements; convert in registers.
+  static_assert(at::vec::Vectorized<T>::size() == 2 * kVec, "reduced-float vectors hold two fp32 vectors");
+  static inline void load(const T* p, Vec v[4]) {
+    for (int j = 0; j < 2; ++j) {
+      auto halves = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p + j * 2 * kVec));
+      v[2 * j] = std::get<0>(halves);
+      v[2 * j + 1] = std::get<1>(halves);
+    }
+  }
+  static inline void store(T* p, const Vec v[4]) {
+    for (int j = 0; j < 2; ++j) {
+      at::vec::convert_from_float<T>(v[2 * j], v[2 * j + 1]).store(p + j * 2 * kVec);
+    }
+  }
+};
+
+template <>
+struct BlockIO<float> {
+  static inline void load(const float* p, Vec v[4]) {
+    for (int k = 0; k < 4; ++k) v[k] = Vec::loadu(p + k * kVec);
+  }
+  static inline void store(float* p, const Vec v[4]) {
+    for (int k = 0; k < 4; ++k) v[k].store(p + k * kVec);
+  }
+};
+
+// Writes kBlock bools (0/1 bytes) from 4 comparison masks (all-ones / all-zeros lanes).
+inline void store_mask(bool* p, const Vec m[4]) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i a = _mm256_and_si256(_mm256_castps_si256(m[0]), one);
+  const __m256i b = _mm256_and_si256(_mm256_castps_si256(m[1]), one);
+  const __m256i c = _mm256_and_si256(_mm256_castps_si256(m[2]), one);
+  const __m256i d = _mm256_and_si256(_mm256_castps_si256(m[3]), one);
+  // The packs work per 128-bit lane: the bytes come out as dwords [a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 ...];
+  // the permutation puts the 8 dwords back in element order.
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), ordered);
+#else
+  alignas(64) uint32_t bits[kBlock];
+  for (int k = 0; k < 4; ++k) m[k].store(bits + k * kVec);
+  for (int64_t j = 0; j < kBlock; ++j) p[j] = bits[j] != 0;
+#endif
+}
+
+// Reads kBlock bools into 4 fp32 lane masks (all-ones where true).
+inline void load_mask(const bool* p, Vec m[4]) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i zero = _mm256_setzero_si256();
+  for (int k = 0; k < 4; ++k) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k * kVec));
+    // 0 - 1 = all ones; bool bytes are 0 or 1.
+    m[k] = _mm256_castsi256_ps(_mm256_sub_epi32(zero, _mm256_cvtepu8_epi32(bytes)));
+  }
+#else
+  alignas(64) uint32_t bits[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) bits[j] = p[j] ? 0xFFFFFFFFu : 0u;
+  for (int k = 0; k < 4; ++k) m[k] = Vec::loadu(bits + k * kVec);
+#endif
+}
+
+template <typename F>
+inline void dispatch_float_type(c10::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      f(static_cast<float*>(nullptr));
+      break;
+    case c10::ScalarType::Half:
+      f(static_cast<c10::Half*>(nullptr));
+      break;
+    case c10::ScalarType::BFloat16:
+      f(static_cast<c10::BFloat16*>(nullptr));
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "fakequant: CPU kernel called with unsupported dtype ", dtype);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Fake quantization.
+// ----------------------------------------------------------------------------------------------
+
+// q = round(v * inv) + zp; mask = qmin <= q <= qmax; out = (clamp(q) - zp) * scale. at::vec::clamp is
+// min(max_v, max(min_v, q)) in both builds, which keeps a NaN q (the AVX2 max/min return their second
+// operand when either is NaN; the generic std::max/std::min return their first).
+struct VecQuant {
+  Vec scale, inv, zp, qmin, qmax;
+  template <bool kMask>
+  inline Vec apply(Vec v, Vec& mask) const {
+    const Vec q = (v * inv).round() + zp;
+    if constexpr (kMask) mask = (q >= qmin) & (q <= qmax);
+    return (at::vec::clamp(q, qmin, qmax) - zp) * scale;
+  }
+};
+
+// A run of elements sharing one set of parameters (the whole tensor for per-tensor).
+template <typename T, bool kMask, bool kFold>
+void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantParams& p, float fold) {
+  const VecQuant vq{Vec(p.scale), Vec(p.inv_scale), Vec(p.zero_point), Vec(p.quant_min), Vec(p.quant_max)};
+  const Vec fold_v(fold);
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    Vec v[4], m[4];
+    BlockIO<T>::load(x + i, v);
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (kFold) v[k] = v[k] * fold_v;
+      v[k] = vq.apply<kMask>(v[k], m[k]);
+    }
+    BlockIO<T>::store(out + i, v);
+    if constexpr (kMask) store_mask(mask + i, m);
+  }
+  for (; i < len; ++i) {
+    float xf = static_cast<float>(x[i]);
+    if constexpr (kFold) xf = xf * fold;
+    bool in_range;
+    out[i] = static_cast<T>(fake_quant_value(xf, p, in_range));
+    if constexpr (kMask) mask[i] = in_range;
+  }
+}
+
+// A stretch of a per-channel pattern: element i uses parameter entry pos + i.
+template <typename T, bool kMask, bool kFold>
+void fake_quant_pattern(const T* x, T* out, bool* mask, int64_t len, const ChannelParams& cp, int64_t pos) {
+  const Vec qmin(cp.quant_min), qmax(cp.quant_max);
+  const float* scale = cp.scale + pos;
+  const float* inv = cp.inv_scale + pos;
+  const float* zp = cp.zero_point + pos;
+  const float* fold = kFold ? cp.fold + pos : nullptr;
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    Vec v[4], m[4];
+    BlockIO<T>::load(x + i, v);
+    for (int k = 0; k < 4; ++k) {
+      const int64_t j = i + k * kVec;
+      if constexpr (kFold) v[k] = v[k] * Vec::loadu(fold + j);
+      const VecQuant vq{Vec::loadu(scale + j), Vec::loadu(inv + j), Vec::loadu(zp + j), qmin, qmax};
+      v[k] = vq.apply<kMask>(v[k], m[k]);
+    }
+    BlockIO<T>::store(out + i, v);
+    if constexpr (kMask) store_mask(mask + i, m);
+  }
+  for (; i < len; ++i) {
+    float xf = static_cast<float>(x[i]);
+    if constexpr (kFold) xf = xf * fold[i];
+    const QuantParams p{scale[i], inv[i], zp[i], cp.quant_min, cp.quant_max};
+    bool in_range;
+    out[i] = static_cast<T>(fake_quant_value(xf, p, in_range));
+    if constexpr (kMask) mask[i] = in_range;
+  }
+}
+
+template <typename T, bool kMask, bool kFold>
+void fake_quant_channel_range(const T* x, T* out, bool* mask, int64_t begin, int64_t end,
+                              const ChannelParams& cp) {
+  int64_t o = begin;
+  if (cp.period > 0) {
+    int64_t pos = begin % cp.period;
+    while (o < end) {
+      const int64_t len = std::min(cp.period - pos, end - o);
+      fake_quant_pattern<T, kMask, kFold>(x + o, out + o, kMask ? mask + o : nullptr, len, cp, pos);
+      o += len;
+      pos = 0;
+    }
+  } else {
+    int64_t c = (begin / cp.run) % cp.channels;
+    int64_t r = begin % cp.run;
+    while (o < end) {
+      const int64_t len = std::min(cp.run - r, end - o);
+      const QuantParams p{cp.scale[c], cp.inv_scale[c], cp.zero_point[c], cp.quant_min, cp.quant_max};
+      const float fold = kFold ? cp.fold[c] : 1.0f;
+      fake_quant_run<T, kMask, kFold>(x + o, out + o, kMask ? mask + o : nullptr, len, p, fold);
+      o += len;
+      r = 0;
+      if (++c == cp.channels) c = 0;
+    }
+  }
+}
+
+void fake_quant_per_tensor(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n,
+                           const QuantParams& params) {
+  dispatch_float_type(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xp = static_cast<const T*>(x);
+    T* op = static_cast<T*>(out);
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      if (mask != nullptr) {
+        fake_quant_run<T, true, false>(xp + begin, op + begin, mask + begin, end - begin, params, 1.0f);
+      } else {
+        fake_quant_run<T, false, false>(xp + begin, op + begin, nullptr, end - begin, params, 1.0f);
+      }
+    });
+  });
+}
+
+void fake_quant_per_channel(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n,
+                            const ChannelParams& cp) {
+  TORCH_INTERNAL_ASSERT(cp.run >= 1 && cp.channels >= 1 && cp.period >= 0);
+  dispatch_float_type(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xp = static_cast<const T*>(x);
+    T* op = static_cast<T*>(out);
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      if (mask != nullptr) {
+        if (cp.fold != nullptr) {
+          fake_quant_channel_range<T, true, true>(xp, op, mask, begin, end, cp);
+        } else {
+          fake_quant_channel_range<T, true, false>(xp, op, mask, begin, end, cp);
+        }
+      } else {
+        if (cp.fold != nullptr) {
+          fake_quant_channel_range<T, false, true>(xp, op, nullptr, begin, end, cp);
+        } else {
+          fake_quant_channel_range<T, false, false>(xp, op, nullptr, begin, end, cp);
+        }
+      }
+    });
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Binarize.
+// ----------------------------------------------------------------------------------------------
+
+template <typename T, bool kMask>
+void binarize_range(const T* x, T* out, bool* mask, int64_t len) {
+  const Vec plus_one(1.0f), minus_one(-1.0f), zero(0.0f);
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    Vec v[4], m[4];
+    BlockIO<T>::load(x + i, v);
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (kMask) m[k] = (v[k] >= minus_one) & (v[k] <= plus_one);
+      const Vec sign = Vec::blendv(minus_one, plus_one, v[k] >= zero);
+      v[k] = Vec::blendv(sign, v[k], v[k] != v[k]);  // NaN stays NaN
+    }
+    BlockIO<T>::store(out + i, v);
+    if constexpr (kMask) store_mask(mask + i, m);
+  }
+  for (; i < len; ++i) {
+    const float xf = static_cast<float>(x[i]);
+    out[i] = static_cast<T>(binarize_value(xf));
+    if constexpr (kMask) mask[i] = binarize_in_range(xf);
+  }
+}
+
+void binarize(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n) {
+  dispatch_float_type(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xp = static_cast<const T*>(x);
+    T* op = static_cast<T*>(out);
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      if (mask != nullptr) {
+        binarize_range<T, true>(xp + begin, op + begin, mask + begin, end - begin);
+      } else {
+        binarize_range<T, false>(xp + begin, op + begin, nullptr, end - begin);
+      }
+    });
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Masked gradient: a bitwise AND of the gradient's bits with the widened mask (false -> +0.0).
+// ----------------------------------------------------------------------------------------------
+
+template <typename U>
+void masked_bits_range(const U* g, const bool* m, U* out, int64_t len) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i zero = _mm256_setzero_si256();
+  for (; i + 32 <= len; i += 32) {
+    if constexpr (sizeof(U) == 4) {
+      for (int k = 0; k < 4; ++k) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + i + 8 * k));
+        const __m256i lanes = _mm256_sub_epi32(zero, _mm256_cvtepu8_epi32(bytes));
+        const __m256i gv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i + 8 * k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8 * k), _mm256_and_si256(gv, lanes));
+      }
+    } else {
+      for (int k = 0; k < 2; ++k) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i + 16 * k));
+        const __m256i lanes = _mm256_sub_epi16(zero, _mm256_cvtepu8_epi16(bytes));
+        const __m256i gv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i + 16 * k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 16 * k), _mm256_and_si256(gv, lanes));
+      }
+    }
+  }
+#endif
+  // The baseline build relies on the compiler vectorizing this select.
+  for (; i < len; ++i) out[i] = m[i] ? g[i] : U{0};
+}
+
+void masked_grad(c10::ScalarType dtype, const void* grad, const bool* mask, void* out, int64_t n) {
+  const size_t width = c10::elementSize(dtype);
+  TORCH_INTERNAL_ASSERT(width == 2 || width == 4, "fakequant: masked_grad kernel for 2/4-byte types only");
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    if (width == 4) {
+      masked_bits_range(static_cast<const uint32_t*>(grad) + begin, mask + begin,
+                        static_cast<uint32_t*>(out) + begin, end - begin);
+    } else {
+      masked_bits_range(static_cast<const uint16_t*>(grad) + begin, mask + begin,
+                        static_cast<uint16_t*>(out) + begin, end - begin);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// BN-fold backward: grad_weight and the per-channel sums of masked grad * weight.
+// ----------------------------------------------------------------------------------------------
+
+// One run of a single channel; returns its sum.
+template <typename T>
+float bn_fold_backward_run(const T* g, const T* w, const bool* m, T* gw, int64_t len, float fold) {
+  const Vec fold_v(fold);
+  Vec acc[4] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    Vec gv[4], wv[4], mv[4];
+    BlockIO<T>::load(g + i, gv);
+    BlockIO<T>::load(w + i, wv);
+    load_mask(m + i, mv);
+    for (int k = 0; k < 4; ++k) {
+      gv[k] = gv[k] & mv[k];
+      acc[k] = acc[k] + gv[k] * wv[k];
+      gv[k] = gv[k] * fold_v;
+    }
+    BlockIO<T>::store(gw + i, gv);
+  }
+  float sum = 0.0f;
+  if (i > 0) {
+    alignas(64) float lanes[kBlock];
+    for (int k = 0; k < 4; ++k) acc[k].store(lanes + k * kVec);
+    for (int64_t j = 0; j < kBlock; ++j) sum += lanes[j];
+  }
+  for (; i < len; ++i) {
+    const float gf = m[i] ? static_cast<float>(g[i]) : 0.0f;
+    gw[i] = static_cast<T>(gf * fold);
+    sum += gf * static_cast<float>(w[i]);
+  }
+  return sum;
+}
+
+void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weight, const bool* mask,
+                      void* grad_weight, int64_t n, const ChannelParams& cp, float* sums) {
+  TORCH_INTERNAL_ASSERT(cp.period == 0 && cp.run >= 1 && cp.channels >= 1 && cp.fold != nullptr);
+  const int64_t channels = cp.channels;
+  std::fill(sums, sums + channels, 0.0f);
+  if (n == 0) return;
+  const int64_t chunks = std::min(kMaxSumChunks, (n + kSumChunk - 1) / kSumChunk);
+  std::vector<float> partial(static_cast<size_t>(chunks * channels), 0.0f);
+  dispatch_float_type(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* gp = static_cast<const T*>(grad);
+    const T* wp = static_cast<const T*>(weight);
+    T* gwp = static_cast<T*>(grad_weight);
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        float* local = partial.data() + chunk * channels;
+        const int64_t begin = n / chunks * chunk + std::min(chunk, n % chunks);
+        const int64_t end = begin + n / chunks + (chunk < n % chunks ? 1 : 0);
+        int64_t o = begin;
+        int64_t c = (begin / cp.run) % channels;
+        int64_t r = begin % cp.run;
+        while (o < end) {
+          const int64_t len = std::min(cp.run - r, end - o);
+          local[c] += bn_fold_backward_run<T>(gp + o, wp + o, mask + o, gwp + o, len, cp.fold[c]);
+          o += len;
+          r = 0;
+          if (++c == channels) c = 0;
+        }
+      }
+    });
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    for (int64_t c = 0; c < channels; ++c) sums[c] += partial[chunk * channels + c];
+  }
+}
+
+inline KernelTable make_table(const char* name) {
+  return KernelTable{name,           &fake_quant_per_tensor, &fake_quant_per_channel, &binarize,
+                     &masked_grad, &bn_fold_backward};
+}
+
+}  // namespace fakequant::cpu::FAKEQUANT_CPU_VARIANT

@@ -1,0 +1,486 @@
+// The CPU kernels of the fakequant:: ops: argument checks (the same checks and wording as
+// fakequant/reference.py, raised as ValueError through TORCH_CHECK_VALUE), layouts, fp32 parameters, and
+// the choice of kernel variant (AVX2 or baseline) at run time.
+//
+// Layouts: a dense non-overlapping tensor (contiguous, channels_last, any permutation) is processed
+// linearly over its storage and its outputs come from at::empty_like, which keeps its strides (as the
+// fake impls do). Any other tensor is first copied once into at::empty_like(x) (dense, strides inferred
+// from x) and then takes the same path.
+#include <ATen/ATen.h>
+#include <ATen/TensorIterator.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/kernel_table.h"
+#include "fakequant_math.h"
+
+namespace fakequant::cpu {
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Formatting values as Python prints them, so that messages match the reference's f-strings.
+// ----------------------------------------------------------------------------------------------
+
+std::string dtype_repr(c10::ScalarType dtype) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return "torch.float32";
+    case c10::ScalarType::Double: return "torch.float64";
+    case c10::ScalarType::Half: return "torch.float16";
+    case c10::ScalarType::BFloat16: return "torch.bfloat16";
+    case c10::ScalarType::Byte: return "torch.uint8";
+    case c10::ScalarType::Char: return "torch.int8";
+    case c10::ScalarType::Short: return "torch.int16";
+    case c10::ScalarType::Int: return "torch.int32";
+    case c10::ScalarType::Long: return "torch.int64";
+    case c10::ScalarType::Bool: return "torch.bool";
+    case c10::ScalarType::ComplexHalf: return "torch.complex32";
+    case c10::ScalarType::ComplexFloat: return "torch.complex64";
+    case c10::ScalarType::ComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(dtype);
+  }
+}
+
+std::string shape_repr(c10::IntArrayRef shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  if (shape.size() == 1) s += ",";
+  return s + ")";
+}
+
+// Python's repr(float): the shortest round-trip digits, fixed notation for exponents -4..15 (always with
+// a fractional part), scientific with a two-digit signed exponent otherwise.
+std::string float_repr(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
+  std::string s(buf, res.ptr);
+  std::string sign;
+  if (s[0] == '-') {
+    sign = "-";
+    s.erase(0, 1);
+  }
+  const size_t e_pos = s.find('e');
+  const int exponent = std::atoi(s.c_str() + e_pos + 1);
+  std::string digits;
+  for (size_t i = 0; i < e_pos; ++i) {
+    if (s[i] != '.') digits += s[i];
+  }
+  std::string out;
+  if (exponent < -4 || exponent >= 16) {
+    out = digits.substr(0, 1);
+    if (digits.size() > 1) out += "." + digits.substr(1);
+    char e_buf[16];
+    std::snprintf(e_buf, sizeof(e_buf), "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+    out += e_buf;
+  } else if (exponent < 0) {
+    out = "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+  } else if (static_cast<int>(digits.size()) <= exponent + 1) {
+    out = digits + std::string(static_cast<size_t>(exponent + 1) - digits.size(), '0') + ".0";
+  } else {
+    out = digits.substr(0, exponent + 1) + "." + digits.substr(exponent + 1);
+  }
+  return sign + out;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Argument checks, in the reference's order and wording.
+// ----------------------------------------------------------------------------------------------
+
+constexpr int64_t kQuantLimit = int64_t{1} << 24;
+
+bool is_float_dtype(c10::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+void check_x(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(is_float_dtype(x.scalar_type()), "fakequant: ", name, " has dtype ",
+                    dtype_repr(x.scalar_type()), "; allowed: float32, float16, bfloat16");
+}
+
+void check_range(int64_t quant_min, int64_t quant_max) {
+  TORCH_CHECK_VALUE(quant_min <= quant_max, "fakequant: quant_min (", quant_min, ") must be <= quant_max (",
+                    quant_max, ")");
+  TORCH_CHECK_VALUE(quant_min >= -kQuantLimit && quant_max <= kQuantLimit, "fakequant: quant range [",
+                    quant_min, ", ", quant_max,
+                    "] must lie within [-2^24, 2^24] so that every level is exact in fp32");
+}
+
+int64_t normalize_axis(int64_t axis, int64_t ndim) {
+  TORCH_CHECK_VALUE(-ndim <= axis && axis < ndim, "fakequant: axis ", axis,
+                    " is out of range for a tensor with ", ndim, " dimensions (allowed: ", -ndim, " to ",
+                    ndim - 1, ")");
+  return axis < 0 ? axis + ndim : axis;
+}
+
+// channels < 0: per-tensor.
+void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                   int64_t quant_min, int64_t quant_max, int64_t channels) {
+  const std::pair<const char*, const at::Tensor*> params[] = {{"scale", &scale}, {"zero_point", &zero_point}};
+  for (const auto& [name, t] : params) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), "fakequant: ", name, " is on ", t->device().str(),
+                      " but x is on ", x.device().str(), "; they must be on the same device");
+  }
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "fakequant: scale has dtype ",
+                    dtype_repr(scale.scalar_type()), "; allowed: float32");
+  TORCH_CHECK_VALUE(zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kLong,
+                    "fakequant: zero_point has dtype ", dtype_repr(zero_point.scalar_type()),
+                    "; allowed: int32, int64");
+  for (const auto& [name, t] : params) {
+    if (channels < 0) {
+      TORCH_CHECK_VALUE(t->numel() == 1, "fakequant: per-tensor ", name,
+                        " must have exactly one element, got shape ", shape_repr(t->sizes()));
+    } else {
+      TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == channels, "fakequant: per-channel ", name,
+                        " must be 1-D with ", channels, " elements (the size of the quantized axis), got shape ",
+                        shape_repr(t->sizes()));
+    }
+  }
+  // The values: free to check here, since these are CPU tensors.
+  const at::Tensor scale_c = scale.contiguous();
+  const float* s = scale_c.const_data_ptr<float>();
+  for (int64_t i = 0; i < scale_c.numel(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(s[i]) && s[i] > 0.0f, "fakequant: scale must be finite and > 0, got ",
+                      float_repr(s[i]));
+  }
+  const at::Tensor zp_c = zero_point.to(at::kLong).contiguous();
+  const int64_t* z = zp_c.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < zp_c.numel(); ++i) {
+    TORCH_CHECK_VALUE(quant_min <= z[i] && z[i] <= quant_max, "fakequant: zero_point ", z[i],
+                      " is outside [quant_min, quant_max] = [", quant_min, ", ", quant_max, "]");
+  }
+}
+
+void check_mask(const at::Tensor& grad, const at::Tensor& mask) {
+  TORCH_CHECK_VALUE(mask.sizes() == grad.sizes() && mask.scalar_type() == at::kBool,
+                    "fakequant: mask must be a bool tensor of the gradient's shape ", shape_repr(grad.sizes()),
+                    ", got ", dtype_repr(mask.scalar_type()), " of shape ", shape_repr(mask.sizes()));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Kernel variant, layouts, parameters.
+// ----------------------------------------------------------------------------------------------
+
+// FAKEQUANT_CPU_CAPABILITY: "" (the best the CPU supports), "avx2" or "baseline".
+const KernelTable& kernels() {
+  static const KernelTable& table = []() -> const KernelTable& {
+    const char* env = std::getenv("FAKEQUANT_CPU_CAPABILITY");
+    const std::string wanted = env != nullptr ? env : "";
+    TORCH_CHECK_VALUE(wanted.empty() || wanted == "avx2" || wanted == "baseline",
+                      "fakequant: FAKEQUANT_CPU_CAPABILITY is '", wanted, "'; allowed: avx2, baseline (or unset)");
+    const KernelTable* avx2 = avx2_kernels();
+#if defined(__x86_64__) && defined(__GNUC__)
+    const bool cpu_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    const bool cpu_has_avx2 = false;
+#endif
+    if (wanted != "baseline" && avx2 != nullptr && cpu_has_avx2) return *avx2;
+    TORCH_CHECK_VALUE(wanted != "avx2", "fakequant: FAKEQUANT_CPU_CAPABILITY=avx2 but ",
+                      avx2 == nullptr ? "this build has no AVX2 kernels" : "this CPU lacks AVX2/FMA");
+    return baseline_kernels();
+  }();
+  return table;
+}
+
+// x itself when it is dense and non-overlapping, else a dense copy laid out as at::empty_like(x).
+at::Tensor dense(const at::Tensor& x) {
+  if (x.is_non_overlapping_and_dense()) return x;
+  return at::empty_like(x).copy_(x);
+}
+
+// `t` with exactly `like`'s strides (copied when they differ); `like` is dense.
+at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides() && t.is_non_overlapping_and_dense()) return t;
+  return at::empty_like(like, t.options()).copy_(t);
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& xd, bool compute_mask) {
+  at::Tensor out = at::empty_like(xd);
+  at::Tensor mask = compute_mask ? at::empty_like(xd, xd.options().dtype(at::kBool))
+                                 : at::empty({0}, xd.options().dtype(at::kBool));
+  return {out, mask};
+}
+
+std::vector<float> to_float_vector(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kFloat).contiguous();
+  return std::vector<float>(c.const_data_ptr<float>(), c.const_data_ptr<float>() + c.numel());
+}
+
+// A run shorter than this (one vector block) is served from a pattern array instead (see ChannelParams).
+constexpr int64_t kMinBroadcastRun = 32;
+// Pattern arrays hold at least this many entries, so that each stretch spans several vector blocks...
+constexpr int64_t kMinPeriod = 256;
+// ...and at most this many: 4 arrays of 2^14 fp32 (256 KiB) stay in L2 next to the data being streamed.
+constexpr int64_t kMaxPeriod = int64_t{1} << 14;
+
+// Per-channel fp32 parameters of a dense tensor along `axis`, prepared once per call.
+struct ChannelArrays {
+  std::vector<float> scale, inv_scale, zero_point, fold;
+  ChannelParams params;
+
+  ChannelArrays(const at::Tensor& xd, int64_t axis, const at::Tensor& scale_t, const at::Tensor& zp_t,
+                const std::vector<float>* fold_per_channel, int64_t quant_min, int64_t quant_max) {
+    const int64_t channels = xd.size(axis);
+    const std::vector<float> s = to_float_vector(scale_t);
+    const std::vector<float> z = to_float_vector(zp_t);
+    // A size-1 axis may carry any stride: one channel covers the whole storage.
+    const int64_t run = channels == 1 ? std::max<int64_t>(xd.numel(), 1) : xd.stride(axis);
+    TORCH_INTERNAL_ASSERT(run >= 1);
+    int64_t entries = channels;
+    int64_t period = 0;
+    if (run < kMinBroadcastRun && run * channels <= kMaxPeriod) {
+      const int64_t base = run * channels;
+      period = base * ((kMinPeriod + base - 1) / base);
+      entries = period;
+    }
+    scale.resize(entries);
+    inv_scale.resize(entries);
+    zero_point.resize(entries);
+    if (fold_per_channel != nullptr) fold.resize(entries);
+    for (int64_t j = 0; j < entries; ++j) {
+      const int64_t c = period > 0 ? (j / run) % channels : j;
+      const QuantParams p = make_quant_params(s[c], z[c], static_cast<float>(quant_min),
+                                              static_cast<float>(quant_max));
+      scale[j] = p.scale;
+      inv_scale[j] = p.inv_scale;
+      zero_point[j] = p.zero_point;
+      if (fold_per_channel != nullptr) fold[j] = (*fold_per_channel)[c];
+    }
+    params.scale = scale.data();
+    params.inv_scale = inv_scale.data();
+    params.zero_point = zero_point.data();
+    params.fold = fold_per_channel != nullptr ? fold.data() : nullptr;
+    params.run = run;
+    params.channels = channels;
+    params.period = period;
+    params.quant_min = static_cast<float>(quant_min);
+    params.quant_max = static_cast<float>(quant_max);
+  }
+};
+
+// BatchNorm's sqrt(var + eps) per channel, computed with the ATen ops the reference uses: torch.sqrt on
+// CPU is not always the correctly rounded sqrtf (1 ulp apart on some inputs), and the folded weight must
+// match the reference bit for bit. (eps is added to an fp32 tensor, so it is rounded to fp32 first.)
+at::Tensor bn_std(const at::Tensor& var, double eps) { return at::sqrt(var.to(at::kFloat) + eps); }
+
+std::vector<float> bn_fold_factors(const at::Tensor& gamma, const at::Tensor& var, double eps) {
+  return to_float_vector(gamma.to(at::kFloat) / bn_std(var, eps));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Ops.
+// ----------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_per_tensor_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                                             const at::Tensor& zero_point, int64_t quant_min,
+                                                             int64_t quant_max, bool compute_mask) {
+  check_x(x, "x");
+  check_range(quant_min, quant_max);
+  check_qparams(x, scale, zero_point, quant_min, quant_max, -1);
+  const at::Tensor xd = dense(x);
+  auto [out, mask] = allocate_outputs(xd, compute_mask);
+  if (xd.numel() > 0) {
+    const QuantParams p = make_quant_params(scale.item<float>(), static_cast<float>(zero_point.item<int64_t>()),
+                                            static_cast<float>(quant_min), static_cast<float>(quant_max));
+    kernels().fake_quant_per_tensor(xd.scalar_type(), xd.const_data_ptr(), out.mutable_data_ptr(),
+                                    compute_mask ? mask.mutable_data_ptr<bool>() : nullptr, xd.numel(), p);
+  }
+  return {out, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_per_channel_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                                              const at::Tensor& zero_point, int64_t axis,
+                                                              int64_t quant_min, int64_t quant_max,
+                                                              bool compute_mask) {
+  check_x(x, "x");
+  check_range(quant_min, quant_max);
+  axis = normalize_axis(axis, x.dim());
+  check_qparams(x, scale, zero_point, quant_min, quant_max, x.size(axis));
+  const at::Tensor xd = dense(x);
+  auto [out, mask] = allocate_outputs(xd, compute_mask);
+  if (xd.numel() > 0) {
+    const ChannelArrays arrays(xd, axis, scale, zero_point, nullptr, quant_min, quant_max);
+    kernels().fake_quant_per_channel(xd.scalar_type(), xd.const_data_ptr(), out.mutable_data_ptr(),
+                                     compute_mask ? mask.mutable_data_ptr<bool>() : nullptr, xd.numel(),
+                                     arrays.params);
+  }
+  return {out, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor> binarize_cpu(const at::Tensor& x, bool clipped_ste, bool compute_mask) {
+  check_x(x, "x");
+  const bool with_mask = clipped_ste && compute_mask;
+  const at::Tensor xd = dense(x);
+  auto [out, mask] = allocate_outputs(xd, with_mask);
+  if (xd.numel() > 0) {
+    kernels().binarize(xd.scalar_type(), xd.const_data_ptr(), out.mutable_data_ptr(),
+                       with_mask ? mask.mutable_data_ptr<bool>() : nullptr, xd.numel());
+  }
+  return {out, mask};
+}
+
+void check_bn_fold_args(const at::Tensor& weight, const at::Tensor& gamma, const at::Tensor& var, double eps,
+                        const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
+                        int64_t quant_max) {
+  check_x(weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() >= 1,
+                    "fakequant: weight must have at least one dimension (output channels first)");
+  const int64_t channels = weight.size(0);
+  const std::pair<const char*, const at::Tensor*> bn[] = {{"gamma", &gamma}, {"var", &var}};
+  for (const auto& [name, t] : bn) {
+    TORCH_CHECK_VALUE(t->device() == weight.device(), "fakequant: ", name, " is on ", t->device().str(),
+                      " but weight is on ", weight.device().str(), "; they must be on the same device");
+    TORCH_CHECK_VALUE(is_float_dtype(t->scalar_type()), "fakequant: ", name, " has dtype ",
+                      dtype_repr(t->scalar_type()), "; allowed: float32, float16, bfloat16");
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == channels, "fakequant: ", name, " must be 1-D with ",
+                      channels, " elements (weight.size(0)), got shape ", shape_repr(t->sizes()));
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "fakequant: eps must be finite and >= 0, got ",
+                    float_repr(eps));
+  check_range(quant_min, quant_max);
+  check_qparams(weight, scale, zero_point, quant_min, quant_max, channels);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_fold_fake_quant_weight_cpu(const at::Tensor& weight, const at::Tensor& gamma,
+                                                                 const at::Tensor& var, double eps,
+                                                                 const at::Tensor& scale,
+                                                                 const at::Tensor& zero_point, int64_t quant_min,
+                                                                 int64_t quant_max, bool compute_mask) {
+  check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
+  const at::Tensor wd = dense(weight);
+  auto [out, mask] = allocate_outputs(wd, compute_mask);
+  if (wd.numel() > 0) {
+    const std::vector<float> fold = bn_fold_factors(gamma, var, eps);
+    const ChannelArrays arrays(wd, 0, scale, zero_point, &fold, quant_min, quant_max);
+    kernels().fake_quant_per_channel(wd.scalar_type(), wd.const_data_ptr(), out.mutable_data_ptr(),
+                                     compute_mask ? mask.mutable_data_ptr<bool>() : nullptr, wd.numel(),
+                                     arrays.params);
+  }
+  return {out, mask};
+}
+
+// out = mask ? grad : 0 for any layouts, element by element through TensorIterator.
+void masked_grad_strided(const at::Tensor& out, const at::Tensor& grad, const at::Tensor& mask) {
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(out)
+                  .add_const_input(grad)
+                  .add_const_input(mask)
+                  .check_all_same_dtype(false)
+                  .build();
+  const size_t width = grad.element_size();
+  iter.for_each([width](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
+    for (int64_t j = 0; j < size1; ++j) {
+      char* o = data[0] + j * strides[3];
+      const char* g = data[1] + j * strides[4];
+      const char* m = data[2] + j * strides[5];
+      for (int64_t i = 0; i < size0; ++i) {
+        char* oi = o + i * strides[0];
+        if (*reinterpret_cast<const bool*>(m + i * strides[2])) {
+          std::memcpy(oi, g + i * strides[1], width);
+        } else {
+          std::memset(oi, 0, width);  // +0 in every dtype
+        }
+      }
+    }
+  });
+}
+
+at::Tensor masked_grad_cpu(const at::Tensor& grad, const at::Tensor& mask) {
+  check_mask(grad, mask);
+  at::Tensor out = at::empty_like(grad);
+  if (grad.numel() == 0) return out;
+  const size_t width = grad.element_size();
+  const bool same_dense_layout = grad.is_non_overlapping_and_dense() && mask.is_non_overlapping_and_dense() &&
+                                 grad.strides() == mask.strides();
+  if (same_dense_layout && (width == 2 || width == 4)) {
+    kernels().masked_grad(grad.scalar_type(), grad.const_data_ptr(), mask.const_data_ptr<bool>(),
+                          out.mutable_data_ptr(), grad.numel());
+  } else {
+    masked_grad_strided(out, grad, mask);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& gamma,
+    const at::Tensor& var, double eps) {
+  check_mask(grad, mask);
+  check_x(weight, "weight");
+  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), "fakequant: grad must have the weight's shape ",
+                    shape_repr(weight.sizes()), ", got shape ", shape_repr(grad.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() >= 1,
+                    "fakequant: weight must have at least one dimension (output channels first)");
+  const int64_t channels = weight.size(0);
+  TORCH_CHECK_VALUE(gamma.numel() == channels && var.numel() == channels, "fakequant: gamma and var must have ",
+                    channels, " elements (weight.size(0)), got shapes ", shape_repr(gamma.sizes()), " and ",
+                    shape_repr(var.sizes()));
+  const at::Tensor wd = dense(weight);
+  // The fused kernel reads grad in weight's dtype; autograd always supplies that, anything else is
+  // converted to fp32 exactly as the reference does (masked grad in fp32).
+  const at::Tensor gd = with_layout_of(grad.scalar_type() == weight.scalar_type() ? grad : grad.to(at::kFloat), wd);
+  const at::Tensor md = with_layout_of(mask, wd);
+  const std::vector<float> gamma_f = to_float_vector(gamma);
+  const std::vector<float> std_dev = to_float_vector(bn_std(var, eps));
+  std::vector<float> fold = bn_fold_factors(gamma, var, eps);
+  at::Tensor grad_weight = at::empty_like(wd);
+  std::vector<float> sums(channels, 0.0f);
+  if (wd.numel() > 0) {
+    if (gd.scalar_type() == wd.scalar_type()) {
+      ChannelParams params;
+      params.fold = fold.data();
+      params.channels = channels;
+      params.run = channels == 1 ? wd.numel() : wd.stride(0);
+      kernels().bn_fold_backward(wd.scalar_type(), gd.const_data_ptr(), wd.const_data_ptr(),
+                                 md.const_data_ptr<bool>(), grad_weight.mutable_data_ptr(), wd.numel(), params,
+                                 sums.data());
+    } else {
+      // Mixed dtypes: the reference composition in ATen ops.
+      const at::Tensor g = at::where(md, gd, at::zeros({}, gd.options()));
+      const at::Tensor fold_t = at::from_blob(fold.data(), {channels}, at::kFloat);
+      std::vector<int64_t> view(weight.dim(), 1);
+      view[0] = channels;
+      grad_weight.copy_(g * fold_t.view(view));
+      std::vector<int64_t> reduce_dims;
+      for (int64_t d = 1; d < weight.dim(); ++d) reduce_dims.push_back(d);
+      const at::Tensor s = reduce_dims.empty() ? g * wd.to(at::kFloat) : (g * wd.to(at::kFloat)).sum(reduce_dims);
+      std::memcpy(sums.data(), s.contiguous().const_data_ptr<float>(), sizeof(float) * channels);
+    }
+  }
+  at::Tensor grad_gamma_f = at::empty({channels}, at::kFloat);
+  at::Tensor grad_var_f = at::empty({channels}, at::kFloat);
+  float* gg = grad_gamma_f.mutable_data_ptr<float>();
+  float* gv = grad_var_f.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    // The reference's order of operations: s / std and ((-0.5 * s) * gamma) / ((std * std) * std).
+    gg[c] = sums[c] / std_dev[c];
+    gv[c] = -0.5f * sums[c] * gamma_f[c] / (std_dev[c] * std_dev[c] * std_dev[c]);
+  }
+  return {grad_weight, grad_gamma_f.to(gamma.scalar_type()).view(gamma.sizes()),
+          grad_var_f.to(var.scalar_type()).view(var.sizes())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fakequant, CPU, m) {
+  m.impl("fake_quant_per_tensor", &fake_quant_per_tensor_cpu);
+  m.impl("fake_quant_per_channel", &fake_quant_per_channel_cpu);
+  m.impl("binarize", &binarize_cpu);
+  m.impl("bn_fold_fake_quant_weight", &bn_fold_fake_quant_weight_cpu);
+  m.impl("masked_grad", &masked_grad_cpu);
+  m.impl("bn_fold_fake_quant_weight_backward", &bn_fold_fake_quant_weight_backward_cpu);
+}
+
+}  // namespace fakequant::cpu

@@ -1,0 +1,197 @@
+// Host-side argument checks of the fakequant:: ops, worded exactly as fakequant/reference.py words them
+// so that every backend raises the same ValueError (TORCH_CHECK_VALUE) for the same mistake.
+//
+// Plain C++ on ATen (no CUDA), so a .cpp file can include it too. Only the checks that need no tensor
+// VALUES live here: the value checks of reference.py (scale finite and > 0, zero point inside the quant
+// range) would cost a device-to-host sync on every call for a CUDA scale, so SPEC §1 leaves them to the
+// quantizers that compute those values, and the CUDA kernels never make them. A CPU kernel that wants
+// them reads the values itself.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <utility>
+
+namespace fakequant {
+namespace checks {
+
+// Every integer level must be exact in fp32, whose 24-bit significand holds integers up to 2^24.
+constexpr int64_t kQuantLimit = int64_t{1} << 24;
+
+// The dtype as Python prints it (`torch.float32`), since the messages quote `{t.dtype}`.
+inline std::string python_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(dtype);
+  }
+}
+
+// The shape as Python prints `tuple(t.shape)`: "()", "(3,)", "(2, 3)".
+inline std::string python_shape(at::IntArrayRef sizes) {
+  std::string text = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(sizes[i]);
+  }
+  if (sizes.size() == 1) text += ",";
+  return text + ")";
+}
+
+// The shortest text that reads back as `value`, laid out as Python's repr(float) lays it out
+// ("1e-05", "0.001", "-1.0", "1e+16", "nan", "inf"), since the eps message quotes `{eps}`.
+inline std::string python_float(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  const std::string sign = std::signbit(value) ? "-" : "";
+  const double magnitude = std::fabs(value);
+  char buffer[64];
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(buffer, sizeof(buffer), "%.*e", digits - 1, magnitude);
+    if (std::strtod(buffer, nullptr) == magnitude) break;
+  }
+  // buffer is "d.ddde+XX" (or "de+XX"): split the significant digits from the decimal exponent.
+  const std::string text(buffer);
+  const size_t e_pos = text.find('e');
+  std::string digits;
+  for (size_t i = 0; i < e_pos; ++i) {
+    if (text[i] != '.') digits += text[i];
+  }
+  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+  const int exponent = std::atoi(text.c_str() + e_pos + 1);
+  if (magnitude == 0.0) return sign + "0.0";
+  if (exponent >= -4 && exponent < 16) {
+    if (exponent < 0) return sign + "0." + std::string(-exponent - 1, '0') + digits;
+    const size_t int_digits = static_cast<size_t>(exponent) + 1;
+    if (digits.size() <= int_digits) return sign + digits + std::string(int_digits - digits.size(), '0') + ".0";
+    return sign + digits.substr(0, int_digits) + "." + digits.substr(int_digits);
+  }
+  char exponent_text[16];
+  std::snprintf(exponent_text, sizeof(exponent_text), "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+  const std::string mantissa = digits.size() == 1 ? digits : digits.substr(0, 1) + "." + digits.substr(1);
+  return sign + mantissa + exponent_text;
+}
+
+inline bool is_float_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(is_float_dtype(t.scalar_type()), "fakequant: ", name, " has dtype ", python_dtype(t.scalar_type()),
+                    "; allowed: float32, float16, bfloat16");
+}
+
+inline void check_quant_range(int64_t quant_min, int64_t quant_max) {
+  TORCH_CHECK_VALUE(quant_min <= quant_max, "fakequant: quant_min (", quant_min, ") must be <= quant_max (",
+                    quant_max, ")");
+  TORCH_CHECK_VALUE(quant_min >= -kQuantLimit && quant_max <= kQuantLimit, "fakequant: quant range [", quant_min,
+                    ", ", quant_max, "] must lie within [-2^24, 2^24] so that every level is exact in fp32");
+}
+
+inline int64_t normalize_axis(int64_t axis, int64_t ndim) {
+  TORCH_CHECK_VALUE(-ndim <= axis && axis < ndim, "fakequant: axis ", axis, " is out of range for a tensor with ",
+                    ndim, " dimensions (allowed: ", -ndim, " to ", ndim - 1, ")");
+  return axis < 0 ? axis + ndim : axis;
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name,
+                              const char* suffix = "; they must be on the same device") {
+  TORCH_CHECK_VALUE(t.device() == x.device(), "fakequant: ", name, " is on ", t.device().str(), " but ", x_name,
+                    " is on ", x.device().str(), suffix);
+}
+
+// scale and zero_point: device, dtype and shape. `channels` < 0 means per-tensor (one element each).
+inline void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                          int64_t channels) {
+  check_same_device(scale, "scale", x, "x");
+  check_same_device(zero_point, "zero_point", x, "x");
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "fakequant: scale has dtype ",
+                    python_dtype(scale.scalar_type()), "; allowed: float32");
+  TORCH_CHECK_VALUE(zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kLong,
+                    "fakequant: zero_point has dtype ", python_dtype(zero_point.scalar_type()),
+                    "; allowed: int32, int64");
+  const std::pair<const char*, const at::Tensor*> params[] = {{"scale", &scale}, {"zero_point", &zero_point}};
+  for (const auto& [name, t] : params) {
+    if (channels < 0) {
+      TORCH_CHECK_VALUE(t->numel() == 1, "fakequant: per-tensor ", name,
+                        " must have exactly one element, got shape ", python_shape(t->sizes()));
+    } else {
+      TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == channels, "fakequant: per-channel ", name,
+                        " must be 1-D with ", channels, " elements (the size of the quantized axis), got shape ",
+                        python_shape(t->sizes()));
+    }
+  }
+}
+
+// reference.check_fake_quant_args; returns the normalized axis (-1 for per-tensor).
+inline int64_t check_fake_quant_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
+  check_float_input(x, "x");
+  check_quant_range(quant_min, quant_max);
+  int64_t channels = -1;
+  int64_t normalized = -1;
+  if (axis.has_value()) {
+    normalized = normalize_axis(*axis, x.dim());
+    channels = x.size(normalized);
+  }
+  check_qparams(x, scale, zero_point, channels);
+  return normalized;
+}
+
+// gamma / var of a BatchNorm: same device as weight, a float dtype, 1-D with weight.size(0) elements.
+inline void check_bn_param(const at::Tensor& t, const char* name, const at::Tensor& weight) {
+  check_same_device(t, name, weight, "weight");
+  TORCH_CHECK_VALUE(is_float_dtype(t.scalar_type()), "fakequant: ", name, " has dtype ",
+                    python_dtype(t.scalar_type()), "; allowed: float32, float16, bfloat16");
+  const int64_t channels = weight.size(0);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == channels, "fakequant: ", name, " must be 1-D with ", channels,
+                    " elements (weight.size(0)), got shape ", python_shape(t.sizes()));
+}
+
+inline void check_weight(const at::Tensor& weight) {
+  check_float_input(weight, "weight");
+  TORCH_CHECK_VALUE(weight.dim() >= 1,
+                    "fakequant: weight must have at least one dimension (output channels first)");
+}
+
+// reference.check_bn_fold_args.
+inline void check_bn_fold_args(const at::Tensor& weight, const at::Tensor& gamma, const at::Tensor& var, double eps,
+                               const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
+                               int64_t quant_max) {
+  check_weight(weight);
+  check_bn_param(gamma, "gamma", weight);
+  check_bn_param(var, "var", weight);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "fakequant: eps must be finite and >= 0, got ",
+                    python_float(eps));
+  check_quant_range(quant_min, quant_max);
+  check_qparams(weight, scale, zero_point, weight.size(0));
+}
+
+// reference.masked_grad's check, then the device (reference.py leaves that to torch.where).
+inline void check_mask(const at::Tensor& grad, const at::Tensor& mask) {
+  TORCH_CHECK_VALUE(mask.sizes() == grad.sizes() && mask.scalar_type() == at::kBool,
+                    "fakequant: mask must be a bool tensor of the gradient's shape ", python_shape(grad.sizes()),
+                    ", got ", python_dtype(mask.scalar_type()), " of shape ", python_shape(mask.sizes()));
+  check_same_device(mask, "mask", grad, "grad");
+}
+
+}  // namespace checks
+}  // namespace fakequant

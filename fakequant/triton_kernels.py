@@ -1,0 +1,613 @@
+"""Triton kernels for every ``fakequant::`` op.
+
+Each op is laid out the same way: a ``_<op>_kernel`` (``@triton.jit``), a host wrapper that checks the
+arguments (the reference's checks, so the errors read the same), prepares dense inputs and launches
+the kernel, and a ``torch.library.triton_op`` registration as ``fakequant::_triton_<op>``. The public
+``fakequant::<op>`` ops reach these through the backend choice in :mod:`fakequant._backend`; calling
+the ``_triton_`` ops directly is what ``torch.compile`` traces into (``wrap_triton``).
+
+Layout: the element-wise kernels walk memory, not indices. A non-overlapping and dense input (contiguous,
+channels_last or any permutation of dimensions) and ``torch.empty_like`` outputs share one layout, so
+memory offset ``o`` holds the same element in every one of them, and the channel of that element is
+``(o // stride[axis]) % size[axis]``. Any other input (a slice with gaps, an expanded tensor) is first
+copied into a dense ``torch.empty_like`` tensor, which has the layout of the outputs.
+
+Numerics (SPEC §1): fp32 compute for every input dtype; the reciprocal ``1 / scale`` is an IEEE
+division (``div_rn``), as the reference's; rounding is half to even by :func:`_round_half_even`, the one
+function used on every path, the Triton interpreter's included; the mask is taken on the unclamped ``q``.
+The forward expressions have no ``a * b + c`` shape, so contracting into an FMA cannot change them.
+
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from fakequant import reference
+
+__all__ = [
+    "INTERPRETED",
+    "OPS",
+    "binarize",
+    "bn_fold_fake_quant_weight",
+    "bn_fold_fake_quant_weight_backward",
+    "fake_quant_per_channel",
+    "fake_quant_per_tensor",
+    "masked_grad",
+]
+
+# True when triton decorated the kernels for its interpreter (TRITON_INTERPRET=1 at import): then the
+# kernels run on CPU tensors, with numpy float32 arithmetic.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+# Elements per program and warps per program of the element-wise kernels: 1024 elements over 4 warps is
+# 8 elements per thread (two 16-byte fp32 vectors). Not tuned on a GPU: none was available when this was
+# written (bench/ measures it where one is); under the interpreter a larger block would only be faster.
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+# Elements per loop step of the per-channel reduction in the BN-fold backward (one program per channel);
+# not tuned on a GPU either.
+REDUCE_BLOCK_SIZE = 1024
+
+# 2^23: from there on every fp32 value is an integer.
+_TWO_POW_23 = tl.constexpr(8388608.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared per-element math.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_half_even(v):
+    """Rounds fp32 ``v`` to the nearest integer, ties to even, exactly as ``rintf``/``torch.round``.
+
+    ``libdevice.rint`` does not run under the Triton interpreter (3.8), so both the GPU and the interpreter
+    use this: for ``|v| < 2^23``, ``|v| + 2^23`` lies in ``[2^23, 2^24)`` where the fp32 spacing is 1, so the
+    addition itself rounds ``|v|`` half to even and subtracting ``2^23`` again is exact. Larger values, inf
+    and NaN are integers (or NaN) already and pass through. The sign is copied back bit for bit, so ``-0.3``
+    gives ``-0.0`` as ``rintf`` does. Neither LLVM nor ptxas reassociates fp32 additions without fast-math
+    flags, which Triton does not set.
+    """
+    magnitude = tl.abs(v)
+    rounded = (magnitude + _TWO_POW_23) - _TWO_POW_23
+    rounded = tl.where(magnitude < _TWO_POW_23, rounded, magnitude)
+    sign_bit = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (rounded.to(tl.uint32, bitcast=True) | sign_bit).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_dtype(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype`` (the output's), to nearest even as ``Tensor.to`` does.
+
+    bfloat16 is rounded here with integer operations because the Triton interpreter (3.8) truncates on
+    fp32 -> bf16 casts, which would make the interpreter test a rounding the GPU does not run. NaN becomes
+    the canonical bf16 NaN, as in c10's conversion; overflow rounds to inf as IEEE rounding does.
+    """
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        bf16_bits = tl.where(v != v, 0x7FC0, rounded).to(tl.uint16)
+        return bf16_bits.to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _fake_quant_values(v, inv_scale, scale, zero_point, quant_min, quant_max):
+    """``(out, inside)`` of fp32 ``v``: ``q = rint(v * inv_scale) + zero_point``, mask on the unclamped q.
+
+    The clamp is written with comparisons so that NaN falls through both and stays NaN (``tl.minimum`` and
+    ``tl.maximum`` may return the other operand for NaN on a GPU); ``inf`` lands on the range ends.
+    """
+    q = _round_half_even(v * inv_scale) + zero_point
+    inside = (q >= quant_min) & (q <= quant_max)
+    clamped = tl.where(q < quant_min, quant_min, tl.where(q > quant_max, quant_max, q))
+    return (clamped - zero_point) * scale, inside
+
+
+# ---------------------------------------------------------------------------------------------
+# Host helpers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """True when the elements of ``t`` fill ``[data_ptr, data_ptr + numel)`` exactly once."""
+    expected_stride = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1):
+        if stride != expected_stride:
+            return False
+        expected_stride *= size
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when equal memory offsets hold equal indices in ``a`` and ``b`` (size-1 strides do not count)."""
+    return a.shape == b.shape and all(
+        sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape, strict=True) if size != 1
+    )
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when dense, else a dense copy in the layout ``torch.empty_like(t)`` gives the outputs."""
+    if _is_non_overlapping_and_dense(t):
+        return t
+    return torch.empty_like(t).copy_(t)
+
+
+def _dense_like(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """``t`` when it shares ``layout``'s memory layout, else a copy of ``t`` in that layout."""
+    if _same_layout(t, layout):
+        return t
+    return torch.empty_like(layout, dtype=t.dtype).copy_(t)
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda" or (INTERPRETED and t.device.type == "cpu"):
+        return
+    if t.device.type == "cpu":
+        raise RuntimeError(
+            "fakequant: the Triton kernels run on CPU tensors only under the Triton interpreter; set "
+            "TRITON_INTERPRET=1 before triton is imported, or choose another backend for CPU tensors"
+        )
+    raise RuntimeError(f"fakequant: the Triton kernels run on CUDA tensors, got a tensor on {t.device}")
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device; make it the tensor's.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _mask_output(x: torch.Tensor, compute_mask: bool) -> torch.Tensor:
+    if compute_mask:
+        return torch.empty_like(x, dtype=torch.bool)
+    return torch.empty(0, dtype=torch.bool, device=x.device)
+
+
+def _elementwise_grid(n_elements: int) -> tuple[int]:
+    return (triton.cdiv(n_elements, BLOCK_SIZE),)
+
+
+def _channel_geometry(t: torch.Tensor, axis: int) -> tuple[int, int]:
+    """``(stride, size)`` of ``axis`` in dense ``t``: memory offset ``o`` lies in channel ``(o // stride) % size``."""
+    size = t.size(axis)
+    return (t.stride(axis) if size > 1 else 1), size
+
+
+# ---------------------------------------------------------------------------------------------
+# fake_quant_per_tensor
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fake_quant_per_tensor_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    scale_ptr,
+    zero_point_ptr,
+    n_elements,
+    quant_min,
+    quant_max,
+    WRITE_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < n_elements
+    scale = tl.load(scale_ptr)
+    inv_scale = tl.math.div_rn(1.0, scale)
+    zero_point = tl.load(zero_point_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    out, inside = _fake_quant_values(
+        x, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
+    )
+    tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
+    if WRITE_MASK:
+        tl.store(mask_ptr + offsets, inside, mask=in_bounds)
+
+
+def fake_quant_per_tensor(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``fakequant::fake_quant_per_tensor``: ``(out, mask)`` in ``x``'s layout."""
+    reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
+    _check_device(x)
+    x_dense = _dense(x)
+    out = torch.empty_like(x)
+    mask = _mask_output(x, compute_mask)
+    assert _same_layout(out, x_dense), "empty_like must give the layout of the dense input"
+    n_elements = x.numel()
+    if n_elements == 0:
+        return out, mask
+    with _device_guard(x):
+        wrap_triton(_fake_quant_per_tensor_kernel)[_elementwise_grid(n_elements)](
+            x_dense,
+            out,
+            mask if compute_mask else out,
+            scale,
+            zero_point,
+            n_elements,
+            quant_min,
+            quant_max,
+            WRITE_MASK=compute_mask,
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
+    return out, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# fake_quant_per_channel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fake_quant_per_channel_kernel(
+    x_ptr,
+    out_ptr,
+    mask_ptr,
+    scale_ptr,
+    zero_point_ptr,
+    n_elements,
+    channel_stride,
+    channels,
+    quant_min,
+    quant_max,
+    WRITE_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < n_elements
+    channel = (offsets // channel_stride) % channels
+    scale = tl.load(scale_ptr + channel, mask=in_bounds, other=1.0)
+    inv_scale = tl.math.div_rn(1.0, scale)
+    zero_point = tl.load(zero_point_ptr + channel, mask=in_bounds, other=0).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    out, inside = _fake_quant_values(
+        x, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
+    )
+    tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
+    if WRITE_MASK:
+        tl.store(mask_ptr + offsets, inside, mask=in_bounds)
+
+
+def fake_quant_per_channel(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``fakequant::fake_quant_per_channel``: ``(out, mask)`` in ``x``'s layout."""
+    axis = reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis)
+    _check_device(x)
+    x_dense = _dense(x)
+    out = torch.empty_like(x)
+    mask = _mask_output(x, compute_mask)
+    assert _same_layout(out, x_dense), "empty_like must give the layout of the dense input"
+    n_elements = x.numel()
+    if n_elements == 0:
+        return out, mask
+    channel_stride, channels = _channel_geometry(x_dense, axis)
+    with _device_guard(x):
+        wrap_triton(_fake_quant_per_channel_kernel)[_elementwise_grid(n_elements)](
+            x_dense,
+            out,
+            mask if compute_mask else out,
+            scale.contiguous(),
+            zero_point.contiguous(),
+            n_elements,
+            channel_stride,
+            channels,
+            quant_min,
+            quant_max,
+            WRITE_MASK=compute_mask,
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
+    return out, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# binarize
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _binarize_kernel(x_ptr, out_ptr, mask_ptr, n_elements, WRITE_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    out = tl.where(x >= 0.0, 1.0, -1.0)
+    out = tl.where(x != x, x, out)  # NaN stays NaN
+    tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
+    if WRITE_MASK:
+        tl.store(mask_ptr + offsets, tl.abs(x) <= 1.0, mask=in_bounds)
+
+
+def binarize(x: torch.Tensor, clipped_ste: bool = True, compute_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``fakequant::binarize``: ``(out, mask)`` in ``x``'s layout; a mask only for the clipped STE."""
+    reference.check_binarize_args(x)
+    _check_device(x)
+    write_mask = clipped_ste and compute_mask
+    x_dense = _dense(x)
+    out = torch.empty_like(x)
+    mask = _mask_output(x, write_mask)
+    assert _same_layout(out, x_dense), "empty_like must give the layout of the dense input"
+    n_elements = x.numel()
+    if n_elements == 0:
+        return out, mask
+    with _device_guard(x):
+        wrap_triton(_binarize_kernel)[_elementwise_grid(n_elements)](
+            x_dense,
+            out,
+            mask if write_mask else out,
+            n_elements,
+            WRITE_MASK=write_mask,
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
+    return out, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# bn_fold_fake_quant_weight
+# ---------------------------------------------------------------------------------------------
+
+
+def _bn_statistics(gamma: torch.Tensor, var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(std, factor)`` in fp32, by the reference's own torch expressions.
+
+    These are O(channels) and computed with torch, not in the kernel, on purpose: torch's fp32 ``sqrt`` on
+    CPU is not always correctly rounded (it differed from ``sqrt_rn`` by one ulp on 403 of 65536 random
+    values), so an in-kernel ``sqrt_rn`` would not reproduce the reference bit for bit.
+    """
+    std = torch.sqrt(var.float() + eps)
+    return std, (gamma.float() / std).contiguous()
+
+
+@triton.jit
+def _bn_fold_fake_quant_weight_kernel(
+    weight_ptr,
+    out_ptr,
+    mask_ptr,
+    factor_ptr,
+    scale_ptr,
+    zero_point_ptr,
+    n_elements,
+    channel_stride,
+    channels,
+    quant_min,
+    quant_max,
+    WRITE_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < n_elements
+    channel = (offsets // channel_stride) % channels
+    factor = tl.load(factor_ptr + channel, mask=in_bounds, other=1.0)
+    scale = tl.load(scale_ptr + channel, mask=in_bounds, other=1.0)
+    inv_scale = tl.math.div_rn(1.0, scale)
+    zero_point = tl.load(zero_point_ptr + channel, mask=in_bounds, other=0).to(tl.float32)
+    folded = tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32) * factor
+    out, inside = _fake_quant_values(
+        folded, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
+    )
+    tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
+    if WRITE_MASK:
+        tl.store(mask_ptr + offsets, inside, mask=in_bounds)
+
+
+def bn_fold_fake_quant_weight(
+    weight: torch.Tensor,
+    gamma: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``fakequant::bn_fold_fake_quant_weight``: fold BN into ``weight`` and fake-quantize along axis 0."""
+    reference.check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
+    _check_device(weight)
+    weight_dense = _dense(weight)
+    out = torch.empty_like(weight)
+    mask = _mask_output(weight, compute_mask)
+    assert _same_layout(out, weight_dense), "empty_like must give the layout of the dense input"
+    n_elements = weight.numel()
+    if n_elements == 0:
+        return out, mask
+    _, factor = _bn_statistics(gamma, var, eps)
+    channel_stride, channels = _channel_geometry(weight_dense, 0)
+    with _device_guard(weight):
+        wrap_triton(_bn_fold_fake_quant_weight_kernel)[_elementwise_grid(n_elements)](
+            weight_dense,
+            out,
+            mask if compute_mask else out,
+            factor,
+            scale.contiguous(),
+            zero_point.contiguous(),
+            n_elements,
+            channel_stride,
+            channels,
+            quant_min,
+            quant_max,
+            WRITE_MASK=compute_mask,
+            BLOCK=BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
+    return out, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_grad
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_mask(grad: torch.Tensor, mask: torch.Tensor) -> None:
+    # The wording of reference.masked_grad's check.
+    if mask.shape != grad.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"fakequant: mask must be a bool tensor of the gradient's shape {tuple(grad.shape)}, "
+            f"got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+
+
+@triton.jit
+def _masked_grad_kernel(grad_ptr, mask_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < n_elements
+    grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0)
+    keep = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(tl.int1)
+    tl.store(out_ptr + offsets, tl.where(keep, grad, tl.zeros_like(grad)), mask=in_bounds)
+
+
+def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Triton ``fakequant::masked_grad``: ``grad`` where ``mask``, exactly 0 elsewhere, in ``grad``'s layout."""
+    _check_mask(grad, mask)
+    _check_device(grad)
+    grad_dense = _dense(grad)
+    out = torch.empty_like(grad)
+    assert _same_layout(out, grad_dense), "empty_like must give the layout of the dense input"
+    n_elements = grad.numel()
+    if n_elements == 0:
+        return out
+    mask_dense = _dense_like(mask, grad_dense)
+    with _device_guard(grad):
+        wrap_triton(_masked_grad_kernel)[_elementwise_grid(n_elements)](
+            grad_dense, mask_dense, out, n_elements, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bn_fold_fake_quant_weight_backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bn_fold_fake_quant_weight_backward_kernel(
+    grad_ptr,
+    weight_ptr,
+    mask_ptr,
+    factor_ptr,
+    std_ptr,
+    gamma_ptr,
+    grad_weight_ptr,
+    grad_gamma_ptr,
+    grad_var_ptr,
+    channel_size,
+    BLOCK: tl.constexpr,
+):
+    # One program per output channel, whose channel_size elements are contiguous in memory: the per-channel
+    # sum is then a deterministic loop, no atomics.
+    channel = tl.program_id(0).to(tl.int64)
+    base = channel * channel_size
+    factor = tl.load(factor_ptr + channel)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, channel_size, BLOCK):
+        offsets = base + start + tl.arange(0, BLOCK)
+        in_bounds = (start + tl.arange(0, BLOCK)) < channel_size
+        grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0)
+        keep = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(tl.int1)
+        grad = tl.where(keep, grad, tl.zeros_like(grad)).to(tl.float32)
+        weight = tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        tl.store(grad_weight_ptr + offsets, _to_dtype(grad * factor, grad_weight_ptr.dtype.element_ty), mask=in_bounds)
+        acc += grad * weight
+    total = tl.sum(acc, axis=0)
+    std = tl.load(std_ptr + channel)
+    gamma = tl.load(gamma_ptr + channel)
+    grad_gamma = tl.math.div_rn(total, std)
+    grad_var = tl.math.div_rn(-0.5 * total * gamma, std * std * std)
+    tl.store(grad_gamma_ptr + channel, _to_dtype(grad_gamma, grad_gamma_ptr.dtype.element_ty))
+    tl.store(grad_var_ptr + channel, _to_dtype(grad_var, grad_var_ptr.dtype.element_ty))
+
+
+def _channel_major(t: torch.Tensor) -> bool:
+    """True when ``t`` is dense with axis 0 outermost, so that each output channel is one contiguous run."""
+    return _is_non_overlapping_and_dense(t) and (t.size(0) <= 1 or t.stride(0) * t.size(0) == t.numel())
+
+
+def bn_fold_fake_quant_weight_backward(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton ``fakequant::bn_fold_fake_quant_weight_backward``: ``(grad_weight, grad_gamma, grad_var)``."""
+    _check_mask(grad, mask)
+    if weight.shape != grad.shape:
+        raise ValueError(
+            f"fakequant: grad has shape {tuple(grad.shape)} but weight has shape {tuple(weight.shape)}; they must match"
+        )
+    _check_device(weight)
+    grad_weight = torch.empty_like(weight)
+    grad_gamma = torch.empty_like(gamma)
+    grad_var = torch.empty_like(var)
+    std, factor = _bn_statistics(gamma, var, eps)
+    if weight.numel() == 0:
+        # No element contributes: the per-channel sums are 0 (and the signs of the zeros the reference's).
+        total = torch.zeros_like(std)
+        grad_gamma.copy_(total / std)
+        grad_var.copy_(-0.5 * total * gamma.float() / (std * std * std))
+        return grad_weight, grad_gamma, grad_var
+    # grad_weight is written in weight's layout when each channel is contiguous in it (contiguous or
+    # channels_last weights); any other layout goes through a contiguous copy.
+    weight_major = weight if _channel_major(weight) else weight.contiguous()
+    result = grad_weight if weight_major is weight else torch.empty_like(weight_major)
+    with _device_guard(weight):
+        wrap_triton(_bn_fold_fake_quant_weight_backward_kernel)[(weight.size(0),)](
+            _dense_like(grad, weight_major),
+            weight_major,
+            _dense_like(mask, weight_major),
+            factor,
+            std.contiguous(),
+            gamma.float().contiguous(),
+            result,
+            grad_gamma,
+            grad_var,
+            weight.numel() // weight.size(0),
+            BLOCK=REDUCE_BLOCK_SIZE,
+            num_warps=NUM_WARPS,
+        )
+    if result is not grad_weight:
+        grad_weight.copy_(result)
+    return grad_weight, grad_gamma, grad_var
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: fakequant::_triton_<op>, traceable by torch.compile.
+# ---------------------------------------------------------------------------------------------
+
+_HOST_WRAPPERS = {
+    "fake_quant_per_tensor": fake_quant_per_tensor,
+    "fake_quant_per_channel": fake_quant_per_channel,
+    "binarize": binarize,
+    "bn_fold_fake_quant_weight": bn_fold_fake_quant_weight,
+    "masked_grad": masked_grad,
+    "bn_fold_fake_quant_weight_backward": bn_fold_fake_quant_weight_backward,
+}
+
+# Public op name -> the registered fakequant::_triton_<op> (an OpOverloadPacket), the kernels that the
+# "triton" backend puts behind the public ops.
+OPS = {}
+for _name, _wrapper in _HOST_WRAPPERS.items():
+    triton_op(f"fakequant::_triton_{_name}", _wrapper, mutates_args=())
+    OPS[_name] = getattr(torch.ops.fakequant, f"_triton_{_name}")

@@ -1,0 +1,71 @@
+"""Import-time behaviour: loading the compiled kernels, falling back, choosing a backend by environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": ROOT, **env}
+    for name in ("FAKEQUANT_BACKEND", "FAKEQUANT_DISABLE_EXTENSION"):
+        if name not in env:
+            environment.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-W", "default", "-c", textwrap.dedent(code)],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )
+
+
+CHECK_OPS_WORK = """
+import torch, fakequant
+x = torch.randn(100)
+out = fakequant.fake_quant_per_tensor(x, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -8, 7)
+assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -8, 7))
+"""
+
+
+def test_disable_extension_variable_skips_loading():
+    result = run_python(CHECK_OPS_WORK + """
+assert not fakequant.extension_loaded()
+print(fakequant.extension_error())
+""", FAKEQUANT_DISABLE_EXTENSION="1")
+    assert result.returncode == 0, result.stderr
+    assert "disabled by FAKEQUANT_DISABLE_EXTENSION" in result.stdout
+    assert "RuntimeWarning" not in result.stderr
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    result = run_python("""
+import importlib.abc, sys
+
+class BlockCompiledKernels(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "fakequant._C":
+            raise ImportError("simulated: no compiled kernels")
+        return None
+
+sys.meta_path.insert(0, BlockCompiledKernels())
+""" + CHECK_OPS_WORK + """
+import fakequant._backend
+fakequant._backend.load_extension()  # loading is attempted once: no second warning
+assert not fakequant.extension_loaded()
+""")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("could not be loaded (simulated: no compiled kernels)") == 1, result.stderr
+
+
+def test_backend_from_environment():
+    result = run_python(CHECK_OPS_WORK + "print(fakequant.get_backend())", FAKEQUANT_BACKEND="reference")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reference"
+
+
+def test_unknown_backend_in_environment_fails_clearly():
+    result = run_python("import fakequant", FAKEQUANT_BACKEND="fastest")
+    assert result.returncode != 0
+    assert "unknown backend 'fastest'; valid backends:" in result.stderr

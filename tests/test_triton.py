@@ -1,0 +1,746 @@
+"""The Triton kernels against the reference, bit for bit, and the backend choice.
+
+Without a GPU (here and in CI) every kernel runs under the Triton interpreter on CPU tensors
+(``TRITON_INTERPRET=1``, set by conftest.py), which executes the kernels' arithmetic with numpy float32;
+with a GPU the same tests run the compiled kernels on CUDA tensors. What the interpreter cannot show (that
+the GPU build keeps the rounding and the IEEE division) is checked by compiling the kernels for sm_80
+without a GPU and reading their PTX and SASS (test_gpu_build_keeps_exact_arithmetic).
+
+Tensors are small on purpose: the interpreter costs milliseconds per program of 1024 elements.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fakequant
+from fakequant import _backend, reference
+from fakequant.qparams import quant_range
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+triton_kernels = _backend.load_triton_kernels()
+assert triton_kernels is not None, f"triton is installed but the Triton kernels do not import: {_backend._triton_error}"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fakequant.triton_kernels import _round_half_even, _to_dtype  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and not triton_kernels.INTERPRETED:
+    pytest.skip(
+        "no GPU and TRITON_INTERPRET is not 1 (it was set to something else before triton was imported)",
+        allow_module_level=True,
+    )
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# numpy warns about the overflow to inf and the NaN arithmetic that the NaN/inf cases are about.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same dtype, shape, NaN positions and bits everywhere else (so -0.0 differs from +0.0)."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if actual.dtype == torch.bool:
+        assert torch.equal(actual, expected)
+        return
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), "NaN positions differ"
+    a, e = actual[~nan], expected[~nan]
+    mismatch = a.view(_INT_VIEW[a.dtype]) != e.view(_INT_VIEW[e.dtype])
+    assert not bool(mismatch.any()), f"{int(mismatch.sum())} values differ, e.g. {a[mismatch][:4]} vs {e[mismatch][:4]}"
+
+
+def assert_layout_of(output: torch.Tensor, x: torch.Tensor) -> None:
+    """``output`` has the layout the fake impls give: that of ``torch.empty_like(x)``."""
+    template = torch.empty_like(x)
+    for size, got, want in zip(output.shape, output.stride(), template.stride(), strict=True):
+        if size != 1:
+            assert got == want, (output.stride(), template.stride())
+
+
+def layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``x`` (values unchanged) in several memory layouts."""
+    out = {"contiguous": x.contiguous()}
+    if x.dim() == 0:
+        return out
+    padded = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"), dtype=x.dtype, device=x.device)
+    padded[..., ::2] = x
+    out["strided"] = padded[..., ::2]
+    if x.dim() >= 2:
+        out["transposed"] = x.transpose(0, -1).contiguous().transpose(0, -1)
+    if x.dim() == 4:
+        out["channels_last"] = x.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def ties(scale: float, count: int = 40) -> torch.Tensor:
+    """``(k + 0.5) * scale`` for k in [-count, count)."""
+    return (torch.arange(-count, count, dtype=torch.float32) + 0.5) * scale
+
+
+NONFINITE = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e30, -1e30, 1e-30, -1e-30, 3.4e38]
+
+
+def qparams(scale, zero_point, device=DEVICE):
+    return (
+        torch.as_tensor(scale, dtype=torch.float32, device=device),
+        torch.as_tensor(zero_point, dtype=torch.int32, device=device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The rounding
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_test_kernel(x_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < n_elements
+    tl.store(out_ptr + offsets, _round_half_even(tl.load(x_ptr + offsets, mask=in_bounds)), mask=in_bounds)
+
+
+def test_round_half_even_matches_torch_round():
+    """The kernels' rounding against torch.round on 2^20 values (numpy float32 under the interpreter)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 1 << 18
+    any_bits = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    magnitudes = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-20, 30, (n,), generator=gen).float())
+    halves = torch.randint(-(2**23), 2**23, (n,), generator=gen).float() + 0.5  # exact ties up to 2^23
+    near_2_23 = torch.randint(-(2**25), 2**25, (n,), generator=gen).float() * 0.5 + 2.0**23 * torch.sign(
+        torch.randn(n, generator=gen)
+    )
+    special = torch.tensor(
+        [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, -0.49999997, 2.0**23 - 0.5, 2.0**23 - 1.5, -(2.0**23) + 0.5]
+        + [2.0**23, 2.0**23 + 1, 2.0**24 + 2, 1e-45, -1e-45, 1.17e-38]
+        + NONFINITE
+    )
+    x = torch.cat([any_bits.view(torch.float32), magnitudes, halves, near_2_23, special]).to(DEVICE)
+    assert x.numel() >= 1 << 20
+    out = torch.empty_like(x)
+    block = 1 << 14  # big blocks: the interpreter's cost is per program
+    _round_test_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block)
+    assert_bits_equal(out, torch.round(x))
+
+
+@triton.jit
+def _to_dtype_test_kernel(x_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=in_bounds)
+    tl.store(out_ptr + offsets, _to_dtype(x, out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_output_rounding_matches_tensor_to(dtype):
+    """fp32 -> fp16/bf16 as the kernels store it, against Tensor.to, on 2^18 values."""
+    gen = torch.Generator().manual_seed(11)
+    n = 1 << 17
+    any_bits = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    magnitudes = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 30, (n,), generator=gen).float())
+    x = torch.cat([any_bits.view(torch.float32), magnitudes, torch.tensor(NONFINITE + [65520.0, 3.3961e38])])
+    x = x.to(DEVICE)
+    out = torch.empty(x.shape, dtype=dtype, device=DEVICE)
+    block = 1 << 14
+    _to_dtype_test_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block)
+    assert_bits_equal(out, x.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# fake_quant_per_tensor
+# ---------------------------------------------------------------------------------------------
+
+
+def per_tensor_cases():
+    gen = torch.Generator().manual_seed(1)
+    return {
+        # scale 0.25: (k + 0.5) * 0.25 * 4 is an exact tie.
+        "exact_ties": (ties(0.25).reshape(8, 10), 0.25, 0, -128, 127),
+        "near_ties_zp": (ties(0.1).reshape(4, 20), 0.1, 3, -8, 7),
+        "random_tail": (torch.randn(3, 5, 67, generator=gen) * 3, 0.05, -2, -128, 127),
+        "saturating": (torch.randn(2, 3, 4, 5, generator=gen) * 100, 0.7, 1, -4, 3),
+        "nonfinite": (torch.tensor(NONFINITE).reshape(2, 5), 0.1, 0, -128, 127),
+        "scalar": (torch.tensor(0.35), 0.1, 0, 0, 255),
+    }
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("case", list(per_tensor_cases()))
+def test_fake_quant_per_tensor(case, dtype):
+    x, scale, zero_point, quant_min, quant_max = per_tensor_cases()[case]
+    scale, zero_point = qparams(scale, zero_point)
+    for name, xl in layouts(x.to(dtype=dtype, device=DEVICE)).items():
+        for compute_mask in (True, False):
+            out, mask = triton_kernels.fake_quant_per_tensor(xl, scale, zero_point, quant_min, quant_max, compute_mask)
+            ref_out, ref_mask = reference.fake_quant_per_tensor_forward(
+                xl, scale, zero_point, quant_min, quant_max, compute_mask
+            )
+            assert_bits_equal(out, ref_out)
+            assert_bits_equal(mask, ref_mask)
+            assert_layout_of(out, xl), name
+            if compute_mask:
+                assert_layout_of(mask, xl)
+
+
+@pytest.mark.parametrize(
+    "signed,narrow", [(True, False), (False, False), (True, True)], ids=["signed", "unsigned", "narrow"]
+)
+def test_fake_quant_bit_widths(signed, narrow):
+    gen = torch.Generator().manual_seed(2)
+    for bits in range(1, 17):
+        if narrow and bits == 1:
+            continue  # a narrow 1-bit range would be [0, 0]
+        quant_min, quant_max = quant_range(bits, signed, narrow)
+        scale = 1.0 / (1 << max(bits - 2, 0))
+        zero_point = (quant_min + quant_max + 1) // 2 if not signed else 0
+        span = (quant_max - quant_min + 1) * scale * 1.5  # a quarter beyond each end
+        x = torch.cat([(torch.rand(200, generator=gen) - 0.5) * span, ties(scale, 20)]).to(DEVICE)
+        s, z = qparams(scale, zero_point)
+        out, mask = triton_kernels.fake_quant_per_tensor(x, s, z, quant_min, quant_max)
+        ref_out, ref_mask = reference.fake_quant_per_tensor_forward(x, s, z, quant_min, quant_max)
+        assert_bits_equal(out, ref_out)
+        assert_bits_equal(mask, ref_mask)
+        assert 0 < int(mask.sum()) < x.numel(), f"bits={bits}: the cases should hit both sides of the range"
+        channel_scale = torch.tensor([scale, scale * 0.75], device=DEVICE)
+        channel_zp = torch.tensor([zero_point, quant_max], dtype=torch.int64, device=DEVICE)
+        xc = x[:220].reshape(2, 110)
+        out, mask = triton_kernels.fake_quant_per_channel(xc, channel_scale, channel_zp, 0, quant_min, quant_max)
+        ref_out, ref_mask = reference.fake_quant_per_channel_forward(
+            xc, channel_scale, channel_zp, 0, quant_min, quant_max
+        )
+        assert_bits_equal(out, ref_out)
+        assert_bits_equal(mask, ref_mask)
+
+
+def test_fake_quant_nan_and_inf_semantics():
+    x = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.25], device=DEVICE)
+    out, mask = triton_kernels.fake_quant_per_tensor(x, *qparams(0.5, 1), -4, 3)
+    assert torch.isnan(out[0])
+    assert out[1:].tolist() == [(3 - 1) * 0.5, (-4 - 1) * 0.5, 0.0]
+    assert mask.tolist() == [False, False, False, True]
+
+
+def test_empty_inputs():
+    for x in (torch.empty(0, device=DEVICE), torch.empty(3, 0, 2, device=DEVICE)):
+        out, mask = triton_kernels.fake_quant_per_tensor(x, *qparams(0.1, 0), -8, 7)
+        assert out.shape == x.shape and mask.shape == x.shape and mask.dtype == torch.bool
+        out, mask = triton_kernels.binarize(x)
+        assert out.shape == x.shape and mask.shape == x.shape
+        assert triton_kernels.masked_grad(x, torch.ones_like(x, dtype=torch.bool)).shape == x.shape
+    x = torch.empty(3, 0, 2, device=DEVICE)
+    out, _ = triton_kernels.fake_quant_per_channel(x, *qparams([0.1, 0.2, 0.3], [0, 0, 0]), 0, -8, 7)
+    assert out.shape == x.shape
+    gamma, var = torch.ones(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    out, _ = triton_kernels.bn_fold_fake_quant_weight(x, gamma, var, 1e-5, *qparams([0.1] * 3, [0] * 3), -8, 7)
+    assert out.shape == x.shape
+    grads = triton_kernels.bn_fold_fake_quant_weight_backward(x, x, x.bool(), gamma, var, 1e-5)
+    expected = reference.bn_fold_fake_quant_weight_backward(x, x, x.bool(), gamma, var, 1e-5)
+    for got, want in zip(grads, expected, strict=True):
+        assert_bits_equal(got, want)
+
+
+def test_bad_arguments_raise_the_reference_errors():
+    x = torch.randn(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"quant_min \(5\) must be <= quant_max \(4\)"):
+        triton_kernels.fake_quant_per_tensor(x, *qparams(0.1, 0), 5, 4)
+    with pytest.raises(ValueError, match="per-channel scale must be 1-D with 3 elements"):
+        triton_kernels.fake_quant_per_channel(x, *qparams([0.1] * 4, [0] * 4), 1, -8, 7)
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        triton_kernels.fake_quant_per_channel(x, *qparams([0.1] * 3, [0] * 3), 2, -8, 7)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        triton_kernels.masked_grad(x, torch.ones(4, device=DEVICE, dtype=torch.bool))
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            triton_kernels.fake_quant_per_tensor(x, *qparams(-1.0, 0), -8, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake_quant_per_channel
+# ---------------------------------------------------------------------------------------------
+
+
+def per_channel_case(shape, axis, gen):
+    channels = shape[axis]
+    scale = torch.rand(channels, generator=gen) * 0.2 + 0.01
+    zero_point = torch.randint(-3, 4, (channels,), generator=gen, dtype=torch.int32)
+    view = [1] * len(shape)
+    view[axis] = channels
+    x = torch.randn(shape, generator=gen) * scale.reshape(view) * 12
+    # Every eighth element an exact tie of its own channel's scale.
+    k = torch.randint(-20, 20, shape, generator=gen).float() + 0.5
+    tie = (torch.arange(x.numel()) % 8 == 0).reshape(shape)
+    x = torch.where(tie, k * scale.reshape(view), x)
+    return x, scale, zero_point
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((4, 3, 5, 7), 0), ((4, 3, 5, 7), 1), ((4, 3, 5, 7), -1), ((2, 1, 33), 1), ((37,), 0), ((6, 130), 0)],
+    ids=["nchw-0", "nchw-1", "nchw-last", "size1-axis", "1d", "tail"],
+)
+def test_fake_quant_per_channel(shape, axis, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x, scale, zero_point = per_channel_case(shape, axis, gen)
+    x.view(-1)[:: max(1, x.numel() // 5)] = torch.tensor(NONFINITE[: len(x.view(-1)[:: max(1, x.numel() // 5)])])
+    scale, zero_point = scale.to(DEVICE), zero_point.to(DEVICE)
+    for name, xl in layouts(x.to(dtype=dtype, device=DEVICE)).items():
+        for compute_mask in (True, False):
+            out, mask = triton_kernels.fake_quant_per_channel(xl, scale, zero_point, axis, -16, 15, compute_mask)
+            ref_out, ref_mask = reference.fake_quant_per_channel_forward(
+                xl, scale, zero_point, axis, -16, 15, compute_mask
+            )
+            assert_bits_equal(out, ref_out)
+            assert_bits_equal(mask, ref_mask)
+            assert_layout_of(out, xl), name
+
+
+def test_fake_quant_per_channel_expanded_and_strided_qparams():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 1, 9, generator=gen).to(DEVICE).expand(5, 4, 9)  # stride 0: not dense, copied
+    scale = (torch.rand(8, generator=gen) * 0.2 + 0.05).to(DEVICE)[::2]  # a strided 1-D scale
+    zero_point = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    out, mask = triton_kernels.fake_quant_per_channel(x, scale, zero_point, 1, -8, 7)
+    ref_out, ref_mask = reference.fake_quant_per_channel_forward(x, scale, zero_point, 1, -8, 7)
+    assert_bits_equal(out, ref_out)
+    assert_bits_equal(mask, ref_mask)
+    assert out.is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# binarize
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_binarize(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 5, 11, generator=gen) * 2
+    x.view(-1)[: len(NONFINITE) + 4] = torch.tensor(NONFINITE + [1.0, -1.0, 1.0000001, -0.9999999])
+    for name, xl in layouts(x.to(dtype=dtype, device=DEVICE)).items():
+        for clipped_ste in (True, False):
+            for compute_mask in (True, False):
+                out, mask = triton_kernels.binarize(xl, clipped_ste, compute_mask)
+                ref_out, ref_mask = reference.binarize_forward(xl, clipped_ste, compute_mask)
+                assert_bits_equal(out, ref_out)
+                assert_bits_equal(mask, ref_mask)
+                assert_layout_of(out, xl), name
+
+
+# ---------------------------------------------------------------------------------------------
+# bn_fold_fake_quant_weight (forward)
+# ---------------------------------------------------------------------------------------------
+
+
+def bn_case(shape, gen, dtype=torch.float32, stat_dtype=torch.float32):
+    channels = shape[0]
+    weight = torch.randn(shape, generator=gen) * 0.3
+    gamma = torch.rand(channels, generator=gen) + 0.5
+    var = torch.rand(channels, generator=gen) * 2
+    var[0] = 0.0  # eps alone keeps it finite
+    eps = 1e-5
+    folded_max = (weight.abs().reshape(channels, -1).amax(dim=1) * gamma / torch.sqrt(var + eps)).clamp_min(1e-3)
+    scale = folded_max / 100  # saturates a few of the [-128, 127] levels' neighbours
+    zero_point = torch.randint(-2, 3, (channels,), generator=gen, dtype=torch.int32)
+    return (
+        weight.to(dtype=dtype, device=DEVICE),
+        gamma.to(dtype=stat_dtype, device=DEVICE),
+        var.to(dtype=stat_dtype, device=DEVICE),
+        eps,
+        scale.to(DEVICE),
+        zero_point.to(DEVICE),
+    )
+
+
+BN_SHAPES = {"conv": (6, 3, 3, 3), "linear": (5, 7), "linear-tail": (3, 1100), "vector": (9,)}
+
+
+@pytest.mark.parametrize(
+    "dtype,stat_dtype", [(torch.float32,) * 2, (torch.float16, torch.float32), (torch.bfloat16,) * 2]
+)
+@pytest.mark.parametrize("shape", list(BN_SHAPES))
+def test_bn_fold_fake_quant_weight(shape, dtype, stat_dtype):
+    gen = torch.Generator().manual_seed(6)
+    weight, gamma, var, eps, scale, zero_point = bn_case(BN_SHAPES[shape], gen, dtype, stat_dtype)
+    weight.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -1e30])
+    for name, wl in layouts(weight).items():
+        for compute_mask in (True, False):
+            out, mask = triton_kernels.bn_fold_fake_quant_weight(
+                wl, gamma, var, eps, scale, zero_point, -128, 127, compute_mask
+            )
+            ref_out, ref_mask = reference.bn_fold_fake_quant_weight_forward(
+                wl, gamma, var, eps, scale, zero_point, -128, 127, compute_mask
+            )
+            assert_bits_equal(out, ref_out)
+            assert_bits_equal(mask, ref_mask)
+            assert_layout_of(out, wl), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_masked_grad(dtype):
+    gen = torch.Generator().manual_seed(7)
+    grad = torch.randn(2, 3, 5, 9, generator=gen)
+    grad.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, float("nan")])
+    keep = torch.rand(2, 3, 5, 9, generator=gen) > 0.4
+    keep.view(-1)[:4] = torch.tensor([True, True, True, False])
+    grad_layouts = layouts(grad.to(dtype=dtype, device=DEVICE))
+    mask_layouts = layouts(keep.to(DEVICE))
+    for grad_name, gl in grad_layouts.items():
+        for mask_name in ("contiguous", "channels_last", "strided"):
+            ml = mask_layouts[mask_name]
+            out = triton_kernels.masked_grad(gl, ml)
+            assert_bits_equal(out, reference.masked_grad(gl, ml))
+            assert_layout_of(out, gl), (grad_name, mask_name)
+
+
+def assert_statistic_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Per-channel sums: the kernel sums in another order than torch, so close, not equal."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[actual.dtype]
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "dtype,stat_dtype", [(torch.float32,) * 2, (torch.float16, torch.float32), (torch.bfloat16,) * 2]
+)
+@pytest.mark.parametrize("shape", list(BN_SHAPES))
+def test_bn_fold_fake_quant_weight_backward(shape, dtype, stat_dtype):
+    gen = torch.Generator().manual_seed(8)
+    weight, gamma, var, eps, scale, zero_point = bn_case(BN_SHAPES[shape], gen, dtype, stat_dtype)
+    mask = (torch.rand(weight.shape, generator=gen) > 0.3).to(DEVICE)
+    grad = torch.randn(weight.shape, generator=gen).to(dtype=dtype, device=DEVICE)
+    grad.view(-1)[-1] = float("nan")  # masked out or not, as the mask says
+    for name, wl in layouts(weight).items():
+        for grad_name in ("contiguous", name):
+            gl = layouts(grad)[grad_name]
+            ml = layouts(mask)[name]
+            got = triton_kernels.bn_fold_fake_quant_weight_backward(gl, wl, ml, gamma, var, eps)
+            want = reference.bn_fold_fake_quant_weight_backward(gl, wl, ml, gamma, var, eps)
+            assert_bits_equal(got[0], want[0])
+            assert_layout_of(got[0], wl), name
+            assert_statistic_close(got[1].float().nan_to_num(), want[1].float().nan_to_num())
+            assert torch.equal(torch.isnan(got[1]), torch.isnan(want[1]))
+            assert_statistic_close(got[2].float().nan_to_num(), want[2].float().nan_to_num())
+            assert got[1].dtype == gamma.dtype and got[2].dtype == var.dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# The public ops with the "triton" backend
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Chooses the "triton" backend and records which kernels the host wrappers launch."""
+    launched = []
+    real_wrap_triton = triton_kernels.wrap_triton
+
+    def recording_wrap_triton(kernel):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return real_wrap_triton(kernel)
+
+    monkeypatch.setattr(triton_kernels, "wrap_triton", recording_wrap_triton)
+    previous = fakequant.get_backend()
+    fakequant.set_backend("triton")
+    yield launched
+    fakequant.set_backend(previous)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_public_ops_run_triton_forward_and_backward(triton_backend, dtype):
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, 3, 4, 5, generator=gen) * 2).to(dtype=dtype, device=DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=gen).to(dtype=dtype, device=DEVICE)
+    scale, zero_point = qparams(0.125, 1)
+    channel_scale, channel_zp = qparams([0.1, 0.2, 0.05], [0, 1, -1])
+
+    calls = {
+        "per_tensor": (fakequant.fake_quant_per_tensor, reference.fake_quant_per_tensor, (scale, zero_point, -8, 7)),
+        "per_channel": (
+            fakequant.fake_quant_per_channel,
+            reference.fake_quant_per_channel,
+            (channel_scale, channel_zp, 1, -8, 7),
+        ),
+        "binarize_clipped": (fakequant.binarize, reference.binarize, (True,)),
+        "binarize_identity": (fakequant.binarize, reference.binarize, (False,)),
+    }
+    for name, (public, oracle, args) in calls.items():
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = public(xa, *args)
+        ref = oracle(xb, *args)
+        assert_bits_equal(out, ref.detach())
+        out.backward(grad)
+        ref.backward(grad)
+        assert_bits_equal(xa.grad, xb.grad)
+        assert_layout_of(out, x), name
+
+    weight, gamma, var, eps, scale, zero_point = bn_case((6, 3, 3, 3), gen, dtype)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    leaves_a = [t.clone().requires_grad_() for t in (weight, gamma, var)]
+    leaves_b = [t.clone().requires_grad_() for t in (weight, gamma, var)]
+    out = fakequant.bn_fold_fake_quant_weight(*leaves_a[:2], leaves_a[2], eps, scale, zero_point, -16, 15)
+    ref = reference.bn_fold_fake_quant_weight(*leaves_b[:2], leaves_b[2], eps, scale, zero_point, -16, 15)
+    assert_bits_equal(out, ref.detach())
+    grad_w = torch.randn(weight.shape, generator=gen).to(dtype=dtype, device=DEVICE)
+    out.backward(grad_w)
+    ref.backward(grad_w)
+    assert_bits_equal(leaves_a[0].grad, leaves_b[0].grad)
+    assert_statistic_close(leaves_a[1].grad, leaves_b[1].grad)
+    assert_statistic_close(leaves_a[2].grad, leaves_b[2].grad)
+
+    assert set(triton_backend) == {
+        "_fake_quant_per_tensor_kernel",
+        "_fake_quant_per_channel_kernel",
+        "_binarize_kernel",
+        "_masked_grad_kernel",
+        "_bn_fold_fake_quant_weight_kernel",
+        "_bn_fold_fake_quant_weight_backward_kernel",
+    }
+
+
+def test_torch_ops_run_triton(triton_backend):
+    x = torch.randn(3, 70, device=DEVICE)
+    scale, zero_point = qparams(0.1, 0)
+    out, mask = torch.ops.fakequant.fake_quant_per_tensor(x, scale, zero_point, -8, 7, False)
+    assert mask.numel() == 0
+    assert_bits_equal(out, reference.fake_quant_per_tensor_forward(x, scale, zero_point, -8, 7)[0])
+    keep = x > 0
+    assert_bits_equal(torch.ops.fakequant.masked_grad(x, keep), reference.masked_grad(x, keep))
+    assert triton_backend == ["_fake_quant_per_tensor_kernel", "_masked_grad_kernel"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def auto_backend():
+    previous = fakequant.get_backend()
+    fakequant.set_backend("auto")
+    yield
+    fakequant.set_backend(previous)
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'; valid backends: auto, cuda, triton, reference"):
+        fakequant.set_backend("cudnn")
+
+
+def test_cuda_backend_without_cuda_kernels_says_why(auto_backend):
+    if _backend.extension_has_cuda():
+        pytest.skip("this build of fakequant._C has CUDA kernels, so the 'cuda' backend is available")
+    reason = "not loaded" if not _backend.extension_loaded() else "built without CUDA kernels"
+    with pytest.raises(RuntimeError, match=f"backend 'cuda' is not available: .*{reason}"):
+        fakequant.set_backend("cuda")
+    assert fakequant.get_backend() == "auto"
+    assert "cuda" not in _backend.available_backends("cpu")
+
+
+def test_unimportable_triton_says_why(monkeypatch, auto_backend):
+    monkeypatch.setattr(_backend, "_triton_kernels", None)
+    monkeypatch.setattr(_backend, "_triton_error", "ImportError: no module named 'triton'")
+    with pytest.raises(
+        RuntimeError, match=r"backend 'triton' is not available: triton cannot be imported \(ImportError"
+    ):
+        fakequant.set_backend("triton")
+    assert "triton" not in _backend.available_backends("cpu")
+
+
+def _dispatch_tables() -> dict[str, str]:
+    return {name: torch._C._dispatch_dump(f"fakequant::{name}") for name in fakequant._ops.OP_NAMES}
+
+
+def test_auto_after_triton_restores_the_previous_kernels(auto_backend):
+    before = _dispatch_tables()
+    fakequant.set_backend("triton")
+    during = _dispatch_tables()
+    assert all(during[name] != before[name] for name in before)
+    fakequant.set_backend("reference")
+    fakequant.set_backend("auto")
+    assert _dispatch_tables() == before
+    if _backend.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fakequant::fake_quant_per_tensor", "CPU"
+    ):
+        # The C++ CPU kernel is registered from C++, not from a Python file.
+        assert "CPU: registered at" in before["fake_quant_per_tensor"]
+        cpu_line = next(line for line in before["fake_quant_per_tensor"].splitlines() if line.startswith("CPU:"))
+        assert ".py" not in cpu_line
+
+
+def test_available_backends():
+    cpu = _backend.available_backends("cpu")
+    assert cpu[0] == "auto" and "reference" in cpu
+    assert ("triton" in cpu) == triton_kernels.INTERPRETED
+    assert ("cuda" in cpu) == _backend.extension_has_cuda()
+    if not CUDA:
+        assert _backend.available_backends("cuda") == []
+    else:
+        assert "triton" in _backend.available_backends("cuda")
+
+
+def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="CPU tensors only under the Triton interpreter; set TRITON_INTERPRET=1"):
+        triton_kernels.binarize(torch.ones(3))
+
+
+def test_environment_variable_selects_the_backend():
+    script = textwrap.dedent(
+        """
+        import torch, fakequant
+        out, _ = torch.ops.fakequant.binarize(torch.tensor([-2.0, 0.0]), True, False)
+        print(fakequant.get_backend(), out.tolist())
+        """
+    )
+    env = {**os.environ, "FAKEQUANT_BACKEND": "triton", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "triton [-1.0, 1.0]"
+    env["FAKEQUANT_BACKEND"] = "fast"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "unknown backend 'fast'; valid backends: auto, cuda, triton, reference" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU build, checked without a GPU: compile for sm_80 and read the PTX and SASS.
+# ---------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = """
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from fakequant import triton_kernels as tk
+
+COMMON = {"out_ptr": "*fp32", "mask_ptr": "*i1", "scale_ptr": "*fp32", "zero_point_ptr": "*i32",
+          "n_elements": "i64", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr"}
+KERNELS = {
+    "per_tensor": (tk._fake_quant_per_tensor_kernel, {"x_ptr": "*fp32", **COMMON}),
+    "per_channel": (tk._fake_quant_per_channel_kernel,
+                    {"x_ptr": "*fp32", **COMMON, "channel_stride": "i64", "channels": "i64"}),
+    "bn_fold": (tk._bn_fold_fake_quant_weight_kernel,
+                {"weight_ptr": "*fp32", "factor_ptr": "*fp32", **COMMON, "channel_stride": "i64", "channels": "i64"}),
+}
+nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+report = {}
+for name, (kernel, types) in KERNELS.items():
+    signature = {p: types[p] for p in kernel.arg_names}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs={"WRITE_MASK": True, "BLOCK": 1024})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32))
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"]); f.flush()
+        sass = subprocess.run([nvdisasm, f.name], capture_output=True, text=True, check=True).stdout
+    report[name] = {
+        "ptx_add_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0f4B000000", ptx)),
+        "ptx_sub_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0fCB000000", ptx)),
+        "ptx_div_rn": ptx.count("div.rn.f32"),
+        "ptx_approx": len(re.findall(r"(div|rcp|sqrt)\\.(approx|full)", ptx)),
+        "ptx_min_max": len(re.findall(r"(min|max)(\\.\\w+)*\\.f32", ptx)),
+        "ptx_fma": len(re.findall(r"fma\\.\\w+\\.f32", ptx)),
+        "sass_add_abs_2_23": len(re.findall(r"FADD R\\d+, \\|R\\d+\\|(\\.reuse)?, 8388608", sass)),
+        "sass_sub_2_23": len(re.findall(r"FADD R\\d+, R\\d+(\\.reuse)?, -8388608", sass)),
+    }
+print(json.dumps(report))
+"""
+
+
+def test_gpu_build_keeps_exact_arithmetic():
+    """Compiled for sm_80: the 2^23 rounding survives as two FADDs, 1/scale is div.rn, the clamp keeps NaN.
+
+    The interpreter runs the kernels' Python with numpy; this checks that the GPU compiler neither folds
+    ``(|v| + 2^23) - 2^23`` nor fuses it into an FMA, divides with IEEE rounding and clamps with
+    comparisons (no min/max.f32, which would map NaN to a range end).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), FAKEQUANT_DISABLE_EXTENSION="1")
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    for name, counts in report.items():
+        assert counts["ptx_add_2_23"] > 0 and counts["ptx_add_2_23"] == counts["ptx_sub_2_23"], (name, counts)
+        assert counts["sass_add_abs_2_23"] == counts["ptx_add_2_23"], (name, counts)
+        assert counts["sass_sub_2_23"] == counts["ptx_sub_2_23"], (name, counts)
+        assert counts["ptx_div_rn"] > 0 and counts["ptx_approx"] == 0, (name, counts)
+        assert counts["ptx_min_max"] == 0 and counts["ptx_fma"] == 0, (name, counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+def test_compile_fullgraph_traces_the_triton_ops():
+    x = torch.randn(4, 3, 17, 9, device="cuda")
+    scale, zero_point = qparams(0.05, 2, "cuda")
+    channel_scale, channel_zp = qparams([0.1, 0.05, 0.2], [0, 1, -1], "cuda")
+
+    def fn(x):
+        out, mask = torch.ops.fakequant._triton_fake_quant_per_tensor(x, scale, zero_point, -128, 127, True)
+        out2, _ = torch.ops.fakequant._triton_fake_quant_per_channel(out, channel_scale, channel_zp, 1, -8, 7, False)
+        return torch.ops.fakequant._triton_masked_grad(out2, mask)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert_bits_equal(compiled(x), fn(x))
+
+    def public(x):
+        return fakequant.fake_quant_per_tensor(x, scale, zero_point, -128, 127) * 2
+
+    fakequant.set_backend("triton")
+    try:
+        assert_bits_equal(torch.compile(public, fullgraph=True)(x), public(x))
+    finally:
+        fakequant.set_backend("auto")
+
+
+@needs_cuda
+def test_opcheck_triton_ops_on_cuda():
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(4, 3, 5, 5, generator=gen).cuda()
+    scale, zero_point = qparams(0.05, 2, "cuda")
+    channel_scale, channel_zp = qparams([0.1, 0.05, 0.2, 0.3], [0, 1, -1, 0], "cuda")
+    gamma, var = torch.rand(4, generator=gen).cuda() + 0.5, torch.rand(4, generator=gen).cuda()
+    mask = x > 0
+    cases = {
+        "fake_quant_per_tensor": (x, scale, zero_point, -128, 127, True),
+        "fake_quant_per_channel": (x, channel_scale, channel_zp, 0, -8, 7, True),
+        "binarize": (x, True, True),
+        "bn_fold_fake_quant_weight": (x, gamma, var, 1e-5, channel_scale, channel_zp, -8, 7, True),
+        "masked_grad": (x, mask),
+        "bn_fold_fake_quant_weight_backward": (x, x, mask, gamma, var, 1e-5),
+    }
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(torch.ops.fakequant, f"_triton_{name}").default, args)
