@@ -5,19 +5,20 @@ Usage::
     python bench/run.py                 # full: sizes 2^16..2^24 and ResNet-50 shapes (tens of minutes on 2 cores)
     python bench/run.py --quick         # 2^18, 2^22 and two ResNet-50 shapes (a few minutes on 2 cores)
     python bench/run.py --ops per_channel binarize --providers fakequant reference copy
-    python bench/run.py --from-json bench/results/<stamp>.json   # redraw table, CSV and plot only
+    python bench/run.py --from-json bench/results/<stamp>.json --stat min   # redraw from a past run
 
 Each ``bench/bench_*.py`` file runs under pytest-benchmark (``--benchmark-json``); the rows come from the
 ``extra_info`` that ``bench/common.py`` records (provider, op, mode, size, numel, bytes). Columns:
 
-``median``      median time of one call (forward, or forward+backward).
+``time``        median time of one call (forward, or forward+backward); ``--stat min`` uses the fastest
+                round instead, the better estimate of the uncontended cost on a shared machine.
 ``GB/s``        bytes the op must move (``bench/common.py``: 8 B/element forward, 9 with the mask, 18
-                forward+backward for fp32) divided by the median time.
+                forward+backward for fp32) divided by the time.
 ``copy BW``     that bandwidth as a fraction of ``torch.add(x, 0, out=y)``'s (8 B/element) measured in the
                 same run at the same size: 1.0 means the op streams memory as fast as a copy.
-``x copy``      the median time over the copy's median time (the issue's targets: <= 1.1 forward, <= 1.25
-                with the mask, <= 3 forward+backward).
-``vs ref``      the reference composition's median over this provider's (higher is faster).
+``x copy``      the time over the copy's time (the issue's targets: <= 1.1 forward, <= 1.25 with the mask,
+                <= 3 forward+backward).
+``vs ref``      the reference composition's time over this provider's (higher is faster).
 """
 
 from __future__ import annotations
@@ -199,20 +200,23 @@ def load_rows(json_path: Path) -> tuple[list[dict], list[str]]:
     return rows, skipped
 
 
-def derive(rows: list[dict]) -> list[dict]:
-    """Adds GB/s, the copy-bandwidth fraction, the time over the copy's, and the speedup over reference."""
+def derive(rows: list[dict], stat: str = "median") -> list[dict]:
+    """Adds GB/s, the copy-bandwidth fraction, the time over the copy's, and the speedup over reference,
+    all from the ``stat`` time (``median`` or ``min``) of every benchmark."""
+    for r in rows:
+        r["time_s"] = r[f"{stat}_s"]
     copy = {(r["op"], r["size"]): r for r in rows if r["provider"] == "copy"}
     ref = {(r["op"], r["mode"], r["size"]): r for r in rows if r["provider"] == "reference"}
     for r in rows:
-        r["gbps"] = r["bytes"] / r["median_s"] / 1e9
+        r["gbps"] = r["bytes"] / r["time_s"] / 1e9
         c = copy.get((r["op"], r["size"]))
         if c is not None:
-            copy_gbps = c["bytes"] / c["median_s"] / 1e9
+            copy_gbps = c["bytes"] / c["time_s"] / 1e9
             r["copy_bw_fraction"] = r["gbps"] / copy_gbps
-            r["x_copy"] = r["median_s"] / c["median_s"]
+            r["x_copy"] = r["time_s"] / c["time_s"]
         base = ref.get((r["op"], r["mode"], r["size"]))
         if base is not None:
-            r["speedup_vs_reference"] = base["median_s"] / r["median_s"]
+            r["speedup_vs_reference"] = base["time_s"] / r["time_s"]
     return rows
 
 
@@ -251,7 +255,7 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
-TABLE_COLUMNS = ("op", "mode", "size", "provider", "median", "GB/s", "copy BW", "x copy", "vs ref")
+TABLE_COLUMNS = ("op", "mode", "size", "provider", "time", "GB/s", "copy BW", "x copy", "vs ref")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -268,7 +272,7 @@ def format_table(rows: list[dict]) -> str:
                 r["mode"],
                 r["size"],
                 r["provider"],
-                _time(r["median_s"]),
+                _time(r["time_s"]),
                 _num(r["gbps"], ".2f"),
                 _num(r.get("copy_bw_fraction"), ".2f"),
                 _num(r.get("x_copy"), ".2f"),
@@ -298,7 +302,7 @@ def format_markdown(rows: list[dict]) -> str:
             r["mode"],
             r["size"],
             r["provider"],
-            _time(r["median_s"]),
+            _time(r["time_s"]),
             _num(r["gbps"], ".2f"),
             _num(r.get("copy_bw_fraction"), ".2f"),
             _num(r.get("x_copy"), ".2f"),
@@ -388,6 +392,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
                         label=None if flat else provider,
                     )
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")  # providers differ by up to 100x
             ax.set_title(f"{op} {mode}", fontsize=10)
             ax.grid(True, alpha=0.3)
             if j == 0:
@@ -423,6 +428,13 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="directory for CSV, PNG, JSON, log")
     parser.add_argument("--from-json", type=Path, help="skip running: rebuild table, CSV and plot from this JSON")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    parser.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="time statistic behind every column (default median; min estimates the uncontended cost when "
+        "other processes share the cores)",
+    )
     return parser.parse_args(argv), files
 
 
@@ -457,7 +469,8 @@ def main(argv=None) -> int:
         stem.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2))
 
     rows, skipped = load_rows(json_path)
-    rows = sort_rows(derive(rows))
+    rows = sort_rows(derive(rows, args.stat))
+    meta["statistic"] = args.stat
     print()
     for key, value in meta.items():
         print(f"{key}: {value}")
@@ -470,10 +483,11 @@ def main(argv=None) -> int:
     if args.markdown:
         print()
         print(format_markdown(rows))
-    write_csv(rows, meta, stem.with_suffix(".csv"))
+    out = stem if args.stat == "median" else stem.with_name(f"{stem.name}-{args.stat}")
+    write_csv(rows, meta, out.with_suffix(".csv"))
     if rows:
-        plot(rows, meta, stem.with_suffix(".png"))
-    print(f"\nwrote {stem}.csv, {stem}.png, {stem}.json")
+        plot(rows, meta, out.with_suffix(".png"))
+    print(f"\nwrote {out}.csv, {out}.png, {stem}.json")
     if skipped:
         print(f"ignored {len(skipped)} benchmarks without bench/common.py's extra_info: {', '.join(skipped[:5])} ...")
     if failed:
