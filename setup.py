@@ -38,7 +38,11 @@ def build_cuda() -> bool:
 
 
 def extensions():
-    cxx_flags = ["-O3", "-std=c++20", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
+    # -fopenmp: at::parallel_for is an inline template that runs serially unless the extension itself is
+    # compiled with OpenMP (ATen defines INTRA_OP_PARALLEL only under _OPENMP); libgomp.so.1 then resolves
+    # to the copy torch already loaded, so the kernels share torch's thread pool and set_num_threads.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
+    link_flags = ["-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not build_cuda():
         return [
@@ -47,6 +51,7 @@ def extensions():
                 sources,
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
                 py_limited_api=True,
             )
         ]
@@ -60,6 +65,7 @@ def extensions():
                 "cxx": cxx_flags + ["-DFAKEQUANT_WITH_CUDA"],
                 "nvcc": ["-O3", "-std=c++20", "-DFAKEQUANT_WITH_CUDA", f"-DPy_LIMITED_API={PY_LIMITED_API}"],
             },
+            extra_link_args=link_flags,
             py_limited_api=True,
         )
     ]
