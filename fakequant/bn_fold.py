@@ -6,7 +6,8 @@ unfolded ``w`` during training therefore quantizes the wrong tensor. :class:`Con
 folded weight, fake-quantized per channel by the fused ``fakequant::bn_fold_fake_quant_weight`` op,
 while BatchNorm keeps the statistics of the unquantized Conv+BN (torch.ao's single-conv scheme):
 
-* training, statistics live: ``f`` from the running variance; ``y = conv(x, q(w * f)) / f + b``;
+* training, statistics live: ``f`` from the running variance; ``y = conv(x, q(w * f)) / f + b``
+  (computed as ``conv(x, q(w * f) / f, b)``);
   ``out = bn(y)`` with batch statistics. Without quantization ``conv(x, w * f) / f == conv(x, w)``, so
   BN sees the float conv output up to quantization noise, and its running statistics are those of the
   float model.
@@ -259,7 +260,9 @@ class ConvBnQAT(nn.Module):
       statistics BN uses its running statistics.
     * training, statistics live: ``f = gamma / sqrt(running_var + eps)``,
       ``y = conv(x, bn_fold_fake_quant_weight(w, gamma, running_var, ...)) / f + b``, ``out = bn(y)``
-      with batch statistics, which update BN's running statistics as the float Conv+BN would.
+      with batch statistics, which update BN's running statistics as the float Conv+BN would. The division
+      by ``f`` is applied to the quantized weight (``conv(x, q(w f) / f)``, the same by linearity) rather than
+      to the activations, which is much cheaper.
     * training with frozen statistics, eval, export: ``conv(x, q(w * f), fold_bias(b, beta, mean, ...))``,
       the folded inference computation with running statistics; nothing updates the statistics.
 
@@ -428,10 +431,12 @@ class ConvBnQAT(nn.Module):
         weight = functional.bn_fold_fake_quant_weight(
             self.conv.weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
         )
-        y = self.conv._conv_forward(x, weight, None)
-        y = y / self._channel_view(factor).to(y.dtype)
-        if self.conv.bias is not None:
-            y = y + self._channel_view(self.conv.bias)
+        # conv(x, q(w f)) / f per output channel is conv(x, q(w f) / f): dividing the weight, not the
+        # activations, costs a pass over C_out * C_in * k elements instead of N * C_out * H * W (and its
+        # backward reduction for f runs over the weight too). Numerically the two differ by fp32 rounding.
+        shape = [-1] + [1] * (weight.dim() - 1)
+        weight = weight / factor.reshape(shape).to(weight.dtype)
+        y = self.conv._conv_forward(x, weight, self.conv.bias)
         return self.bn(y)
 
     def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
