@@ -16,6 +16,7 @@ Providers (what computes the op):
                       argument checks call ``bool(tensor)``, which would split the graph; they run once, eagerly).
 ``nni``               NNI 3.x's fake-quant autograd functions, only when ``nni`` is importable.
 ``copy``              ``torch.add(x, 0, out=y)``: reads and writes one tensor, the bandwidth anchor.
+``copy-alloc``        ``torch.add(x, 0)``: the same into a fresh tensor (what allocating an output costs).
 
 Modes: ``fwd`` (no gradient, no mask written), ``fwd+mask`` (the forward that writes the 1-byte mask a
 backward needs), ``fwd+bwd`` (forward then ``backward`` of a fixed gradient). ``copy`` runs in mode ``copy``.
@@ -296,7 +297,9 @@ class OpBench:
 
     def providers(self) -> list[tuple[str, tuple[str, ...]]]:
         """(provider, modes) pairs this op supports on ``DEVICE``, in table order."""
-        rows = [("copy", (COPY_MODE,))]
+        # copy-alloc: the same copy into a new tensor, as every functional op allocates its output; the gap to
+        # `copy` is what the allocation (page faults of fresh memory included) costs.
+        rows = [("copy", (COPY_MODE,)), ("copy-alloc", (COPY_MODE,))]
         rows += [(name, MODES) for name in FAKEQUANT_BACKENDS]
         rows.append(("reference", MODES))
         if self.torch_differentiable is not None:
@@ -329,6 +332,9 @@ class OpBench:
         if provider == "copy":
             x, y = inputs.x, torch.empty_like(inputs.x)
             return _synced(lambda: torch.add(x, 0, out=y))
+        if provider == "copy-alloc":
+            x = inputs.x
+            return _synced(lambda: torch.add(x, 0))
         if mode in ("fwd", "fwd+mask"):
             compute_mask = mode == "fwd+mask"
             forward = {

@@ -53,7 +53,13 @@ def op_key(path: Path) -> str:
 
 
 def bench_files() -> dict[str, Path]:
-    return {op_key(p): p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
+    """The op benchmarks: ``bench_*.py`` files built on ``bench/common.py`` (``common.make_test``). Other bench
+    files (whole training steps, e.g. ``bench_qat_step.py``) keep their own reports; run them with pytest."""
+    return {op_key(p): p for p in sorted(BENCH_DIR.glob("bench_*.py")) if "common.make_test(" in p.read_text()}
+
+
+def other_bench_files() -> list[Path]:
+    return [p for p in sorted(BENCH_DIR.glob("bench_*.py")) if "common.make_test(" not in p.read_text()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +468,9 @@ def main(argv=None) -> int:
         meta = machine_metadata(args, started)
         chosen = [files[op] for op in (args.ops or files)]
         print(f"running {', '.join(p.name for p in chosen)} ({meta['mode']}); pytest output: {stem}.log", flush=True)
+        others = other_bench_files()
+        if others:
+            print(f"not run (not on bench/common.py; run them with pytest): {', '.join(p.name for p in others)}")
         failed = run_benchmarks(chosen, json_path, stem.with_suffix(".log"), args)
         if hasattr(os, "getloadavg"):
             meta["load_avg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
