@@ -1,7 +1,7 @@
 """ResNet-50 quantization-aware training with fakequant: the swap-in for an NNI QAT_Quantizer user.
 
-Trains torchvision's ResNet-50 for a few steps three times from the same weights and data, and reports the
-time per training step (forward, loss, backward, optimizer step) of each:
+Trains torchvision's ResNet-50 three times from the same weights on the same batches, the three taking their
+steps in turn, and reports the time per training step (forward, loss, backward, optimizer step) of each:
 
 * ``FP32``: the float model;
 * ``QAT (fakequant)``: ``QAT_Quantizer`` with 8-bit per-channel symmetric weights and 8-bit affine inputs on
@@ -151,48 +151,56 @@ def make_loader(args) -> tuple[torch.utils.data.DataLoader, int, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_steps(name: str, model: nn.Module, optimizer, batches, args) -> dict:
-    """Runs warmup + timed steps; returns the per-step times (seconds) and the last loss."""
+class Configuration:
+    """One model being trained: FP32, or QAT on a given fakequant backend."""
+
+    def __init__(self, name: str, float_model: nn.Module, batches, args, quantize: bool, backend: str) -> None:
+        self.name, self.backend = name, backend
+        self.model = copy.deepcopy(float_model).to(args.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+        self.quantizer = None
+        if quantize:
+            dummy_input = batches[0][0][:1].to(args.device)
+            self.quantizer = fakequant.QAT_Quantizer(
+                self.model, CONFIG_LIST, self.optimizer, dummy_input=dummy_input, bn_folding=not args.no_bn_fold
+            )
+            self.model = self.quantizer.compress()
+        self.model.train()
+        self.times: list[float] = []
+        self.loss = float("nan")
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, timed: bool) -> None:
+        """One training step (forward, loss, backward, optimizer step) on this configuration's backend."""
+        device = images.device
+        fakequant.set_backend(self.backend)
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(self.model(images), labels)
+            loss.backward()
+            self.optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+        finally:
+            fakequant.set_backend("auto")
+        if timed:
+            self.times.append(elapsed)
+        self.loss = loss.item()
+
+
+def train_interleaved(configurations: list[Configuration], batches, args) -> None:
+    """Every configuration takes step i on batch i before any takes step i + 1, so that a change in the
+    machine's load during the run hits all of them alike."""
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    times, loss = [], float("nan")
-    for i, (images, labels) in enumerate(tqdm(batches, desc=f"{name:<16}", unit="step", leave=True)):
+    for i, (images, labels) in enumerate(tqdm(batches, desc="training steps", unit="step")):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss_fn(model(images), labels)
-        loss_value.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-        loss = loss_value.item()
-    return {"times": times, "loss": loss}
-
-
-def run_configuration(name: str, float_model: nn.Module, batches, args, quantize: bool, backend: str) -> dict:
-    model = copy.deepcopy(float_model).to(args.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    quantizer = None
-    fakequant.set_backend(backend)
-    try:
-        if quantize:
-            dummy_input = batches[0][0][:1].to(args.device)
-            quantizer = fakequant.QAT_Quantizer(
-                model, CONFIG_LIST, optimizer, dummy_input=dummy_input, bn_folding=not args.no_bn_fold
-            )
-            model = quantizer.compress()
-        result = train_steps(name, model, optimizer, batches, args)
-    finally:
-        fakequant.set_backend("auto")
-    result.update(name=name, model=model, quantizer=quantizer)
-    return result
+        for configuration in configurations:
+            configuration.step(images, labels, timed=i >= args.warmup)
 
 
 def main(argv=None) -> None:
@@ -222,31 +230,32 @@ def main(argv=None) -> None:
     print(
         f"ResNet-50 ({model_source}), data: {source}; {args.image_size}x{args.image_size}, batch {args.batch_size}, "
         f"{args.warmup} warmup + {args.steps} timed steps, device {args.device}"
-        + (f", {torch.get_num_threads()} threads" if args.device == "cpu" else "")
+        + (f", threads: {torch.get_num_threads()}" if args.device == "cpu" else "")
         + f"; fakequant compiled kernels loaded: {fakequant.extension_loaded()}"
     )
     configurations = [("FP32", False, "auto"), ("QAT (fakequant)", True, "auto")]
     if not args.skip_reference:
         configurations.append(("QAT (reference)", True, "reference"))
-    results = [run_configuration(name, float_model, batches, args, q, b) for name, q, b in configurations]
+    results = [Configuration(name, float_model, batches, args, q, b) for name, q, b in configurations]
+    train_interleaved(results, batches, args)
 
-    qat = results[1]["quantizer"]
+    qat = results[1].quantizer
     folded = len(getattr(qat, "folded_pairs", {}) or {})
     print(
         f"\nQAT_Quantizer: {len(qat.layers) if hasattr(qat, 'layers') else '?'} quantized layers, "
         f"{folded} Conv+BN pairs folded" + (" (folding off: --no-bn-fold)" if args.no_bn_fold else "")
     )
-    base = statistics.median(results[0]["times"])
+    base = statistics.median(results[0].times)
     header = (
         f"{'configuration':<16} {'median step':>11} {'mean step':>10} {'x FP32':>7} {'images/s':>9} {'last loss':>9}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
-        median = statistics.median(r["times"])
+        median = statistics.median(r.times)
         print(
-            f"{r['name']:<16} {median * 1e3:9.1f}ms {statistics.fmean(r['times']) * 1e3:8.1f}ms "
-            f"{median / base:6.2f}x {args.batch_size / median:9.1f} {r['loss']:9.3f}"
+            f"{r.name:<16} {median * 1e3:9.1f}ms {statistics.fmean(r.times) * 1e3:8.1f}ms "
+            f"{median / base:6.2f}x {args.batch_size / median:9.1f} {r.loss:9.3f}"
         )
 
     export_dir = args.export_dir or Path(tempfile.mkdtemp(prefix="resnet50_qat_"))
