@@ -209,7 +209,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--image-size", type=int, default=64, help="input height and width (default 64)")
     parser.add_argument("--batch-size", type=int, default=8, help="default 8")
-    parser.add_argument("--steps", type=int, default=4, help="timed training steps per configuration (default 4)")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per configuration (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic data (default 10)")
     parser.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
