@@ -165,9 +165,9 @@ def bytes_moved(mode: str, numel: int, itemsize: int = 4, extra_backward_bytes: 
     return per_element[mode] * numel
 
 
-def record(benchmark, *, op: str, provider: str, mode: str, case: Case, nbytes: int) -> None:
-    """Writes the ``extra_info`` fields that ``bench/run.py`` reads."""
-    benchmark.extra_info.update(
+def extra_info(*, op: str, provider: str, mode: str, case: Case, nbytes: int) -> dict:
+    """The fields every benchmark records and ``bench/run.py`` reads."""
+    return dict(
         op=op,
         provider=provider,
         mode=mode,
@@ -182,6 +182,11 @@ def record(benchmark, *, op: str, provider: str, mode: str, case: Case, nbytes: 
         backend=fakequant.get_backend(),
         extension_loaded=fakequant.extension_loaded(),
     )
+
+
+def record(benchmark, *, op: str, provider: str, mode: str, case: Case, nbytes: int) -> None:
+    """Writes the ``extra_info`` fields that ``bench/run.py`` reads."""
+    benchmark.extra_info.update(extra_info(op=op, provider=provider, mode=mode, case=case, nbytes=nbytes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +422,52 @@ def make_test(spec: OpBench) -> Callable:
 
     test.__name__ = f"test_{spec.op}"
     return test
+
+
+def interleaved(spec: OpBench, case: Case, rounds: int) -> list[dict]:
+    """Times every (provider, mode) of ``case`` round-robin: each round calls each of them once, so a burst of
+    load from other processes lands on all of them alike (pytest-benchmark times one after another).
+
+    Returns entries shaped like pytest-benchmark's JSON (``name``, ``extra_info``, ``stats`` with median, min,
+    iqr and rounds), which ``bench/run.py`` reads like a pytest-benchmark run.
+    """
+    import statistics
+    import time
+
+    entries = []
+    for provider, modes in spec.providers():
+        for mode in modes:
+            backend = FAKEQUANT_BACKENDS.get(provider, "auto")
+            fakequant.set_backend(backend)
+            try:
+                fn = spec.build(provider, mode, case)
+                for _ in range(WARMUP_CALLS):
+                    fn()
+            finally:
+                fakequant.set_backend("auto")
+            info = extra_info(op=spec.op, provider=provider, mode=mode, case=case, nbytes=spec.bytes(mode, case))
+            info["backend"] = backend
+            entries.append((f"{spec.op}[{case.test_id}-{provider}-{mode}]", backend, fn, info, []))
+    for _ in range(rounds):
+        for _name, backend, fn, _info, times in entries:
+            if backend != "auto":
+                fakequant.set_backend(backend)
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            if backend != "auto":
+                fakequant.set_backend("auto")
+    results = []
+    for name, _, _, info, times in entries:
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        stats = {
+            "median": statistics.median(times),
+            "min": min(times),
+            "iqr": quartiles[2] - quartiles[0],
+            "rounds": len(times),
+        }
+        results.append({"name": name, "extra_info": info, "stats": stats})
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Usage::
     python bench/run.py                 # full: sizes 2^16..2^24 and ResNet-50 shapes (tens of minutes on 2 cores)
     python bench/run.py --quick         # 2^18, 2^22 and two ResNet-50 shapes (a few minutes on 2 cores)
     python bench/run.py --ops per_channel binarize --providers fakequant reference copy
+    python bench/run.py --quick --interleaved   # providers timed round-robin (steadier ratios on a busy machine)
     python bench/run.py --from-json bench/results/<stamp>.json --stat min   # redraw from a past run
 
 Each ``bench/bench_*.py`` file runs under pytest-benchmark (``--benchmark-json``); the rows come from the
@@ -122,6 +123,32 @@ def run_benchmarks(files: list[Path], json_path: Path, log_path: Path, args) -> 
     if code not in (0, 1):  # 1: some benchmarks failed, the rest still count
         raise SystemExit(f"pytest exited with code {code}; see {log_path}")
     return progress.failed
+
+
+def run_interleaved(files: list[Path], json_path: Path, args) -> list[str]:
+    """Times every provider and mode of each case round-robin (``common.interleaved``); writes the rows as a
+    pytest-benchmark-shaped JSON. Returns the cases that failed."""
+    import importlib
+    import traceback
+
+    from tqdm import tqdm
+
+    from bench import common
+
+    rounds = args.rounds or (10 if args.quick else 30)
+    specs = [importlib.import_module(f"bench.{p.stem}").SPEC for p in files]
+    benchmarks, failed = [], []
+    with tqdm(total=sum(len(s.cases) for s in specs), desc="cases", unit="case", file=sys.__stderr__) as bar:
+        for spec in specs:
+            for case in spec.cases:
+                bar.set_postfix_str(f"{spec.op} {case.label}", refresh=False)
+                try:
+                    benchmarks += common.interleaved(spec, case, rounds)
+                except Exception:  # noqa: BLE001  (report the case and keep measuring the others)
+                    failed.append(f"{spec.op} {case.label}: {traceback.format_exc(limit=1).strip()}")
+                bar.update(1)
+    json_path.write_text(json.dumps({"benchmarks": benchmarks}, indent=1))
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,6 +462,13 @@ def parse_args(argv=None):
     parser.add_argument("--from-json", type=Path, help="skip running: rebuild table, CSV and plot from this JSON")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="instead of pytest-benchmark, time every provider and mode of a case round-robin, so that load "
+        "from other processes hits all of them alike (for shared machines)",
+    )
+    parser.add_argument("--rounds", type=int, help="rounds of --interleaved (default 10 quick, 30 full)")
+    parser.add_argument(
         "--stat",
         choices=("median", "min"),
         default="median",
@@ -471,7 +505,12 @@ def main(argv=None) -> int:
         others = other_bench_files()
         if others:
             print(f"not run (not on bench/common.py; run them with pytest): {', '.join(p.name for p in others)}")
-        failed = run_benchmarks(chosen, json_path, stem.with_suffix(".log"), args)
+        if args.interleaved:
+            meta["timing"] = f"interleaved, {args.rounds or (10 if args.quick else 30)} rounds"
+            failed = run_interleaved(chosen, json_path, args)
+        else:
+            meta["timing"] = "pytest-benchmark"
+            failed = run_benchmarks(chosen, json_path, stem.with_suffix(".log"), args)
         if hasattr(os, "getloadavg"):
             meta["load_avg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
         meta["wall_time_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
