@@ -63,11 +63,14 @@ def make_fold_call(variant: str):
     backend = "reference" if variant == "fused-reference-kernels" else "auto"
 
     if variant.startswith("fused"):
+
         def forward():
             return fakequant.bn_fold_fake_quant_weight(weight, gamma, var, EPS, scale, zero_point, -128, 127)
     else:
+
         def composition():
             return reference.bn_fold_fake_quant_weight(weight, gamma, var, EPS, scale, zero_point, -128, 127)
+
         forward = torch.compile(composition, dynamic=False) if variant == "compiled-composition" else composition
 
     def call():
@@ -127,8 +130,12 @@ class ResNetCifar(nn.Module):
 
 
 CONFIG_LIST = [
-    {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"],
-     "quant_scheme": "per_channel_symmetric"},
+    {
+        "quant_types": ["weight"],
+        "quant_bits": 8,
+        "op_types": ["Conv2d", "Linear"],
+        "quant_scheme": "per_channel_symmetric",
+    },
     {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
 ]
 
@@ -140,7 +147,9 @@ def make_step(variant: str):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if variant != "fp32":
         quantizer = fakequant.QAT_Quantizer(
-            model, CONFIG_LIST, optimizer,
+            model,
+            CONFIG_LIST,
+            optimizer,
             bn_folding=variant != "qat-nofold",
             freeze_bn_step=0 if variant == "qat-fold-frozen" else None,
         )
