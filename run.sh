@@ -3,7 +3,7 @@
 # it needs (requirements.txt, then an incremental build of fakequant._C) before it runs.
 #   bash run.sh demo    the main job
 #   bash run.sh test    the test suite (what CI runs)
-#   bash run.sh bench   the benchmarks
+#   bash run.sh bench   the benchmark table (bench/run.py; --quick for a short run)
 #   bash run.sh setup   install and build only
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -21,8 +21,8 @@ setup() {
 
 case "${1:-}" in
   setup) setup ;;
-  demo) setup; "$PYTHON" examples/demo.py "${@:2}" ;;
+  demo) setup; "$PYTHON" examples/digits.py "${@:2}" ;;
   test) setup; "$PYTHON" -m pytest tests "${@:2}" ;;
-  bench) setup; "$PYTHON" -m pytest bench --benchmark-only "${@:2}" ;;
+  bench) setup; "$PYTHON" bench/run.py "${@:2}" ;;
   *) echo "usage: bash run.sh demo|test|bench|setup [args]" >&2; exit 2 ;;
 esac

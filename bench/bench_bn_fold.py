@@ -1,257 +1,96 @@
-"""BatchNorm folding benchmarks (issue 5 targets; measured here, never asserted).
+"""BN fold + per-channel fake quant of a conv weight (int8 symmetric): fakequant vs the reference composition,
+torch.compile of it, copy. PyTorch and NNI have no fused fold; the composition is what they run.
 
-1. Fold + per-channel 8-bit fake quant of a 256x256x3x3 conv weight, forward + backward (gradients to the
-   weight and gamma), 2 threads: the fused ``fakequant::bn_fold_fake_quant_weight`` op (compiled kernels),
-   the same op on the reference kernels, the differentiable pure-PyTorch composition
-   (``fakequant.reference.bn_fold_fake_quant_weight``) and ``torch.compile`` of the composition.
-   Target: fused <= 0.5 ms.
-2. One SGD step of a small ResNet-style CNN (3x32x32, batch 32, 2 threads): FP32 vs QAT_Quantizer with BN
-   folding (live statistics, and frozen) vs QAT_Quantizer without folding. Target: folded QAT <= 1.15x FP32.
+Sizes: the 2^16..2^24 sweep as (256, n / 256) weights and the ResNet-50 conv weights. forward+backward
+differentiates the weight and gamma (the running variance is a buffer); it moves 22 B/element for fp32:
+the usual 18 plus the weight read again for gamma's gradient. Issue 5's target: 256x256x3x3 forward+backward
+at most 0.5 ms.
 
-Run with pytest-benchmark::
-
+    python bench/run.py --ops bn_fold
     python -m pytest bench/bench_bn_fold.py --benchmark-only
-
-or, for interleaved medians and ratios (less sensitive to a machine whose load drifts)::
-
-    python bench/bench_bn_fold.py [rounds]
 """
 
 from __future__ import annotations
 
-import os
-import statistics
-import sys
-import time
-
 import torch
-from torch import nn
 
 import fakequant
+from bench import common
 from fakequant import reference
-from fakequant.bn_fold import folded_weight_range
 
-# The issue's setting; FAKEQUANT_BENCH_THREADS=1 gives steadier numbers on a loaded machine.
-THREADS = int(os.environ.get("FAKEQUANT_BENCH_THREADS", "2"))
-BATCH = 32
-WEIGHT_SHAPE = (256, 256, 3, 3)
+QUANT_MIN, QUANT_MAX = -127, 127
 EPS = 1e-5
+FLAT_CHANNELS = 256
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. The fold + fake quant of one weight
-# ---------------------------------------------------------------------------------------------
-
-
-def _weight_inputs():
-    generator = torch.Generator().manual_seed(0)
-    weight = (torch.randn(WEIGHT_SHAPE, generator=generator) * 0.05).requires_grad_()
-    gamma = (torch.rand(WEIGHT_SHAPE[0], generator=generator) + 0.5).requires_grad_()
-    var = torch.rand(WEIGHT_SHAPE[0], generator=generator) + 0.5
-    with torch.no_grad():
-        factor = reference.bn_fold_factor(gamma, var, EPS)
-        low, high = folded_weight_range(weight, factor)
-        scale, zero_point = fakequant.choose_qparams(low, high, -128, 127, symmetric=True)
-    grad = torch.randn(WEIGHT_SHAPE, generator=generator)
-    return weight, gamma, var, scale, zero_point, grad
-
-
-def make_fold_call(variant: str):
-    """A closure running forward + backward of the fold and fake quant: 'fused', 'fused-reference-kernels',
-    'composition' or 'compiled-composition'."""
-    weight, gamma, var, scale, zero_point, grad = _weight_inputs()
-    backend = "reference" if variant == "fused-reference-kernels" else "auto"
-
-    if variant.startswith("fused"):
-
-        def forward():
-            return fakequant.bn_fold_fake_quant_weight(weight, gamma, var, EPS, scale, zero_point, -128, 127)
-    else:
-
-        def composition():
-            return reference.bn_fold_fake_quant_weight(weight, gamma, var, EPS, scale, zero_point, -128, 127)
-
-        forward = torch.compile(composition, dynamic=False) if variant == "compiled-composition" else composition
-
-    def call():
-        fakequant.set_backend(backend)
-        out = forward()
-        torch.autograd.grad(out, (weight, gamma), grad)
-
-    for _ in range(3):  # warm-up (and torch.compile's compilation)
-        call()
-    fakequant.set_backend("auto")
-    return call
-
-
-FOLD_VARIANTS = ("fused", "fused-reference-kernels", "composition", "compiled-composition")
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. One training step of a small ResNet-style CNN
-# ---------------------------------------------------------------------------------------------
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels_out)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels_out)
-        self.relu2 = nn.ReLU()
-        self.shortcut = nn.Identity()
-        if stride != 1 or channels_in != channels_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(channels_in, channels_out, 1, stride, bias=False), nn.BatchNorm2d(channels_out)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNetCifar(nn.Module):
-    """A stem and three stages of two residual blocks (16, 32, 64 channels): 15 Conv+BN pairs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        blocks, channels = [], 16
-        for width, stride in ((16, 1), (16, 1), (32, 2), (32, 1), (64, 2), (64, 1)):
-            blocks.append(ResidualBlock(channels, width, stride))
-            channels = width
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-
-CONFIG_LIST = [
-    {
-        "quant_types": ["weight"],
-        "quant_bits": 8,
-        "op_types": ["Conv2d", "Linear"],
-        "quant_scheme": "per_channel_symmetric",
-    },
-    {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]},
-]
-
-
-def make_step(variant: str):
-    """A closure running one SGD step: 'fp32', 'qat-fold', 'qat-fold-frozen' or 'qat-nofold'."""
-    torch.manual_seed(0)
-    model = ResNetCifar()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if variant != "fp32":
-        quantizer = fakequant.QAT_Quantizer(
-            model,
-            CONFIG_LIST,
-            optimizer,
-            bn_folding=variant != "qat-nofold",
-            freeze_bn_step=0 if variant == "qat-fold-frozen" else None,
-        )
-        quantizer.compress()
-        if variant != "qat-nofold":
-            assert len(quantizer.folded_pairs) == 15
+def make_inputs(case: common.Case) -> common.Inputs:
+    weight = common.random_input(case) * 0.05
+    channels = case.shape[0]
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (BATCH,), generator=generator)
-
-    def step() -> None:
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(3):
-        step()
-    return step
+    gamma = (0.5 + torch.rand(channels, generator=generator)).to(weight.device)
+    var = (0.5 + torch.rand(channels, generator=generator)).to(weight.device)
+    folded = weight * (gamma / torch.sqrt(var + EPS)).reshape(-1, *([1] * (weight.dim() - 1)))
+    scale = (folded.abs().amax(dim=tuple(range(1, weight.dim()))) / QUANT_MAX).clamp_min(1e-8).float()
+    zero_point = torch.zeros(channels, dtype=torch.int32, device=weight.device)
+    return common.Inputs(x=weight, gamma=gamma, var=var, scale=scale, zero_point=zero_point)
 
 
-STEP_VARIANTS = ("fp32", "qat-fold", "qat-fold-frozen", "qat-nofold")
+def fused_forward(i, compute_mask):
+    return torch.ops.fakequant.bn_fold_fake_quant_weight(
+        i.x, i.gamma, i.var, EPS, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX, compute_mask
+    )
 
 
-# ---------------------------------------------------------------------------------------------
-# pytest-benchmark entry points
-# ---------------------------------------------------------------------------------------------
+def fused_differentiable(i):
+    return fakequant.bn_fold_fake_quant_weight(i.x, i.gamma, i.var, EPS, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX)
 
 
-def _run(benchmark, make, variant: str, rounds: int) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        call = make(variant)
-        benchmark.extra_info.update(variant=variant, extension_loaded=fakequant.extension_loaded())
-        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=2)
-    finally:
-        fakequant.set_backend("auto")
-        torch.set_num_threads(threads)
+def reference_forward(i, compute_mask):
+    return reference.bn_fold_fake_quant_weight_forward(
+        i.x, i.gamma, i.var, EPS, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX, compute_mask
+    )
 
 
-def test_fold_fused(benchmark):
-    _run(benchmark, make_fold_call, "fused", 100)
+def reference_differentiable(i):
+    return reference.bn_fold_fake_quant_weight(i.x, i.gamma, i.var, EPS, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX)
 
 
-def test_fold_fused_reference_kernels(benchmark):
-    _run(benchmark, make_fold_call, "fused-reference-kernels", 50)
+def _folded(weight, gamma, var):
+    return weight.float() * reference._channel_view(reference.bn_fold_factor(gamma, var, EPS), 0, weight.dim())
 
 
-def test_fold_composition(benchmark):
-    _run(benchmark, make_fold_call, "composition", 50)
+def composition_forward(i, compute_mask):
+    # The reference's value checks read tensor values (a graph break); torch.compile gets the arithmetic only.
+    ndim = i.x.dim()
+    return reference._fake_quant_values(
+        _folded(i.x, i.gamma, i.var),
+        reference._channel_view(i.scale, 0, ndim),
+        reference._channel_view(i.zero_point, 0, ndim),
+        QUANT_MIN,
+        QUANT_MAX,
+        compute_mask,
+        i.x.dtype,
+    )
 
 
-def test_fold_compiled_composition(benchmark):
-    _run(benchmark, make_fold_call, "compiled-composition", 50)
+def composition_differentiable(i):
+    detached = common.Inputs(**{**vars(i), "x": i.x.detach(), "gamma": i.gamma.detach()})
+    out, mask = composition_forward(detached, True)
+    return common.straight_through(out, mask, _folded(i.x, i.gamma, i.var))
 
 
-def test_step_fp32(benchmark):
-    _run(benchmark, make_step, "fp32", 30)
+SPEC = common.OpBench(
+    op="bn_fold",
+    cases=common.flat_cases(FLAT_CHANNELS) + [c for c in common.resnet50_weight_cases() if len(c.shape) == 4],
+    make_inputs=make_inputs,
+    fused_forward=fused_forward,
+    fused_differentiable=fused_differentiable,
+    reference_forward=reference_forward,
+    reference_differentiable=reference_differentiable,
+    composition_forward=composition_forward,
+    composition_differentiable=composition_differentiable,
+    differentiable_inputs=("x", "gamma"),
+    extra_backward_bytes=4,  # the weight, read again for gamma's gradient
+)
 
-
-def test_step_qat_bn_fold(benchmark):
-    _run(benchmark, make_step, "qat-fold", 30)
-
-
-def test_step_qat_bn_fold_frozen(benchmark):
-    _run(benchmark, make_step, "qat-fold-frozen", 30)
-
-
-def test_step_qat_no_fold(benchmark):
-    _run(benchmark, make_step, "qat-nofold", 30)
-
-
-def interleaved(make, variants, rounds: int) -> dict[str, tuple[float, float]]:
-    """(median, min) time of each variant, measured round-robin so that load drifts hit all of them alike.
-
-    The min is reported too: on a shared machine a 2-thread parallel region often waits for a descheduled
-    thread (seen here: the fused op alternating between 2 ms and 30 ms from one call to the next).
-    """
-    calls = {variant: make(variant) for variant in variants}
-    times: dict[str, list[float]] = {variant: [] for variant in variants}
-    for _ in range(rounds):
-        for variant, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[variant].append(time.perf_counter() - start)
-    fakequant.set_backend("auto")
-    return {variant: (statistics.median(values), min(values)) for variant, values in times.items()}
-
-
-def _print(results: dict[str, tuple[float, float]], baseline: str) -> None:
-    base_median, base_min = results[baseline]
-    for variant, (median, fastest) in results.items():
-        print(f"  {variant:>24}: median {median * 1e3:9.3f} ms ({median / base_median:5.2f}x {baseline})   "
-              f"min {fastest * 1e3:9.3f} ms ({fastest / base_min:5.2f}x)")
-
-
-if __name__ == "__main__":
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    torch.set_num_threads(THREADS)
-    print(f"extension loaded: {fakequant.extension_loaded()}  threads: {THREADS}  rounds: {rounds}")
-    print(f"fold + per-channel fake quant of {WEIGHT_SHAPE}, forward + backward:")
-    _print(interleaved(make_fold_call, FOLD_VARIANTS, rounds), "fused")
-    print(f"training step, ResNetCifar, batch {BATCH}:")
-    _print(interleaved(make_step, STEP_VARIANTS, rounds), "fp32")
+test_bn_fold = common.make_test(SPEC)

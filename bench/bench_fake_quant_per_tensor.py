@@ -1,215 +1,82 @@
-"""Per-tensor fake quantization of 2^22 fp32 elements on CPU (2 threads, see conftest.py).
+"""Per-tensor fake quant (int8 affine): fakequant vs the reference composition, torch, torch.compile, NNI, copy.
 
-Providers: a plain copy (the memory-bandwidth floor), the fused C++ kernel with and without the mask, the
-pure-PyTorch composition (fakequant.reference), torch.fake_quantize_per_tensor_affine, and torch.compile of
-the composition; forward and forward+backward. GB/s counts the bytes each mode must move at least:
-forward 8 B/element without the mask, 9 with it; forward+backward 18 (x, out, mask; grad, mask, grad_x).
+Sizes: the 2^16..2^24 sweep (1-D), ResNet-50 activations (batch 8, NCHW: per-tensor is how activations are
+quantized) and, in full runs, ResNet-50 weights. GB/s counts the bytes each mode must move at least (forward
+8 B/element without the mask, 9 with it, forward+backward 18; see bench/common.py). Issue 2's targets (2^22,
+same run): forward within 1.1x of the copy without the mask and 1.25x with it, forward+backward within 3x.
 
+    python bench/run.py --ops per_tensor
     python -m pytest bench/bench_fake_quant_per_tensor.py --benchmark-only
-
-Issue 2's targets (same run): forward without the mask within 1.1x of the copy, with the mask within
-1.25x, both faster than the compiled composition; forward+backward within 3x of the copy.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import fakequant
+from bench import common
 from fakequant import reference
 
-N = 1 << 22
 QUANT_MIN, QUANT_MAX = -128, 127
-FORWARD_BYTES = {False: 8 * N, True: 9 * N}
-BACKWARD_BYTES = 18 * N
-
-pytestmark = pytest.mark.benchmark(min_rounds=10, max_time=0.5, warmup=True, warmup_iterations=3)
 
 
-@pytest.fixture(scope="module")
-def data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, generator=g) * 3
-    grad_out = torch.randn(N, generator=g)
-    scale = torch.tensor(0.05)
-    zero_point = torch.tensor(3, dtype=torch.int32)
-    return x, grad_out, scale, zero_point
+def make_inputs(case: common.Case) -> common.Inputs:
+    x = common.random_input(case)
+    scale, zero_point = common.qparams_like(x, None, QUANT_MIN, QUANT_MAX)
+    return common.Inputs(x=x, scale=scale, zero_point=zero_point)
 
 
-def test_extension_loaded():
-    assert fakequant.extension_loaded(), fakequant.extension_error()
+def fused_forward(i, compute_mask):
+    return torch.ops.fakequant.fake_quant_per_tensor(i.x, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX, compute_mask)
 
 
-# ---------------------------------------------------------------------------------------------
-# Forward
-# ---------------------------------------------------------------------------------------------
+def fused_differentiable(i):
+    return fakequant.fake_quant_per_tensor(i.x, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX)
 
 
-def test_forward_copy(benchmark, record, data):
-    x = data[0]
-    y = torch.empty_like(x)
-    benchmark(torch.add, x, 0, out=y)
-    record(benchmark, "forward", "copy", FORWARD_BYTES[False])
+def reference_forward(i, compute_mask):
+    return reference.fake_quant_per_tensor_forward(i.x, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX, compute_mask)
 
 
-def test_forward_copy_allocating(benchmark, record, data):
-    # The fused op allocates its output (and mask) on every call, as any functional op does; a copy into a
-    # fresh tensor shows what that allocation (page faults included) costs on its own.
-    benchmark(torch.add, data[0], 0)
-    record(benchmark, "forward", "copy (allocating)", FORWARD_BYTES[False])
+def reference_differentiable(i):
+    return reference.fake_quant_per_tensor(i.x, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX)
 
 
-@pytest.mark.parametrize("compute_mask", [False, True], ids=["no_mask", "mask"])
-def test_forward_fused(benchmark, record, data, compute_mask):
-    x, _, scale, zero_point = data
-    op = torch.ops.fakequant.fake_quant_per_tensor
-    benchmark(op, x, scale, zero_point, QUANT_MIN, QUANT_MAX, compute_mask)
-    record(benchmark, "forward", f"fused ({'mask' if compute_mask else 'no mask'})", FORWARD_BYTES[compute_mask])
-
-
-def test_forward_reference(benchmark, record, data):
-    x, _, scale, zero_point = data
-    benchmark(reference.fake_quant_per_tensor_forward, x, scale, zero_point, QUANT_MIN, QUANT_MAX, True)
-    record(benchmark, "forward", "reference composition", FORWARD_BYTES[True])
-
-
-def test_forward_torch(benchmark, record, data):
-    x, _, scale, zero_point = data
-    benchmark(torch.fake_quantize_per_tensor_affine, x, scale, zero_point, QUANT_MIN, QUANT_MAX)
-    record(benchmark, "forward", "torch.fake_quantize", FORWARD_BYTES[False])
-
-
-@pytest.mark.parametrize("compute_mask", [False, True], ids=["no_mask", "mask"])
-def test_forward_compiled_reference(benchmark, record, data, compute_mask):
-    x, _, scale, zero_point = data
-    # Not fullgraph: the reference's value checks (scale > 0, zero point in range) read tensor values, a graph
-    # break; the arithmetic after them compiles into one graph.
-    compiled = torch.compile(reference.fake_quant_per_tensor_forward)
-    compiled(x, scale, zero_point, QUANT_MIN, QUANT_MAX, compute_mask)  # compile outside the timing
-    benchmark(compiled, x, scale, zero_point, QUANT_MIN, QUANT_MAX, compute_mask)
-    name = f"compiled composition ({'mask' if compute_mask else 'no mask'})"
-    record(benchmark, "forward", name, FORWARD_BYTES[compute_mask])
-
-
-# ---------------------------------------------------------------------------------------------
-# Forward + backward: out = f(x); grad_x = d out / d x . grad_out
-# ---------------------------------------------------------------------------------------------
-
-
-def forward_backward(fn, x, grad_out):
-    out = fn(x)
-    return torch.autograd.grad(out, x, grad_out)[0]
-
-
-def run_forward_backward(benchmark, record, data, provider, fn):
-    x, grad_out = data[0].clone().requires_grad_(), data[1]
-    forward_backward(fn, x, grad_out)  # warm-up (and compilation)
-    benchmark(forward_backward, fn, x, grad_out)
-    record(benchmark, "forward+backward", provider, BACKWARD_BYTES)
-
-
-def test_forward_backward_fused(benchmark, record, data):
-    _, _, scale, zero_point = data
-    run_forward_backward(
-        benchmark,
-        record,
-        data,
-        "fused",
-        lambda x: fakequant.fake_quant_per_tensor(x, scale, zero_point, QUANT_MIN, QUANT_MAX),
+def composition_forward(i, compute_mask):
+    # The reference's value checks read tensor values (a graph break); torch.compile gets the arithmetic only.
+    return reference._fake_quant_values(
+        i.x.float(), i.scale.reshape(()), i.zero_point.reshape(()), QUANT_MIN, QUANT_MAX, compute_mask, i.x.dtype
     )
 
 
-def test_forward_backward_reference(benchmark, record, data):
-    _, _, scale, zero_point = data
-    run_forward_backward(
-        benchmark,
-        record,
-        data,
-        "reference composition",
-        lambda x: reference.fake_quant_per_tensor(x, scale, zero_point, QUANT_MIN, QUANT_MAX),
-    )
+def composition_differentiable(i):
+    out, mask = composition_forward(common.Inputs(**{**vars(i), "x": i.x.detach()}), True)
+    return common.straight_through(out, mask, i.x)
 
 
-def test_forward_backward_torch(benchmark, record, data):
-    _, _, scale, zero_point = data
-    run_forward_backward(
-        benchmark,
-        record,
-        data,
-        "torch.fake_quantize",
-        lambda x: torch.fake_quantize_per_tensor_affine(x, scale, zero_point, QUANT_MIN, QUANT_MAX),
-    )
+def torch_differentiable(i):
+    return torch.fake_quantize_per_tensor_affine(i.x, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX)
 
 
-def test_forward_backward_compiled_reference(benchmark, record, data):
-    _, _, scale, zero_point = data
+def nni_differentiable(i):
+    from nni.compression.base.apply_method import QATClampRound
 
-    def composition(x):
-        return reference.fake_quant_per_tensor(x, scale, zero_point, QUANT_MIN, QUANT_MAX)
-
-    run_forward_backward(benchmark, record, data, "compiled composition", torch.compile(composition))
+    space = common.nni_target_space(i.scale, i.zero_point.float(), QUANT_MIN, QUANT_MAX, output=True)
+    return QATClampRound.apply(i.x, space)
 
 
-# ---------------------------------------------------------------------------------------------
-# Interleaved run: python bench/bench_fake_quant_per_tensor.py [rounds]
-# pytest-benchmark times one provider after another, so on a shared machine a burst of load lands on
-# whichever provider is running; here every round times each provider once, so load hits all alike.
-# ---------------------------------------------------------------------------------------------
+SPEC = common.OpBench(
+    op="per_tensor",
+    cases=common.flat_cases() + common.resnet50_activation_cases() + common.resnet50_weight_cases(in_quick=False),
+    make_inputs=make_inputs,
+    fused_forward=fused_forward,
+    fused_differentiable=fused_differentiable,
+    reference_forward=reference_forward,
+    reference_differentiable=reference_differentiable,
+    composition_forward=composition_forward,
+    composition_differentiable=composition_differentiable,
+    torch_differentiable=torch_differentiable,
+    nni_differentiable=nni_differentiable,
+)
 
-
-def interleaved(rounds: int = 50) -> None:
-    import os
-    import statistics
-    import sys
-    import time
-
-    torch.set_num_threads(int(os.environ.get("FAKEQUANT_BENCH_THREADS", "2")))
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    g = torch.Generator().manual_seed(0)
-    x, grad_out = torch.randn(N, generator=g) * 3, torch.randn(N, generator=g)
-    scale, zero_point = torch.tensor(0.05), torch.tensor(3, dtype=torch.int32)
-    y = torch.empty_like(x)
-    xg = x.clone().requires_grad_()
-    op = torch.ops.fakequant.fake_quant_per_tensor
-    compiled = torch.compile(reference.fake_quant_per_tensor_forward)
-    compiled_grad = torch.compile(lambda t: reference.fake_quant_per_tensor(t, scale, zero_point, QUANT_MIN, QUANT_MAX))
-
-    def grad_of(fn):
-        return lambda: torch.autograd.grad(fn(xg), xg, grad_out)
-
-    providers = {
-        "forward copy": (lambda: torch.add(x, 0, out=y), 8),
-        "forward copy (allocating)": (lambda: torch.add(x, 0), 8),
-        "forward fused (no mask)": (lambda: op(x, scale, zero_point, QUANT_MIN, QUANT_MAX, False), 8),
-        "forward fused (mask)": (lambda: op(x, scale, zero_point, QUANT_MIN, QUANT_MAX, True), 9),
-        "forward compiled (no mask)": (lambda: compiled(x, scale, zero_point, QUANT_MIN, QUANT_MAX, False), 8),
-        "forward compiled (mask)": (lambda: compiled(x, scale, zero_point, QUANT_MIN, QUANT_MAX, True), 9),
-        "fwd+bwd fused": (
-            grad_of(lambda t: fakequant.fake_quant_per_tensor(t, scale, zero_point, QUANT_MIN, QUANT_MAX)),
-            18,
-        ),
-        "fwd+bwd compiled": (grad_of(compiled_grad), 18),
-    }
-    times: dict[str, list[float]] = {name: [] for name in providers}
-    for fn, _ in providers.values():  # warm-up and compilation
-        fn(), fn()
-    for _ in range(rounds):
-        for name, (fn, _) in providers.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    copy = statistics.median(times["forward copy"])
-    print(
-        f"{rounds} interleaved rounds, {torch.get_num_threads()} threads, {clock.__name__}, medians:", file=sys.stderr
-    )
-    for name, (_, bytes_per_element) in providers.items():
-        median = statistics.median(times[name])
-        gb_per_s = bytes_per_element * N / median / 1e9
-        print(f"{name:28s} {median * 1e3:8.3f} ms {gb_per_s:7.2f} GB/s {median / copy:6.2f}x copy")
-
-
-if __name__ == "__main__":
-    import sys
-
-    interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 50)
+test_fake_quant_per_tensor = common.make_test(SPEC)
