@@ -50,6 +50,9 @@ def run_rank(rank: int, port: int, sync_ranges: bool, out_dir: str) -> None:
             optimizer.step()
         state = {k: v.clone() for k, v in model.state_dict().items() if "fakequant_" in k}
         torch.save(state, f"{out_dir}/rank{rank}.pth")
+        # No rank tears gloo down while the other still talks to it: one CI run aborted in teardown
+        # ("terminate called without an active exception") without this barrier.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
