@@ -1,7 +1,10 @@
-"""One training step of a small ResNet-style CNN: FP32 vs QAT_Quantizer on the compiled kernels vs the reference.
+"""One training step of a small ResNet-style CNN: FP32 vs QAT_Quantizer, with and without BN folding.
 
 3x32x32 inputs, batch 32, ``torch.set_num_threads(2)``; QAT quantizes Conv2d/Linear weights (8 bits) and the
-ReLU outputs (8 bits). Target (issue 4): the QAT step costs at most 1.10x the FP32 step.
+ReLU outputs (8 bits). Variants: ``qat`` (compiled kernels, Conv+BN pairs folded, the default),
+``qat-reference`` (the same on the reference kernels), ``qat-nofold`` (``bn_folding=False``) and
+``qat-fold-frozen`` (BN statistics frozen from step 0). Targets: the QAT step without folding costs at most
+1.10x the FP32 step (issue 4), with folding at most 1.15x (issue 5).
 
 Run with pytest-benchmark::
 
@@ -9,9 +12,10 @@ Run with pytest-benchmark::
 
 or, for one interleaved table with the ratios (less sensitive to a machine whose load drifts)::
 
-    python bench/bench_qat_step.py [rounds]        # BENCH_THREADS=1 for one thread
+    python bench/bench_qat_step.py [rounds]        # FAKEQUANT_BENCH_THREADS=1 for one thread
 
-Measured on the shared 2-core machine (load average 3 to 9 from other agents: noisy), medians of 15
+Measured before BN folding existed (so ``qat`` then meant today's ``qat-nofold``), on the shared 2-core
+machine (load average 3 to 9 from other agents: noisy), medians of 15
 interleaved rounds, compiled CPU kernels:
 
 =======================  ============  ===========
@@ -30,6 +34,7 @@ the 48 ms gap and the quantizer's hooks, observers and qparams about 12 ms. The 
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -40,7 +45,7 @@ from torch import nn
 import fakequant
 
 BATCH = 32
-THREADS = int(__import__("os").environ.get("BENCH_THREADS", "2"))
+THREADS = int(os.environ.get("FAKEQUANT_BENCH_THREADS", "2"))
 
 
 class BasicBlock(nn.Module):
@@ -90,12 +95,18 @@ CONFIG_LIST = [
 
 
 def make_step(variant: str):
-    """Returns a closure running one SGD step; variant is 'fp32', 'qat' (auto kernels) or 'qat-reference'."""
+    """Returns a closure running one SGD step of ``variant`` (one of :data:`VARIANTS`)."""
     torch.manual_seed(0)
     model = SmallResNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if variant != "fp32":
-        fakequant.QAT_Quantizer(model, CONFIG_LIST, optimizer).compress()
+        fakequant.QAT_Quantizer(
+            model,
+            CONFIG_LIST,
+            optimizer,
+            bn_folding=variant != "qat-nofold",
+            freeze_bn_step=0 if variant == "qat-fold-frozen" else None,
+        ).compress()
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (BATCH,), generator=generator)
@@ -114,7 +125,7 @@ def make_step(variant: str):
     return step
 
 
-VARIANTS = ("fp32", "qat", "qat-reference")
+VARIANTS = ("fp32", "qat", "qat-reference", "qat-nofold", "qat-fold-frozen")
 
 
 def _bench(benchmark, variant: str) -> None:
@@ -140,6 +151,14 @@ def test_step_qat_fused(benchmark):
 
 def test_step_qat_reference(benchmark):
     _bench(benchmark, "qat-reference")
+
+
+def test_step_qat_no_fold(benchmark):
+    _bench(benchmark, "qat-nofold")
+
+
+def test_step_qat_fold_frozen(benchmark):
+    _bench(benchmark, "qat-fold-frozen")
 
 
 def interleaved(rounds: int = 30) -> dict[str, float]:
