@@ -291,6 +291,22 @@ def _num(value, fmt: str) -> str:
 TABLE_COLUMNS = ("op", "mode", "size", "provider", "time", "GB/s", "copy BW", "x copy", "vs ref")
 
 
+def _row_cells(r: dict) -> tuple[str, ...]:
+    """One result row as the text of TABLE_COLUMNS, for the plain and the markdown table alike."""
+    speedup = _num(r.get("speedup_vs_reference"), ".2f")
+    return (
+        r["op"],
+        r["mode"],
+        r["size"],
+        r["provider"],
+        _time(r["time_s"]),
+        _num(r["gbps"], ".2f"),
+        _num(r.get("copy_bw_fraction"), ".2f"),
+        _num(r.get("x_copy"), ".2f"),
+        speedup if speedup == "-" else speedup + "x",
+    )
+
+
 def format_table(rows: list[dict]) -> str:
     lines = []
     previous_group = None
@@ -299,19 +315,7 @@ def format_table(rows: list[dict]) -> str:
         if previous_group is not None and group != previous_group:
             lines.append(None)
         previous_group = group
-        lines.append(
-            (
-                r["op"],
-                r["mode"],
-                r["size"],
-                r["provider"],
-                _time(r["time_s"]),
-                _num(r["gbps"], ".2f"),
-                _num(r.get("copy_bw_fraction"), ".2f"),
-                _num(r.get("x_copy"), ".2f"),
-                _num(r.get("speedup_vs_reference"), ".2f") + ("x" if "speedup_vs_reference" in r else ""),
-            )
-        )
+        lines.append(_row_cells(r))
     widths = [max(len(TABLE_COLUMNS[i]), *(len(line[i]) for line in lines if line)) for i in range(len(TABLE_COLUMNS))]
     right = {4, 5, 6, 7, 8}
 
@@ -329,19 +333,7 @@ def format_markdown(rows: list[dict]) -> str:
     """The same table as GitHub markdown (for docs/benchmarks.md)."""
     out = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * 4 + "---:|" * 5]
     for r in rows:
-        speedup = r.get("speedup_vs_reference")
-        cells = [
-            r["op"],
-            r["mode"],
-            r["size"],
-            r["provider"],
-            _time(r["time_s"]),
-            _num(r["gbps"], ".2f"),
-            _num(r.get("copy_bw_fraction"), ".2f"),
-            _num(r.get("x_copy"), ".2f"),
-            "-" if speedup is None else f"{speedup:.2f}x",
-        ]
-        out.append("| " + " | ".join(cells) + " |")
+        out.append("| " + " | ".join(_row_cells(r)) + " |")
     return "\n".join(out)
 
 
