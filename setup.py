@@ -47,7 +47,9 @@ def extensions():
     # -fopenmp: at::parallel_for is an inline template that runs serially unless the extension itself is
     # compiled with OpenMP (ATen defines INTRA_OP_PARALLEL only under _OPENMP); libgomp.so.1 then resolves
     # to the copy torch already loaded, so the kernels share torch's thread pool and set_num_threads.
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
+    # -ffp-contract=off: a * b + c must round twice, as the reference's separate tensor ops do (GCC would
+    # fuse it into an FMA wherever the target has one, e.g. the AVX2 kernels or any aarch64 build).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
     link_flags = ["-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not build_cuda():

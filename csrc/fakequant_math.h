@@ -8,6 +8,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
 
 namespace fakequant {
 
@@ -68,6 +69,50 @@ C10_HOST_DEVICE inline bool binarize_in_range(float x) {
 // BatchNorm's per-channel scale gamma / sqrt(var + eps), folded into the conv weight.
 C10_HOST_DEVICE inline float bn_fold_factor(float gamma, float var, float eps) {
   return gamma / sqrtf(var + eps);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Range observation and quantization parameters (the observe_range op). NaN propagates everywhere, as
+// in torch's min/max reductions and clamps, so a NaN in an observed tensor makes its scale NaN and the
+// next fake quantization fails loudly instead of quantizing with a stale range.
+// ----------------------------------------------------------------------------------------------
+
+// min/max that return NaN when either operand is NaN.
+C10_HOST_DEVICE inline float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
+C10_HOST_DEVICE inline float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+// The moving average tracked + c * (observed - tracked), rounded after each operation like the
+// reference's separate tensor ops (setup.py compiles with -ffp-contract=off, so no FMA on the host).
+C10_HOST_DEVICE inline float moving_average(float tracked, float observed, float averaging_constant) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(tracked, __fmul_rn(__fsub_rn(observed, tracked), averaging_constant));
+#else
+  return tracked + (observed - tracked) * averaging_constant;
+#endif
+}
+
+// Scale and zero point from a range, as fakequant.qparams.choose_qparams (SPEC §2), operation by
+// operation: zero forced into the range, scale at least FLT_EPSILON. The divisors are the reference's
+// Python floats rounded to fp32; the zero point is the fp32 value the reference converts to an integer.
+C10_HOST_DEVICE inline void choose_qparams(float min_val, float max_val, int64_t quant_min, int64_t quant_max,
+                                           bool symmetric, float& scale, float& zero_point) {
+  const float min_neg = min_val != min_val ? min_val : (min_val < 0.0f ? min_val : 0.0f);
+  const float max_pos = max_val != max_val ? max_val : (max_val > 0.0f ? max_val : 0.0f);
+  const float eps = 1.1920928955078125e-07f;  // torch.finfo(torch.float32).eps
+  const float qmin = static_cast<float>(quant_min);
+  const float qmax = static_cast<float>(quant_max);
+  if (symmetric) {
+    scale = nan_max(-min_neg, max_pos) / static_cast<float>(static_cast<double>(quant_max - quant_min) / 2.0);
+  } else {
+    scale = (max_pos - min_neg) / static_cast<float>(quant_max - quant_min);
+  }
+  scale = scale != scale ? scale : (scale < eps ? eps : scale);
+  if (symmetric) {
+    zero_point = quant_min < 0 ? 0.0f : static_cast<float>((quant_min + quant_max + 1) / 2);
+  } else {
+    const float zp = qmin - round_half_even(min_neg / scale);
+    zero_point = zp != zp ? zp : (zp < qmin ? qmin : (zp > qmax ? qmax : zp));
+  }
 }
 
 }  // namespace fakequant

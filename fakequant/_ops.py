@@ -21,6 +21,11 @@ compute_mask=True) -> (out, mask)``
 ``masked_grad(grad, mask) -> Tensor``
     The straight-through backward: ``grad`` where ``mask``, 0 elsewhere.
 ``bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, eps) -> (grad_weight, grad_gamma, grad_var)``
+``observe_range(x, tracked_range!, scale!, zero_point!, axis, averaging_constant, quant_min, quant_max, symmetric,
+fold=None) -> ()``
+    Updates the tracked ``[min, max]`` with ``x``'s range (replaced when ``averaging_constant == 1``, else
+    moved towards it) and sets ``scale``/``zero_point`` from it, all in place (``reference.observe_range``).
+    One call instead of the ~15 small tensor ops a quantizer spends per layer and step on its ranges.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ SCHEMAS = {
     "bn_fold_fake_quant_weight_backward": (
         "(Tensor grad, Tensor weight, Tensor mask, Tensor gamma, Tensor var, float eps) "
         "-> (Tensor grad_weight, Tensor grad_gamma, Tensor grad_var)"
+    ),
+    "observe_range": (
+        "(Tensor x, Tensor(a!) tracked_range, Tensor(b!) scale, Tensor(c!) zero_point, int? axis, "
+        "float averaging_constant, int quant_min, int quant_max, bool symmetric, Tensor? fold=None) -> ()"
     ),
 }
 
@@ -117,6 +126,14 @@ def bn_fold_fake_quant_weight_backward_default(grad, weight, mask, gamma, var, e
     return _like(grad_weight, weight), grad_gamma, grad_var
 
 
+def observe_range_default(
+    x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold=None
+):
+    reference.observe_range(
+        x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold
+    )
+
+
 DEFAULT_KERNELS = {
     "fake_quant_per_tensor": fake_quant_per_tensor_default,
     "fake_quant_per_channel": fake_quant_per_channel_default,
@@ -124,6 +141,7 @@ DEFAULT_KERNELS = {
     "bn_fold_fake_quant_weight": bn_fold_fake_quant_weight_default,
     "masked_grad": masked_grad_default,
     "bn_fold_fake_quant_weight_backward": bn_fold_fake_quant_weight_backward_default,
+    "observe_range": observe_range_default,
 }
 
 for _name, _kernel in DEFAULT_KERNELS.items():
@@ -175,6 +193,13 @@ def _(grad, mask):
 @torch.library.register_fake(f"{LIBRARY}::bn_fold_fake_quant_weight_backward", lib=_lib)
 def _(grad, weight, mask, gamma, var, eps):
     return torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(var)
+
+
+@torch.library.register_fake(f"{LIBRARY}::observe_range", lib=_lib)
+def _(x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold=None):
+    reference.check_observe_range_args(
+        x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, fold
+    )
 
 
 # ---------------------------------------------------------------------------------------------

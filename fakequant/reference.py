@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from fakequant.qparams import choose_qparams
+
 __all__ = [
     "FLOAT_DTYPES",
     "QUANT_LIMIT",
@@ -34,6 +36,9 @@ __all__ = [
     "bn_fold_fake_quant_weight_forward",
     "masked_grad",
     "bn_fold_fake_quant_weight_backward",
+    "check_observe_range_args",
+    "batch_range",
+    "observe_range",
     "fake_quant_per_tensor",
     "fake_quant_per_channel",
     "binarize",
@@ -326,6 +331,138 @@ def bn_fold_fake_quant_weight_backward(
     grad_gamma = (s / std).to(gamma.dtype)
     grad_var = (-0.5 * s * gamma.float() / (std * std * std)).to(var.dtype)
     return grad_weight, grad_gamma, grad_var
+
+
+# ---------------------------------------------------------------------------------------------
+# Range observation: the activation and weight ranges behind the scales (SPEC §2).
+# ---------------------------------------------------------------------------------------------
+
+
+def check_observe_range_args(
+    x: torch.Tensor,
+    tracked_range: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    averaging_constant: float,
+    quant_min: int,
+    quant_max: int,
+    fold: torch.Tensor | None = None,
+) -> int | None:
+    """Checks the arguments of :func:`observe_range`; returns the normalized axis (None: per tensor)."""
+    _check_x(x)
+    if x.numel() == 0:
+        raise ValueError(f"fakequant: cannot observe the range of an empty tensor (x has shape {tuple(x.shape)})")
+    _check_range(quant_min, quant_max)
+    if quant_min == quant_max:
+        raise ValueError(f"fakequant: choosing a scale needs quant_min < quant_max, got {quant_min} == {quant_max}")
+    if not (math.isfinite(averaging_constant) and 0.0 < averaging_constant <= 1.0):
+        raise ValueError(
+            f"fakequant: averaging_constant must be in (0, 1] (1 replaces the tracked range), got {averaging_constant}"
+        )
+    if axis is not None:
+        axis = normalize_axis(axis, x.dim())
+    channels = 1 if axis is None else x.size(axis)
+    state = [("tracked_range", tracked_range), ("scale", scale), ("zero_point", zero_point)]
+    if fold is not None:
+        state.append(("fold", fold))
+    for name, t in state:
+        if t.device != x.device:
+            raise ValueError(
+                f"fakequant: {name} is on {t.device} but x is on {x.device}; they must be on the same device"
+            )
+    for name, t in (("tracked_range", tracked_range), ("scale", scale)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"fakequant: {name} has dtype {t.dtype}; allowed: float32, float16, bfloat16")
+    if zero_point.dtype not in INT_DTYPES:
+        raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: int32, int64")
+    range_shape = (2,) if axis is None else (2, channels)
+    if tuple(tracked_range.shape) != range_shape:
+        raise ValueError(
+            f"fakequant: tracked_range must have shape {range_shape} ([min, max]"
+            f"{'' if axis is None else ' per channel'}), got {tuple(tracked_range.shape)}"
+        )
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if axis is None and t.numel() != 1:
+            raise ValueError(
+                f"fakequant: per-tensor {name} must have exactly one element, got shape {tuple(t.shape)}"
+            )
+        if axis is not None and (t.dim() != 1 or t.numel() != channels):
+            raise ValueError(
+                f"fakequant: per-channel {name} must be 1-D with {channels} elements "
+                f"(the size of the quantized axis), got shape {tuple(t.shape)}"
+            )
+    if fold is not None:
+        if axis not in (None, 0):
+            raise ValueError(f"fakequant: a fold factor applies along axis 0; allowed axis: None or 0, got {axis}")
+        if fold.dtype != torch.float32 or fold.dim() != 1 or fold.numel() != x.size(0):
+            raise ValueError(
+                f"fakequant: fold must be a 1-D float32 tensor with {x.size(0)} elements (x.size(0)), got "
+                f"{fold.dtype} of shape {tuple(fold.shape)}"
+            )
+    return axis
+
+
+def batch_range(
+    x: torch.Tensor, axis: int | None = None, fold: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 ``(min, max)`` of ``x`` (per tensor, or per slice along ``axis``); NaN propagates.
+
+    With ``fold`` (1-D, ``x.size(0)`` entries) it is the range of ``x * fold`` broadcast along axis 0,
+    computed from the per-channel range of ``x``: rounding is monotonic, so ``min(x) * f`` is exactly
+    ``min(x * f)`` for ``f >= 0``, and a negative ``f`` swaps min and max.
+    """
+    x = x.detach()
+    if fold is None and axis is None:
+        return x.amin().float(), x.amax().float()
+    channel_axis = 0 if axis is None else axis
+    # amin + amax: on CPU aminmax(dim=1) is not vectorized (measured 65 us against 10 us on a 64x576 weight).
+    flat = x.movedim(channel_axis, 0).reshape(x.size(channel_axis), -1)
+    low, high = flat.amin(dim=1).float(), flat.amax(dim=1).float()
+    if fold is not None:
+        low, high = low * fold, high * fold
+        negative = fold < 0
+        low, high = torch.where(negative, high, low), torch.where(negative, low, high)
+        if axis is None:
+            low, high = low.amin(), high.amax()
+    return low, high
+
+
+def observe_range(
+    x: torch.Tensor,
+    tracked_range: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    averaging_constant: float,
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool,
+    fold: torch.Tensor | None = None,
+) -> None:
+    """Observes ``x``'s range into ``tracked_range`` and sets ``scale``/``zero_point`` from it, in place.
+
+    ``tracked_range`` is ``[min, max]`` (shape ``(2,)``, or ``(2, C)`` per channel along ``axis``). With
+    ``averaging_constant == 1`` the batch range replaces it (a first observation, or weights, whose range is
+    the current weight's); below 1 it moves towards the batch range: ``tracked + c * (batch - tracked)``
+    (torch.ao's moving-average observer; ``c = 1 - decay``). Scale and zero point then follow from the
+    tracked range by :func:`fakequant.qparams.choose_qparams`.
+    """
+    axis = check_observe_range_args(
+        x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, fold
+    )
+    with torch.no_grad():
+        batch = torch.stack(batch_range(x, axis, fold))
+        if averaging_constant == 1.0:
+            tracked = batch
+        else:
+            tracked = tracked_range.float()
+            tracked = tracked + (batch - tracked) * averaging_constant
+        tracked_range.copy_(tracked)
+        new_scale, new_zero_point = choose_qparams(tracked[0], tracked[1], quant_min, quant_max, symmetric)
+        scale.copy_(new_scale.reshape(scale.shape))
+        zero_point.copy_(new_zero_point.reshape(zero_point.shape))
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from fakequant.bn_fold import (
     conv_bn_modules,
     find_conv_bn_pairs,
     fold_conv_bn,
-    folded_weight_range,
     unfold_conv_bn,
 )
 
@@ -92,10 +91,12 @@ def test_folded_weight_range_equals_direct_min_max():
     gamma[3] = 0.0
     gamma[4] = -0.0
     factor = reference.bn_fold_factor(gamma, torch.rand(32) + 0.1, 1e-5)
-    lo, hi = folded_weight_range(weight, factor)
+    lo, hi = reference.batch_range(weight, 0, factor)
     folded = weight * factor.reshape(-1, 1, 1, 1)
     assert torch.equal(lo, folded.amin((1, 2, 3)))
     assert torch.equal(hi, folded.amax((1, 2, 3)))
+    lo, hi = reference.batch_range(weight, None, factor)
+    assert torch.equal(lo, folded.amin()) and torch.equal(hi, folded.amax())
     assert bool((factor < 0).any()) and bool((factor > 0).any())
 
 
@@ -264,7 +265,7 @@ def test_gradients_close_to_float_conv_bn():
     x = inputs()
     with torch.no_grad():  # the straight-through mask of this forward's folded weight
         f = reference.bn_fold_factor(bn.weight, bn.running_var, bn.eps)
-        scale, zero_point = choose_qparams(*folded_weight_range(conv.weight, f), -128, 127, True)
+        scale, zero_point = choose_qparams(*reference.batch_range(conv.weight, 0, f), -128, 127, True)
         _, mask = torch.ops.fakequant.bn_fold_fake_quant_weight(
             conv.weight, bn.weight, bn.running_var, bn.eps, scale, zero_point, -128, 127, True
         )

@@ -571,7 +571,38 @@ def _sample_inputs(dtype=torch.float32):
         "bn_fold_fake_quant_weight": (x, gamma, var, 1e-5, bn_scales, bn_zps, -128, 127, True),
         "masked_grad": (x, mask),
         "bn_fold_fake_quant_weight_backward": (x, x, mask, gamma, var, 1e-5),
+        "observe_range": (x, torch.randn(2, 3, device="cuda"), scales.clone(), zps.clone(), 1, 0.01, -128, 127, True),
     }
+
+
+def _call(op, inputs):
+    """The op's outputs; for observe_range, which returns nothing, the state it writes (on copies)."""
+    if op is torch.ops.fakequant.observe_range:
+        state = [t.clone() for t in inputs[1:4]]
+        op(inputs[0], *state, *inputs[4:])
+        return tuple(state)
+    result = op(*inputs)
+    return result if isinstance(result, tuple) else (result,)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("axis, constant, fold", [(None, 1.0, False), (None, 0.01, False), (1, 1.0, False),
+                                                  (0, 0.01, True), (None, 1.0, True)])
+def test_observe_range_matches_reference(dtype, axis, constant, fold, auto_backend):
+    generator = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 7, 300, generator=generator) * 3).to(dtype).cuda()
+    per_channel = axis is not None
+    tracked = torch.randn((2, x.size(axis)) if per_channel else (2,), generator=generator).cuda()
+    scale = torch.ones(x.size(axis) if per_channel else (), device="cuda")
+    zero_point = torch.zeros(x.size(axis) if per_channel else (), dtype=torch.int32, device="cuda")
+    folds = torch.randn(5, generator=generator).cuda() if fold else None
+    for quant_range in [(-128, 127, True), (0, 255, False)]:
+        inputs = (x, tracked, scale, zero_point, axis, constant, *quant_range, folds)
+        got = _call(torch.ops.fakequant.observe_range, inputs)
+        want = _call(_ops.observe_range_default, inputs)
+        for g, w in zip(got, want, strict=True):
+            assert_bitwise_equal(g, w)
 
 
 @needs_gpu
@@ -650,11 +681,9 @@ def test_cuda_matches_triton(name, dtype, auto_backend):
     except ValueError:
         # Before the "cuda" backend name exists, "auto" is the compiled CUDA kernel on CUDA tensors.
         fakequant.set_backend("auto")
-    got = op(*inputs)
+    got = _call(op, inputs)
     _select("triton")
-    want = op(*inputs)
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
+    want = _call(op, inputs)
     for g, w in zip(got, want, strict=True):
         if name == "bn_fold_fake_quant_weight_backward" and g.dim() == 1 and g.shape[0] == 4:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)  # per-channel sums in another order

@@ -333,6 +333,12 @@ def _op_samples():
         "bn_fold_fake_quant_weight": [(x, gamma, var, 1e-5, scale_c, zp_c, -128, 127)],
         "masked_grad": [(x, mask)],
         "bn_fold_fake_quant_weight_backward": [(x, x, mask, gamma, var, 1e-5)],
+        "observe_range": [
+            (x, torch.zeros(2), torch.ones(()), torch.zeros((), dtype=torch.int32), None, 1.0, 0, 255, False),
+            (x, torch.randn(2, 4, generator=g), torch.ones(4), torch.zeros(4, dtype=torch.int64), 1, 0.01, -128, 127,
+             True),
+            (x, torch.zeros(2), torch.ones(1), torch.zeros(1, dtype=torch.int32), None, 1.0, -8, 7, True, gamma),
+        ],
     }
 
 
@@ -341,7 +347,9 @@ def test_opcheck(backend, op_name):
     op = getattr(torch.ops.fakequant, op_name).default
     for args in _op_samples()[op_name]:
         compute_mask = args[-1] if isinstance(args[-1], bool) and op_name != "binarize" else True
-        differentiable = compute_mask and op_name not in ("masked_grad", "bn_fold_fake_quant_weight_backward")
+        differentiable = compute_mask and op_name not in (
+            "masked_grad", "bn_fold_fake_quant_weight_backward", "observe_range"
+        )
         if differentiable:
             args = (args[0].clone().requires_grad_(),) + args[1:]
         torch.library.opcheck(op, args)

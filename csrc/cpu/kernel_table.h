@@ -42,6 +42,10 @@ struct KernelTable {
   // in fp32. `params` is in runs mode with `fold` set; sums has params.channels entries.
   void (*bn_fold_backward)(c10::ScalarType dtype, const void* grad, const void* weight, const bool* mask,
                            void* grad_weight, int64_t n, const ChannelParams& params, float* sums);
+  // lo[c] / hi[c] = min / max (fp32, NaN-propagating) over the elements of channel c, where storage offset
+  // o belongs to channel (o / run) % channels (channels = 1, run = n: the whole tensor). n >= 1.
+  void (*minmax)(c10::ScalarType dtype, const void* x, int64_t n, int64_t run, int64_t channels, float* lo,
+                 float* hi);
 };
 
 const KernelTable& baseline_kernels();

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -436,9 +437,87 @@ void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weigh
   }
 }
 
+// ----------------------------------------------------------------------------------------------
+// Range observation: min and max per channel (or of the whole tensor), NaN-propagating.
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+void span_minmax(const T* x, int64_t len, float& lo, float& hi) {
+  int64_t i = 0;
+  if (len >= kBlock) {
+    // Four independent accumulator pairs keep the min/max dependency chains off the critical path.
+    Vec vlo[4], vhi[4];
+    for (int k = 0; k < 4; ++k) {
+      vlo[k] = Vec(lo);
+      vhi[k] = Vec(hi);
+    }
+    for (; i + kBlock <= len; i += kBlock) {
+      Vec v[4];
+      BlockIO<T>::load(x + i, v);
+      for (int k = 0; k < 4; ++k) {
+        vlo[k] = at::vec::minimum(vlo[k], v[k]);  // both propagate NaN
+        vhi[k] = at::vec::maximum(vhi[k], v[k]);
+      }
+    }
+    alignas(64) float lanes_lo[kBlock], lanes_hi[kBlock];
+    for (int k = 0; k < 4; ++k) {
+      vlo[k].store(lanes_lo + k * kVec);
+      vhi[k].store(lanes_hi + k * kVec);
+    }
+    for (int64_t j = 0; j < kBlock; ++j) {
+      lo = nan_min(lo, lanes_lo[j]);
+      hi = nan_max(hi, lanes_hi[j]);
+    }
+  }
+  for (; i < len; ++i) {
+    const float v = static_cast<float>(x[i]);
+    lo = nan_min(lo, v);
+    hi = nan_max(hi, v);
+  }
+}
+
+void minmax(c10::ScalarType dtype, const void* x, int64_t n, int64_t run, int64_t channels, float* lo, float* hi) {
+  TORCH_INTERNAL_ASSERT(n >= 1 && run >= 1 && channels >= 1);
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t chunks = std::min(kMaxSumChunks, (n + kSumChunk - 1) / kSumChunk);
+  std::vector<float> partial_lo(static_cast<size_t>(chunks * channels), inf);
+  std::vector<float> partial_hi(static_cast<size_t>(chunks * channels), -inf);
+  dispatch_float_type(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xp = static_cast<const T*>(x);
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        float* local_lo = partial_lo.data() + chunk * channels;
+        float* local_hi = partial_hi.data() + chunk * channels;
+        const int64_t begin = n / chunks * chunk + std::min(chunk, n % chunks);
+        const int64_t end = begin + n / chunks + (chunk < n % chunks ? 1 : 0);
+        int64_t o = begin;
+        int64_t c = (begin / run) % channels;
+        int64_t r = begin % run;
+        while (o < end) {
+          const int64_t len = std::min(run - r, end - o);
+          span_minmax<T>(xp + o, len, local_lo[c], local_hi[c]);
+          o += len;
+          r = 0;
+          if (++c == channels) c = 0;
+        }
+      }
+    });
+  });
+  // min/max are exact, so the combination order does not matter.
+  for (int64_t c = 0; c < channels; ++c) {
+    lo[c] = inf;
+    hi[c] = -inf;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      lo[c] = nan_min(lo[c], partial_lo[chunk * channels + c]);
+      hi[c] = nan_max(hi[c], partial_hi[chunk * channels + c]);
+    }
+  }
+}
+
 inline KernelTable make_table(const char* name) {
   return KernelTable{name,           &fake_quant_per_tensor, &fake_quant_per_channel, &binarize,
-                     &masked_grad, &bn_fold_backward};
+                     &masked_grad, &bn_fold_backward, &minmax};
 }
 
 }  // namespace fakequant::cpu::FAKEQUANT_CPU_VARIANT

@@ -17,11 +17,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "cpu/kernel_table.h"
+#include "cuda/checks.cuh"
 #include "fakequant_math.h"
 
 namespace fakequant::cpu {
@@ -489,6 +492,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backwar
           grad_var_f.to(var.scalar_type()).view(var.sizes())};
 }
 
+
+// Writes `values` (fp32, contiguous, target.numel() entries) into `target` of any float or int dtype and
+// layout; the common case (contiguous fp32 / int32 buffers) is a plain loop, no tensor ops.
+void store_floats(const at::Tensor& target, const std::vector<float>& values) {
+  if (target.is_contiguous() && target.scalar_type() == at::kFloat) {
+    std::memcpy(target.mutable_data_ptr<float>(), values.data(), sizeof(float) * values.size());
+    return;
+  }
+  const at::Tensor source = at::from_blob(const_cast<float*>(values.data()), target.sizes(), at::kFloat);
+  target.copy_(source);
+}
+
+// Zero points arrive as fp32 integral values; NaN (a NaN range) becomes INT32_MIN as the reference's
+// float-to-int32 conversion gives on x86, and is rejected by the next fake quantization's checks.
+void store_zero_points(const at::Tensor& target, const std::vector<float>& values) {
+  std::vector<int32_t> ints(values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    ints[i] = values[i] != values[i] ? std::numeric_limits<int32_t>::min() : static_cast<int32_t>(values[i]);
+  }
+  if (target.is_contiguous() && target.scalar_type() == at::kInt) {
+    std::memcpy(target.mutable_data_ptr<int32_t>(), ints.data(), sizeof(int32_t) * ints.size());
+    return;
+  }
+  target.copy_(at::from_blob(ints.data(), target.sizes(), at::kInt));
+}
+
+void observe_range_cpu(const at::Tensor& x, const at::Tensor& tracked_range, const at::Tensor& scale,
+                       const at::Tensor& zero_point, std::optional<int64_t> axis, double averaging_constant,
+                       int64_t quant_min, int64_t quant_max, bool symmetric, const std::optional<at::Tensor>& fold) {
+  checks::check_observe_range_args(x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max,
+                           fold);
+  const at::Tensor xd = dense(x);
+  // The batch range per channel of `channel_axis` (fold: per output channel, reduced below if per tensor).
+  const std::optional<int64_t> channel_axis = fold.has_value() ? std::optional<int64_t>(0) : axis;
+  const int64_t channels = channel_axis.has_value() ? xd.size(*channel_axis) : 1;
+  const int64_t run = channels == 1 ? xd.numel() : xd.stride(*channel_axis);
+  std::vector<float> lo(channels), hi(channels);
+  kernels().minmax(xd.scalar_type(), xd.const_data_ptr(), xd.numel(), run, channels, lo.data(), hi.data());
+  if (fold.has_value()) {
+    const std::vector<float> f = to_float_vector(*fold);
+    for (int64_t c = 0; c < channels; ++c) {
+      const float a = lo[c] * f[c], b = hi[c] * f[c];
+      const bool negative = f[c] < 0.0f;
+      lo[c] = negative ? b : a;
+      hi[c] = negative ? a : b;
+    }
+    if (!axis.has_value()) {
+      for (int64_t c = 1; c < channels; ++c) {
+        lo[0] = nan_min(lo[0], lo[c]);
+        hi[0] = nan_max(hi[0], hi[c]);
+      }
+      lo.resize(1);
+      hi.resize(1);
+    }
+  }
+  const size_t count = lo.size();
+  // tracked_range is [min..., max...]: row 0 the minima, row 1 the maxima.
+  std::vector<float> tracked(2 * count);
+  if (averaging_constant == 1.0) {
+    std::copy(lo.begin(), lo.end(), tracked.begin());
+    std::copy(hi.begin(), hi.end(), tracked.begin() + count);
+  } else {
+    const std::vector<float> old = to_float_vector(tracked_range);
+    const float c = static_cast<float>(averaging_constant);
+    for (size_t i = 0; i < count; ++i) {
+      tracked[i] = moving_average(old[i], lo[i], c);
+      tracked[count + i] = moving_average(old[count + i], hi[i], c);
+    }
+  }
+  std::vector<float> scales(count), zero_points(count);
+  for (size_t i = 0; i < count; ++i) {
+    choose_qparams(tracked[i], tracked[count + i], quant_min, quant_max, symmetric, scales[i], zero_points[i]);
+  }
+  store_floats(tracked_range, tracked);
+  store_floats(scale, scales);
+  store_zero_points(zero_point, zero_points);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fakequant, CPU, m) {
@@ -498,6 +579,7 @@ TORCH_LIBRARY_IMPL(fakequant, CPU, m) {
   m.impl("bn_fold_fake_quant_weight", &bn_fold_fake_quant_weight_cpu);
   m.impl("masked_grad", &masked_grad_cpu);
   m.impl("bn_fold_fake_quant_weight_backward", &bn_fold_fake_quant_weight_backward_cpu);
+  m.impl("observe_range", &observe_range_cpu);
 }
 
 }  // namespace fakequant::cpu

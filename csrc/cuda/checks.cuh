@@ -18,6 +18,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace fakequant {
 namespace checks {
@@ -191,6 +192,60 @@ inline void check_mask(const at::Tensor& grad, const at::Tensor& mask) {
                     "fakequant: mask must be a bool tensor of the gradient's shape ", python_shape(grad.sizes()),
                     ", got ", python_dtype(mask.scalar_type()), " of shape ", python_shape(mask.sizes()));
   check_same_device(mask, "mask", grad, "grad");
+}
+
+// observe_range: everything but values (fold, the tracked range and the qparams are written or read by
+// the kernel). Normalizes `axis` in place.
+inline void check_observe_range_args(const at::Tensor& x, const at::Tensor& tracked_range, const at::Tensor& scale,
+                              const at::Tensor& zero_point, std::optional<int64_t>& axis, double averaging_constant,
+                              int64_t quant_min, int64_t quant_max, const std::optional<at::Tensor>& fold) {
+  check_float_input(x, "x");
+  TORCH_CHECK_VALUE(x.numel() > 0, "fakequant: cannot observe the range of an empty tensor (x has shape ",
+                    python_shape(x.sizes()), ")");
+  check_quant_range(quant_min, quant_max);
+  TORCH_CHECK_VALUE(quant_min != quant_max, "fakequant: choosing a scale needs quant_min < quant_max, got ",
+                    quant_min, " == ", quant_max);
+  TORCH_CHECK_VALUE(std::isfinite(averaging_constant) && averaging_constant > 0.0 && averaging_constant <= 1.0,
+                    "fakequant: averaging_constant must be in (0, 1] (1 replaces the tracked range), got ",
+                    python_float(averaging_constant));
+  if (axis.has_value()) axis = normalize_axis(*axis, x.dim());
+  const int64_t channels = axis.has_value() ? x.size(*axis) : 1;
+  std::vector<std::pair<const char*, const at::Tensor*>> state = {
+      {"tracked_range", &tracked_range}, {"scale", &scale}, {"zero_point", &zero_point}};
+  if (fold.has_value()) state.emplace_back("fold", &*fold);
+  for (const auto& [name, t] : state) check_same_device(*t, name, x, "x");
+  const std::pair<const char*, const at::Tensor*> float_state[] = {{"tracked_range", &tracked_range},
+                                                                   {"scale", &scale}};
+  for (const auto& [name, t] : float_state) {
+    check_float_input(*t, name);
+  }
+  TORCH_CHECK_VALUE(zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kLong,
+                    "fakequant: zero_point has dtype ", python_dtype(zero_point.scalar_type()),
+                    "; allowed: int32, int64");
+  const std::vector<int64_t> range_shape =
+      axis.has_value() ? std::vector<int64_t>{2, channels} : std::vector<int64_t>{2};
+  TORCH_CHECK_VALUE(tracked_range.sizes() == c10::IntArrayRef(range_shape), "fakequant: tracked_range must have shape ",
+                    python_shape(range_shape), " ([min, max]", axis.has_value() ? " per channel" : "", "), got ",
+                    python_shape(tracked_range.sizes()));
+  const std::pair<const char*, const at::Tensor*> params[] = {{"scale", &scale}, {"zero_point", &zero_point}};
+  for (const auto& [name, t] : params) {
+    if (!axis.has_value()) {
+      TORCH_CHECK_VALUE(t->numel() == 1, "fakequant: per-tensor ", name,
+                        " must have exactly one element, got shape ", python_shape(t->sizes()));
+    } else {
+      TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == channels, "fakequant: per-channel ", name,
+                        " must be 1-D with ", channels, " elements (the size of the quantized axis), got shape ",
+                        python_shape(t->sizes()));
+    }
+  }
+  if (fold.has_value()) {
+    TORCH_CHECK_VALUE(!axis.has_value() || *axis == 0,
+                      "fakequant: a fold factor applies along axis 0; allowed axis: None or 0, got ", *axis);
+    TORCH_CHECK_VALUE(fold->scalar_type() == at::kFloat && fold->dim() == 1 && fold->numel() == x.size(0),
+                      "fakequant: fold must be a 1-D float32 tensor with ", x.size(0),
+                      " elements (x.size(0)), got ", python_dtype(fold->scalar_type()), " of shape ",
+                      python_shape(fold->sizes()));
+  }
 }
 
 }  // namespace checks

@@ -85,5 +85,26 @@ cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void
                                     Vector1d var, float eps, Vector1d grad_gamma, Vector1d grad_var,
                                     cudaStream_t stream);
 
+// observe_range over the storage of a dense x: per-channel min/max partials (layout.channels = 1 with
+// layout.inner = numel for the whole tensor; `splits` blocks per channel), then `entries` outputs (one per
+// channel, or one over all channels when a folded weight's range is per tensor) written to the tracked
+// range rows, scale and zero point. `partial` holds 2 * layout.channels * splits floats of scratch.
+struct ObserveArgs {
+  const void* x;
+  FloatType type;
+  int64_t numel;
+  AxisLayout layout;
+  int64_t splits;
+  float* partial;
+  const float* fold;  // nullptr, or layout.channels fp32 factors
+  Vector1d tracked_min, tracked_max, scale, zero_point;
+  float averaging_constant;
+  bool replace;  // averaging_constant == 1: the batch range replaces the tracked one
+  int64_t quant_min, quant_max;
+  bool symmetric;
+  cudaStream_t stream;
+};
+cudaError_t launch_observe_range(const ObserveArgs& args, int64_t entries);
+
 }  // namespace cuda
 }  // namespace fakequant

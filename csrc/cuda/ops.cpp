@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <optional>
@@ -237,6 +238,47 @@ std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(const
   return {grad_weight, grad_gamma, grad_var};
 }
 
+// Row `row` of the tracked range, (2,) or (2, C), as a strided vector.
+Vector1d range_row(const Tensor& tracked_range, int64_t row) {
+  return vector1d(tracked_range.dim() == 1 ? tracked_range[row] : tracked_range.select(0, row));
+}
+
+void observe_range_cuda(const Tensor& x, const Tensor& tracked_range, const Tensor& scale, const Tensor& zero_point,
+                        std::optional<int64_t> axis, double averaging_constant, int64_t quant_min,
+                        int64_t quant_max, bool symmetric, const std::optional<Tensor>& fold) {
+  checks::check_observe_range_args(x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min,
+                                   quant_max, fold);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor input = dense_input(x);
+  const std::optional<int64_t> channel_axis = fold.has_value() ? std::optional<int64_t>(0) : axis;
+  AxisLayout layout = channel_axis.has_value() ? axis_layout(input, *channel_axis) : AxisLayout{1, 1};
+  if (layout.channels == 1) layout = AxisLayout{input.numel(), 1};
+  // The whole tensor in one channel: enough blocks to fill the GPU, each over >= 16 elements per thread.
+  const int64_t splits =
+      layout.channels == 1 ? std::clamp<int64_t>(input.numel() / (kThreads * 16), 1, max_blocks()) : 1;
+  const Tensor partial = at::empty({2 * layout.channels * splits}, input.options().dtype(at::kFloat));
+  const Tensor fold_values = fold.has_value() ? fold->contiguous() : Tensor();
+  const int64_t entries = axis.has_value() ? layout.channels : 1;
+  const ObserveArgs args{input.const_data_ptr(),
+                         float_type(input),
+                         input.numel(),
+                         layout,
+                         splits,
+                         partial.data_ptr<float>(),
+                         fold.has_value() ? fold_values.const_data_ptr<float>() : nullptr,
+                         range_row(tracked_range, 0),
+                         range_row(tracked_range, 1),
+                         vector1d(scale),
+                         vector1d(zero_point),
+                         static_cast<float>(averaging_constant),
+                         averaging_constant == 1.0,
+                         quant_min,
+                         quant_max,
+                         symmetric,
+                         c10::cuda::getCurrentCUDAStream()};
+  C10_CUDA_CHECK(launch_observe_range(args, entries));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fakequant
@@ -248,4 +290,5 @@ TORCH_LIBRARY_IMPL(fakequant, CUDA, m) {
   m.impl("binarize", &fakequant::cuda::binarize_cuda);
   m.impl("masked_grad", &fakequant::cuda::masked_grad_cuda);
   m.impl("bn_fold_fake_quant_weight_backward", &fakequant::cuda::bn_fold_fake_quant_weight_backward_cuda);
+  m.impl("observe_range", &fakequant::cuda::observe_range_cuda);
 }

@@ -221,7 +221,7 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             if quant_type == "weight" and isinstance(layer.module, ConvBnQAT):
                 continue  # ConvBnQAT keeps the folded weight's scale and zero point itself
             if quant_type == "weight":
-                self._add_qparam_buffers(layer, "weight", self._weight_channels(layer))
+                self._add_weight_state(layer)
             else:
                 self._add_activation_state(layer, quant_type)
 
@@ -254,10 +254,12 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             })
             return record
         # Recomputed from the current float weight: the exported weights are those after the last step.
-        with torch.no_grad():
-            scale, zero_point = self._weight_minmax_qparams(layer, layer.module.parametrizations.weight.original)
+        self._observe_weight(layer, layer.module.parametrizations.weight.original)
         record = self._spec_record("weight", layer.config.specs["weight"])
-        record.update({"weight_scale": scale.cpu(), "weight_zero_point": zero_point.cpu()})
+        record.update({
+            "weight_scale": layer.buffer("weight_scale").detach().cpu().clone(),
+            "weight_zero_point": layer.buffer("weight_zero_point").detach().cpu().clone(),
+        })
         return record
 
 
