@@ -399,7 +399,7 @@ class ConvBnQAT(nn.Module):
         var = self.bn.running_var.clone()
         std = torch.sqrt(var.float() + self.bn.eps)
         gamma = torch.where(gamma == 0, std.to(gamma.dtype), gamma)  # f = 1 where gamma == 0 (see class doc)
-        factor = reference.bn_fold_factor(gamma, var, self.bn.eps)
+        factor = gamma.float() / std  # reference.bn_fold_factor(gamma, var, eps), reusing std
         scale, zero_point = self._update_qparams(factor)
         spec = self.weight_spec
         weight = functional.bn_fold_fake_quant_weight(
