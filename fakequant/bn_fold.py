@@ -384,14 +384,28 @@ class ConvBnQAT(nn.Module):
             self.conv.weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
         )
 
-    def _folded_inference(self, x: torch.Tensor) -> torch.Tensor:
+    def inference_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fake-quantized folded weight ``q(w * f)`` and the folded bias of the frozen/eval forward.
+
+        Exactly what :meth:`forward` convolves with in eval mode (or training with frozen statistics) while
+        fake quantization is enabled; it also refreshes ``weight_scale`` / ``weight_zero_point`` as that
+        forward does. The ONNX export uses it.
+
+        Example:
+            >>> fused = ConvBnQAT(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+            >>> [t.shape for t in fused.inference_weight_and_bias()]
+            [torch.Size([2, 1, 1, 1]), torch.Size([2])]
+        """
         gamma, beta = self._gamma_beta()
         bn = self.bn
         # A copy: a later unfrozen forward may update running_var in place before this backward runs.
         var = bn.running_var.clone() if torch.is_grad_enabled() else bn.running_var
         weight = self._fake_quant_folded(gamma, var)
         bias = functional.fold_bias(self.conv.bias, beta, bn.running_mean, gamma, var, bn.eps)
-        return self.conv._conv_forward(x, weight, bias.to(weight.dtype))
+        return weight, bias.to(weight.dtype)
+
+    def _folded_inference(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv._conv_forward(x, *self.inference_weight_and_bias())
 
     def _folded_training(self, x: torch.Tensor) -> torch.Tensor:
         gamma, _ = self._gamma_beta()

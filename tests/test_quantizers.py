@@ -661,12 +661,6 @@ def test_export_calibration_of_dorefa_and_bnn(tmp_path):
     assert "features.0.weight" in torch.load(tmp_path / "m.pth")
 
 
-def test_export_onnx_is_reported_as_unsupported(tmp_path):
-    model, _, quantizer = make_qat()
-    with pytest.raises(NotImplementedError, match="ONNX export"):
-        quantizer.export_model(tmp_path / "m.pth", onnx_path=tmp_path / "m.onnx", input_shape=(1, 1, 8, 8))
-
-
 def test_training_is_bit_identical_on_every_backend(backend):
     config = [{**W8_OUT8[0], "quant_scheme": "per_channel_affine"}, W8_OUT8[1],
               {"quant_types": ["input"], "quant_bits": 6, "op_names": ["fc2"]}]

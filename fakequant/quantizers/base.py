@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fakequant.onnx_export import OnnxQDQ, onnx_qdq_range
 from fakequant.qparams import PerChannel, QuantSpec, choose_qparams
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig, resolve_config_list
 
@@ -295,6 +296,21 @@ class Quantizer:
     def _layer_calibration(self, layer: QuantizedLayer) -> dict:
         raise NotImplementedError
 
+    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
+        """How the eval-mode model fake-quantizes ``quant_type`` of ``layer``, for the ONNX export.
+
+        Returns:
+            The tensor's QuantizeLinear/DequantizeLinear form, or None where the eval-mode forward leaves it
+            in float (before ``quant_start_step``).
+
+        Raises:
+            ValueError: the tensor has no Q/DQ form (the message names the layer, the quant type and why).
+        """
+        raise ValueError(
+            f"layer {layer.name!r} {quant_type}: {type(self).__name__} has no QuantizeLinear/DequantizeLinear "
+            "export; allowed: QAT_Quantizer and NaiveQuantizer"
+        )
+
     # -- shared helpers ---------------------------------------------------------------------------
     def _add_qparam_buffers(self, layer: QuantizedLayer, quant_type: str, channels: int | None) -> None:
         shape = () if channels is None else (channels,)
@@ -385,29 +401,52 @@ class Quantizer:
         input_shape: tuple[int, ...] | None = None,
         device: torch.device | str | None = None,
     ) -> dict[str, dict]:
-        """Saves the float weights and the calibration records, as NNI's ``export_model``.
+        """Saves the float weights and the calibration records and, optionally, an ONNX model, as NNI's
+        ``export_model``.
+
+        The ONNX model (``onnx_path``) is the quantized network in eval-mode inference form: every tensor the
+        model fake-quantizes is a QuantizeLinear -> DequantizeLinear pair with the layer's scale and zero point
+        (per channel with ``axis``), so ONNX Runtime or TensorRT can build an int8 model from it. Weights are
+        stored as the eval forward computes them (already fake-quantized, on the quantization grid) and a
+        BN-folded Conv+BN is one conv with the folded weight and bias. Activations need exactly int8
+        ``[-128, 127]`` or uint8 ``[0, 255]``; weights any range inside one of them (e.g. narrow
+        ``[-127, 127]``, 4-bit). Other ranges (9 to 16 bits, 2- to 7-bit activations), DoReFa weights and
+        BNN's binarization raise ``ValueError`` listing every such tensor, before any file is written. A
+        tensor the eval-mode model still computes in float (before ``quant_start_step``) is exported in float,
+        with a warning. The training mode of every module is restored afterwards. Details:
+        :mod:`fakequant.onnx_export`. Needs the packages ``onnx`` and ``onnxscript``; the export uses torch's
+        dynamo-based ``torch.onnx.export``.
 
         Args:
             model_path: where ``torch.save`` writes the float state_dict (:meth:`float_state_dict`).
             calibration_path: where ``torch.save`` writes the calibration dict, if given.
-            onnx_path: not supported yet (raises ``NotImplementedError`` when given).
-            input_shape: the ONNX dummy input shape (with ``onnx_path`` only).
-            device: the ONNX dummy input device (with ``onnx_path`` only).
+            onnx_path: where the ONNX model is written, if given (one file; its tensors go to
+                ``<onnx_path>.data`` only when the weights exceed 1 GiB).
+            input_shape: the shape of the dummy input the model is traced with; required with ``onnx_path``.
+                The ONNX model has this static input shape.
+            device: the dummy input's device (default: the model's device).
 
         Returns:
             The calibration dict (:meth:`calibration`).
 
+        Raises:
+            ValueError: ``onnx_path`` without ``input_shape``, or quantized tensors without a Q/DQ form.
+            ImportError: ``onnx_path`` given but onnx or onnxscript is not installed.
+
         Example:
-            >>> model = nn.Sequential(nn.Linear(4, 4))
-            >>> quantizer = NaiveQuantizer(model); _ = quantizer.compress()  # doctest: +SKIP
-            >>> calibration = quantizer.export_model("model.pth", "calibration.pth")  # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+            >>> quantizer = QAT_Quantizer(model, [{'quant_types': ['weight', 'input'], 'quant_bits': 8,
+            ...                                    'op_types': ['Conv2d']}])  # doctest: +SKIP
+            >>> _ = quantizer.compress()  # doctest: +SKIP
+            >>> # ... train a few steps, so that the input range is observed ...
+            >>> calibration = quantizer.export_model("model.pth", "calibration.pth", onnx_path="model.onnx",
+            ...                                      input_shape=(1, 3, 32, 32))  # doctest: +SKIP
         """
         if onnx_path is not None:
-            raise NotImplementedError(
-                "fakequant: ONNX export (onnx_path) is not implemented yet; export_model saves the float "
-                "weights and the calibration dict only (call it with onnx_path=None)"
-            )
-        del input_shape, device
+            from fakequant.onnx_export import export_onnx
+
+            # first: a model that cannot be exported raises before any file is written
+            export_onnx(self, onnx_path, input_shape, device)
         torch.save(self.float_state_dict(), model_path)
         calibration = self.calibration()
         if calibration_path is not None:
@@ -480,6 +519,20 @@ class EmaRangeQuantizer(Quantizer):
             # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
             x, layer.buffer(quant_type + "_scale").float(), layer.buffer(quant_type + "_zero_point"),
             spec.quant_min, spec.quant_max,
+        )
+
+    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
+        if quant_type == "weight":
+            return super()._onnx_qdq(layer, quant_type)
+        spec = layer.config.specs[quant_type]
+        quant_min, quant_max = onnx_qdq_range(layer.name, quant_type, spec.quant_min, spec.quant_max, constant=False)
+        if not (layer.active() and layer.observed[quant_type]):
+            return None  # _fake_quant_activation returns x unchanged in eval mode
+        return OnnxQDQ(
+            scale=layer.buffer(quant_type + "_scale").detach().float().clone(),
+            zero_point=layer.buffer(quant_type + "_zero_point").detach().to(torch.int32).clone(),
+            quant_min=quant_min,
+            quant_max=quant_max,
         )
 
     def _activation_record(self, layer: QuantizedLayer, quant_type: str) -> dict:

@@ -63,6 +63,13 @@ class BNNQuantizer(Quantizer):
         if "weight" in layer.config.quant_types:
             layer.module.parametrizations.weight.original.clamp_(-1.0, 1.0)
 
+    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> None:
+        raise ValueError(
+            f"layer {layer.name!r} {quant_type}: BNN's binarization (+1 for x >= 0, else -1) is not an affine "
+            "integer quantization, so it has no QuantizeLinear/DequantizeLinear form; allowed: QAT_Quantizer and "
+            "NaiveQuantizer models"
+        )
+
     def _layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {"op_type": layer.config.op_type}
         for quant_type in layer.config.quant_types:

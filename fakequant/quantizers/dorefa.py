@@ -122,6 +122,17 @@ class DoReFaQuantizer(Quantizer):
                 output.register_hook(lambda grad: self.quantize_gradient(layer, grad))
         return hook
 
+    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> None:
+        if quant_type == "weight":
+            bits = layer.config.bits("weight")
+            raise ValueError(
+                f"layer {layer.name!r} weight: DoReFa's {bits}-bit weights 2 * quant_k(...) - 1 lie on the grid "
+                f"(2k - {(1 << bits) - 1}) / {(1 << bits) - 1}, k = 0 .. {(1 << bits) - 1}, which has no zero level "
+                f"(its zero point would be {(1 << bits) - 1} / 2), so they have no QuantizeLinear/DequantizeLinear "
+                "form; allowed: QAT_Quantizer and NaiveQuantizer models"
+            )
+        return super()._onnx_qdq(layer, quant_type)
+
     def _layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {"op_type": layer.config.op_type}
         for quant_type in layer.config.quant_types:

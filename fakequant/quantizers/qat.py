@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fakequant.bn_fold import ConvBnQAT, find_conv_bn_pairs, fold_conv_bn, unfold_conv_bn
-from fakequant.qparams import PerTensor, QuantSpec
+from fakequant.onnx_export import OnnxQDQ, onnx_qdq_range
+from fakequant.qparams import PerChannel, PerTensor, QuantSpec
 from fakequant.quantizers.base import EmaRangeQuantizer, QuantizedLayer
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig
 
@@ -242,6 +243,36 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             else:
                 record.update(self._activation_record(layer, quant_type))
         return record
+
+    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
+        if quant_type != "weight":
+            return super()._onnx_qdq(layer, quant_type)
+        module = layer.module
+        spec = module.weight_spec if isinstance(module, ConvBnQAT) else layer.config.specs["weight"]
+        quant_min, quant_max = onnx_qdq_range(layer.name, "weight", spec.quant_min, spec.quant_max, constant=True)
+        if isinstance(module, ConvBnQAT):
+            if not module._fake_quant_on:
+                return None  # the float Conv+BN
+            # the eval forward's own computation (it also refreshes the scale and zero point buffers)
+            weight, bias = module.inference_weight_and_bias()
+            scale, zero_point, axis = module.weight_scale, module.weight_zero_point, 0
+            if not module.per_channel:
+                scale, zero_point, axis = scale[0], zero_point[0], None
+        else:
+            if not layer.active():
+                return None  # _minmax_fake_quant_weight returns the float weight
+            weight, bias = module.weight, None  # the parametrization: the eval forward's fake-quantized weight
+            scale, zero_point = layer.buffer("weight_scale"), layer.buffer("weight_zero_point")
+            axis = spec.granularity.axis % weight.dim() if isinstance(spec.granularity, PerChannel) else None
+        return OnnxQDQ(
+            scale=scale.detach().float().clone(),
+            zero_point=zero_point.detach().to(torch.int32).clone(),
+            quant_min=quant_min,
+            quant_max=quant_max,
+            axis=axis,
+            tensor=weight.detach().clone(),
+            bias=None if bias is None else bias.detach().clone(),
+        )
 
     def _weight_record(self, layer: QuantizedLayer) -> dict:
         if isinstance(layer.module, ConvBnQAT):

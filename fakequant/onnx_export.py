@@ -1,0 +1,338 @@
+"""ONNX export of a quantized model in inference form, with QuantizeLinear/DequantizeLinear (Q/DQ) pairs.
+
+:meth:`fakequant.Quantizer.export_model` calls :func:`export_onnx` when given ``onnx_path``. How it works:
+
+1. The model is put in eval mode (each module's training flag is restored afterwards, also on error).
+2. The quantizer describes every tensor it fake-quantizes in eval mode as an :class:`OnnxQDQ` (its
+   ``_onnx_qdq`` method): scale, zero point, the 8-bit ONNX range and, for weights, the constant weight.
+   A weight is the tensor the eval forward itself computes, already fake-quantized by the fakequant op on
+   the layer's own range (for a BN-folded Conv+BN, :meth:`fakequant.bn_fold.ConvBnQAT.inference_weight_and_bias`:
+   ``q(w * f)`` and the folded bias, exported as one conv). Its values lie on the quantization grid, so
+   QuantizeLinear gives back exactly the layer's integer levels and DequantizeLinear exactly the PyTorch
+   values. Tensors that the eval forward leaves in float (before ``quant_start_step``, or an activation
+   whose range was never observed) get no Q/DQ, with a warning. Tensors with no Q/DQ form raise one
+   ``ValueError`` listing them all, before anything is written.
+3. For the export only, the quantizer's ``quantize_weight`` / ``quantize_input`` / ``quantize_output``
+   (called by the hooks and weight parametrizations) and the ``forward`` of each folded ConvBnQAT are
+   shadowed by instance attributes that apply ``torch.fake_quantize_per_tensor_affine`` /
+   ``torch.fake_quantize_per_channel_affine`` with those constants: ops that the ONNX exporter (torch's
+   dynamo-based ``torch.onnx.export``, with onnxscript) turns into QuantizeLinear -> DequantizeLinear, per
+   channel with ``axis``. Their fp32 numerics are bit-identical to fakequant's (SPEC §1); the export form is
+   checked to give exactly the eval-mode output on the dummy input before it is exported.
+4. The constants are attached to their module for the duration of the export, so the ONNX initializers
+   carry readable names: ``<layer>.fakequant_onnx_weight`` (the fake-quantized weight),
+   ``<layer>.fakequant_onnx_<type>_scale`` / ``_zero_point``, ``<layer>.fakequant_onnx_bias`` (folded bias).
+
+Which ranges have a Q/DQ form: ONNX's 8-bit QuantizeLinear saturates to int8 ``[-128, 127]`` or uint8
+``[0, 255]``. Activations (inputs/outputs) must use exactly one of those two ranges, since Q/DQ cannot
+clamp to a narrower one. Weights are constants already clamped by the fakequant op, so any range inside
+one of them is exact too (NaiveQuantizer's narrow ``[-127, 127]``, 2- to 7-bit weights: int8/uint8 Q/DQ
+holding the layer's levels and scale). Wider ranges (9 to 16 bits), DoReFa weights (a grid without a zero
+level) and BNN's binarization have no Q/DQ form and are refused.
+
+Nothing here imports ``onnx`` or ``onnxscript`` at module level: ``import fakequant`` stays light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import operator
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from fakequant.quantizers.base import Quantizer
+
+__all__ = ["OnnxQDQ", "export_onnx", "onnx_qdq_range", "INT8_RANGE", "UINT8_RANGE"]
+
+#: the integer range of ONNX's int8 QuantizeLinear output
+INT8_RANGE = (-128, 127)
+#: the integer range of ONNX's uint8 QuantizeLinear output
+UINT8_RANGE = (0, 255)
+
+#: prefix of the module attributes that name the exported constants
+ATTR_PREFIX = "fakequant_onnx_"
+
+# Above this many bytes of weights the ONNX file keeps its tensors in "<onnx_path>.data" (protobuf's 2 GB
+# limit); below it the model is one file, as NNI's export writes it.
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+@dataclass
+class OnnxQDQ:
+    """One fake-quantized tensor as ONNX QuantizeLinear -> DequantizeLinear.
+
+    Attributes:
+        scale: fp32, 0-d (per tensor) or 1-D (per channel).
+        zero_point: int32, the shape of ``scale``.
+        quant_min: -128 (int8) or 0 (uint8): the ONNX integer type.
+        quant_max: 127 or 255.
+        axis: the channel axis of a per-channel weight; None per tensor.
+        tensor: for a weight, the weight as the eval forward computes it (fake-quantized, on the grid).
+        bias: for a BN-folded conv, the folded bias that goes with ``tensor``.
+
+    Example:
+        >>> qdq = OnnxQDQ(torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127)
+        >>> qdq.apply(torch.tensor([0.04, 0.26]))
+        tensor([0.0000, 0.3000])
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    quant_min: int
+    quant_max: int
+    axis: int | None = None
+    tensor: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the torch op that the ONNX exporter maps to QuantizeLinear -> DequantizeLinear."""
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min,
+                                                         self.quant_max)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.quant_min,
+                                                      self.quant_max)
+
+    def named_tensors(self, quant_type: str) -> dict[str, torch.Tensor]:
+        """The constants by the attribute name they get on their module during the export."""
+        named = {f"{quant_type}_scale": self.scale, f"{quant_type}_zero_point": self.zero_point}
+        if self.tensor is not None:
+            named[quant_type] = self.tensor
+        if self.bias is not None:
+            named["bias"] = self.bias
+        return named
+
+
+def onnx_qdq_range(layer_name: str, quant_type: str, quant_min: int, quant_max: int, *,
+                   constant: bool) -> tuple[int, int]:
+    """The ONNX 8-bit range that exports a tensor fake-quantized to ``[quant_min, quant_max]`` exactly.
+
+    Args:
+        layer_name: for the error message.
+        quant_type: ``'weight'``, ``'input'`` or ``'output'``, for the error message.
+        quant_min: the layer's lowest integer level.
+        quant_max: the layer's highest integer level.
+        constant: True for a weight exported already fake-quantized (a range inside int8/uint8 is exact),
+            False for an activation (Q/DQ must do the clamping: only the full int8/uint8 ranges).
+
+    Returns:
+        ``(-128, 127)`` (int8) or ``(0, 255)`` (uint8).
+
+    Raises:
+        ValueError: the range has no exact Q/DQ form.
+
+    Example:
+        >>> onnx_qdq_range("fc", "weight", -127, 127, constant=True)
+        (-128, 127)
+        >>> onnx_qdq_range("fc", "weight", 0, 15, constant=True)
+        (0, 255)
+    """
+    if (quant_min, quant_max) in (INT8_RANGE, UINT8_RANGE):
+        return quant_min, quant_max
+    if constant and UINT8_RANGE[0] <= quant_min and quant_max <= UINT8_RANGE[1]:
+        return UINT8_RANGE
+    if constant and INT8_RANGE[0] <= quant_min and quant_max <= INT8_RANGE[1]:
+        return INT8_RANGE
+    allowed = (
+        "any range inside int8 [-128, 127] or uint8 [0, 255] (the weight is exported already fake-quantized)"
+        if constant else
+        "exactly int8 [-128, 127] or uint8 [0, 255] (QuantizeLinear saturates to the 8-bit type's range, it "
+        "cannot clamp to a narrower one); quantize activations with 8 bits"
+    )
+    raise ValueError(
+        f"layer {layer_name!r} {quant_type}: the range [{quant_min}, {quant_max}] has no ONNX "
+        f"QuantizeLinear/DequantizeLinear form; allowed for {'weights' if constant else 'inputs/outputs'}: "
+        f"{allowed}"
+    )
+
+
+def _import_exporter_deps() -> Any:
+    try:
+        importlib.import_module("onnxscript")  # the dynamo-based torch.onnx.export translates with it
+        return importlib.import_module("onnx")
+    except ImportError as error:
+        raise ImportError(
+            f"fakequant: ONNX export needs the packages onnx and onnxscript ({error}); install them with "
+            "`pip install onnx onnxscript` (and onnxruntime to run the exported model)"
+        ) from error
+
+
+def _check_input_shape(input_shape: object) -> tuple[int, ...]:
+    if input_shape is None:
+        raise ValueError(
+            "fakequant: export_model(onnx_path=...) needs input_shape, the shape of the dummy input the model "
+            "is traced with (e.g. input_shape=(1, 3, 224, 224)); allowed: a sequence of positive ints"
+        )
+    try:
+        if isinstance(input_shape, (str, bytes)) or any(isinstance(d, bool) for d in input_shape):
+            raise TypeError
+        shape = tuple(operator.index(d) for d in input_shape)
+    except TypeError:
+        shape = ()
+    if not shape or min(shape) <= 0:
+        raise ValueError(f"fakequant: input_shape={input_shape!r}; allowed: a non-empty sequence of positive ints")
+    return shape
+
+
+def _plans(quantizer: Quantizer) -> dict[str, dict[str, OnnxQDQ | None]]:
+    """Every quantized tensor's Q/DQ form (None: float in eval mode); one ValueError lists all refusals."""
+    plans: dict[str, dict[str, OnnxQDQ | None]] = {}
+    problems = []
+    for name, layer in quantizer.layers.items():
+        plans[name] = {}
+        for quant_type in layer.config.quant_types:
+            try:
+                with torch.no_grad():
+                    plans[name][quant_type] = quantizer._onnx_qdq(layer, quant_type)
+            except ValueError as error:
+                message = str(error)
+                problems.append(message if message.startswith("layer ") else f"layer {name!r} {quant_type}: {message}")
+    if problems:
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        raise ValueError(
+            f"fakequant: ONNX export of {type(quantizer).__name__}: {len(problems)} quantized tensor(s) have no "
+            f"QuantizeLinear/DequantizeLinear form:\n{listed}"
+        )
+    for name, layer_plans in plans.items():
+        for quant_type, plan in layer_plans.items():
+            if plan is None:
+                warnings.warn(
+                    f"fakequant ONNX export: layer {name!r} {quant_type} is not fake-quantized by the eval-mode "
+                    f"model yet (quant_start_step not reached, or no activation range observed in training), "
+                    f"so it is exported in float, without QuantizeLinear/DequantizeLinear",
+                    UserWarning, stacklevel=4,
+                )
+    return plans
+
+
+@contextlib.contextmanager
+def _export_form(quantizer: Quantizer, plans: dict[str, dict[str, OnnxQDQ | None]]) -> Iterator[None]:
+    """Within it, the model computes its eval-mode output with torch's fake-quantize ops on the constants."""
+    from fakequant.bn_fold import ConvBnQAT
+
+    def quantize_weight(layer, weight: torch.Tensor) -> torch.Tensor:
+        plan = plans[layer.name].get("weight")
+        return weight if plan is None else plan.apply(plan.tensor)
+
+    def activation(quant_type: str):
+        def quantize(layer, x: torch.Tensor) -> torch.Tensor:
+            plan = plans[layer.name].get(quant_type)
+            return x if plan is None else plan.apply(x)
+        return quantize
+
+    def folded_forward(module: ConvBnQAT, plan: OnnxQDQ):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return module.conv._conv_forward(x, plan.apply(plan.tensor), plan.bias)
+        return forward
+
+    overrides = {"quantize_weight": quantize_weight, "quantize_input": activation("input"),
+                 "quantize_output": activation("output")}
+    attached: list[tuple[nn.Module, str]] = []
+    try:
+        for attr, function in overrides.items():
+            setattr(quantizer, attr, function)  # an instance attribute shadows the method
+        for name, layer in quantizer.layers.items():
+            module = layer.module
+            for quant_type, plan in plans[name].items():
+                if plan is None:
+                    continue
+                for attr, value in plan.named_tensors(quant_type).items():
+                    # a plain (non-buffer) tensor attribute: torch.export names the lifted constant after it
+                    object.__setattr__(module, ATTR_PREFIX + attr, value)
+                    attached.append((module, ATTR_PREFIX + attr))
+            weight_plan = plans[name].get("weight")
+            if isinstance(module, ConvBnQAT) and weight_plan is not None:
+                module.forward = folded_forward(module, weight_plan)
+                attached.append((module, "forward"))
+        yield
+    finally:
+        for attr in overrides:
+            quantizer.__dict__.pop(attr, None)
+        for module, attr in attached:
+            module.__dict__.pop(attr, None)
+
+
+def _leaves(output: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def _check_export_form(expected: Any, got: Any) -> None:
+    expected, got = _leaves(expected), _leaves(got)
+    same = len(expected) == len(got) and all(
+        e.shape == g.shape and e.dtype == g.dtype and torch.equal(e.isnan(), g.isnan())
+        and torch.equal(e.nan_to_num(), g.nan_to_num())
+        for e, g in zip(expected, got, strict=True)
+    )
+    if not same:
+        raise RuntimeError(
+            "fakequant: ONNX export: the model rewritten with torch.fake_quantize_* ops for the exporter does not "
+            "reproduce the eval-mode output bit for bit on the dummy input, so the exported model would compute "
+            "something else; not exported (a fake-quant call the export does not know of?)"
+        )
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def export_onnx(
+    quantizer: Quantizer,
+    onnx_path: str | os.PathLike,
+    input_shape: Sequence[int],
+    device: torch.device | str | None = None,
+    *,
+    opset_version: int | None = None,
+) -> None:
+    """Writes the quantizer's model to ``onnx_path`` in eval-mode inference form with Q/DQ pairs.
+
+    See the module docstring for what is exported and which ranges are allowed. The model's training
+    flags (per module) are restored afterwards. The file is checked with ``onnx.checker``.
+
+    Args:
+        quantizer: a quantizer after :meth:`~fakequant.Quantizer.compress`.
+        onnx_path: where the ``.onnx`` file goes (its tensors go to ``<onnx_path>.data`` beside it only
+            when the weights exceed 1 GiB).
+        input_shape: the shape of the dummy input (``torch.randn``, fixed seed) the model is traced with; the
+            ONNX model has this static input shape, as NNI's export.
+        device: the dummy input's device (default: the model's device).
+        opset_version: the ONNX opset (default: the exporter's; per-channel Q/DQ needs 13 or later).
+
+    Raises:
+        ValueError: no ``input_shape``, a model not compressed, or quantized tensors without a Q/DQ form
+            (all listed, with the layer, the range and what is allowed).
+        ImportError: onnx or onnxscript is not installed.
+
+    Example:
+        >>> export_onnx(quantizer, "model.onnx", input_shape=(1, 3, 32, 32))  # doctest: +SKIP
+    """
+    shape = _check_input_shape(input_shape)
+    if not quantizer._compressed:
+        raise ValueError(f"fakequant: ONNX export: {type(quantizer).__name__}.compress() was not called")
+    onnx = _import_exporter_deps()
+    model = quantizer.bound_model
+    device = torch.device(device) if device is not None else quantizer.device
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        plans = _plans(quantizer)
+        dummy = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad():
+            expected = model(dummy)
+        with _export_form(quantizer, plans):
+            with torch.no_grad():
+                _check_export_form(expected, model(dummy))
+            torch.onnx.export(
+                model, (dummy,), onnx_path, dynamo=True, verbose=False, opset_version=opset_version,
+                external_data=_tensor_bytes(model) > _EXTERNAL_DATA_BYTES,
+            )
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    onnx.checker.check_model(os.fspath(onnx_path))
