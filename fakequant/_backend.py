@@ -1,7 +1,8 @@
 """Loading the compiled extension and choosing which kernels serve the ``fakequant::`` ops.
 
 The compiled extension ``fakequant._C`` registers C++ (and, in a CUDA build, CUDA) kernels on the
-CPU/CUDA dispatch keys when it is imported. A backend choice stacks at most one more
+CPU/CUDA dispatch keys when it is imported, and C++ autograd kernels on the Autograd key; without it,
+:func:`init` registers the Python autograd of :mod:`fakequant._ops` instead. A backend choice stacks at most one more
 ``torch.library.Library`` of Python kernels on those keys; choosing another backend destroys it first,
 and the dispatcher falls back to what was registered before (``_C``'s kernels, else the reference
 registered as the ``"default"`` kernel in :mod:`fakequant._ops`).
@@ -222,4 +223,5 @@ def get_backend() -> str:
 
 def init() -> None:
     load_extension()
+    _ops.register_python_autograd()
     set_backend(os.environ.get("FAKEQUANT_BACKEND", "auto") or "auto")

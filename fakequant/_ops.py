@@ -1,8 +1,11 @@
 """Schemas of the ``fakequant::`` custom ops, their default (reference) kernels, fake impls and autograd.
 
-The schemas are defined here, in Python, before the compiled extension is loaded: ``fakequant._C``
-only adds ``TORCH_LIBRARY_IMPL`` kernels for the CPU (and CUDA) dispatch keys, which take precedence
-over the ``"default"`` (CompositeExplicitAutograd) reference kernels registered below.
+The schemas are defined here, in Python, before the compiled extension is loaded. ``fakequant._C`` adds
+``TORCH_LIBRARY_IMPL`` kernels for the CPU (and CUDA) dispatch keys, which take precedence over the
+``"default"`` (CompositeExplicitAutograd) reference kernels registered below, and for the Autograd key: the
+autograd formulas below, written in C++ (``csrc/autograd.cpp``). The Python formulas are registered by
+:func:`register_python_autograd` once loading ``_C`` has been tried, only for the ops that ``_C`` left without
+an autograd kernel (all of them when ``_C`` is disabled or missing), so that no kernel overrides another.
 
 Ops (every ``compute_mask=False`` call returns an empty bool ``mask`` and cannot be differentiated):
 
@@ -204,6 +207,7 @@ def _(x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd: straight-through estimators. Scales and zero points get no gradient.
+# csrc/autograd.cpp computes the same in C++; tests/test_autograd.py checks that both agree bit for bit.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -269,15 +273,29 @@ def _bn_fold_backward(ctx, grad_out, _grad_mask):
     return grad_weight, grad_gamma, grad_var, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    f"{LIBRARY}::fake_quant_per_tensor", _fake_quant_per_tensor_backward, setup_context=_save_mask, lib=_lib
-)
-torch.library.register_autograd(
-    f"{LIBRARY}::fake_quant_per_channel", _fake_quant_per_channel_backward, setup_context=_save_mask, lib=_lib
-)
-torch.library.register_autograd(
-    f"{LIBRARY}::binarize", _binarize_backward, setup_context=_binarize_setup, lib=_lib
-)
-torch.library.register_autograd(
-    f"{LIBRARY}::bn_fold_fake_quant_weight", _bn_fold_backward, setup_context=_bn_fold_setup, lib=_lib
-)
+PYTHON_AUTOGRAD = {
+    "fake_quant_per_tensor": (_fake_quant_per_tensor_backward, _save_mask),
+    "fake_quant_per_channel": (_fake_quant_per_channel_backward, _save_mask),
+    "binarize": (_binarize_backward, _binarize_setup),
+    "bn_fold_fake_quant_weight": (_bn_fold_backward, _bn_fold_setup),
+}
+
+
+def register_python_autograd() -> tuple[str, ...]:
+    """Registers the Python autograd of each differentiable op that has no autograd kernel yet.
+
+    Called after loading ``fakequant._C`` has been tried: ``_C``'s C++ autograd kernels, when loaded, do the
+    same at a fraction of the per-call cost, and registering a second kernel on the Autograd key would
+    override one with the other (with a warning). Calling it again registers nothing.
+
+    Returns:
+        The names of the ops it registered.
+    """
+    registered = []
+    for name, (backward, setup_context) in PYTHON_AUTOGRAD.items():
+        qualname = f"{LIBRARY}::{name}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
+            continue
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_lib)
+        registered.append(name)
+    return tuple(registered)
