@@ -35,7 +35,8 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-using FakeQuantPerTensorSignature = OutAndMask(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, bool);
+using FakeQuantPerTensorSignature = OutAndMask(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, bool,
+                                               bool);
 using FakeQuantPerChannelSignature = OutAndMask(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
                                                 int64_t, bool);
 using BinarizeSignature = OutAndMask(const Tensor&, bool, bool);
@@ -121,9 +122,9 @@ OutAndMask as_tuple(const variable_list& outputs) {
 
 struct FakeQuantPerTensor : torch::autograd::Function<FakeQuantPerTensor> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, const Tensor& zero_point,
-                               int64_t quant_min, int64_t quant_max, bool compute_mask) {
-    auto [out, mask] =
-        call_below_autograd(fake_quant_per_tensor_op(), x, scale, zero_point, quant_min, quant_max, compute_mask);
+                               int64_t quant_min, int64_t quant_max, bool compute_mask, bool relu) {
+    auto [out, mask] = call_below_autograd(fake_quant_per_tensor_op(), x, scale, zero_point, quant_min, quant_max,
+                                           compute_mask, relu);
     init_context(ctx, compute_mask);
     ctx->save_for_backward({mask});
     return {out, mask};
@@ -131,8 +132,8 @@ struct FakeQuantPerTensor : torch::autograd::Function<FakeQuantPerTensor> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return variable_list(6);
-    return {masked_grad(grad_out, saved_mask(ctx, ctx->get_saved_variables())), {}, {}, {}, {}, {}};
+    if (!grad_out.defined()) return variable_list(7);
+    return {masked_grad(grad_out, saved_mask(ctx, ctx->get_saved_variables())), {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -200,12 +201,12 @@ struct BnFoldFakeQuantWeight : torch::autograd::Function<BnFoldFakeQuantWeight> 
 // ----------------------------------------------------------------------------------------------
 
 OutAndMask fake_quant_per_tensor_autograd(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
-                                          int64_t quant_min, int64_t quant_max, bool compute_mask) {
+                                          int64_t quant_min, int64_t quant_max, bool compute_mask, bool relu) {
   if (!records_graph({&x, &scale, &zero_point})) {
     return call_below_autograd(fake_quant_per_tensor_op(), x, scale, zero_point, quant_min, quant_max,
-                               compute_mask);
+                               compute_mask, relu);
   }
-  return as_tuple(FakeQuantPerTensor::apply(x, scale, zero_point, quant_min, quant_max, compute_mask));
+  return as_tuple(FakeQuantPerTensor::apply(x, scale, zero_point, quant_min, quant_max, compute_mask, relu));
 }
 
 OutAndMask fake_quant_per_channel_autograd(const Tensor& x, const Tensor& scale, const Tensor& zero_point,

@@ -9,8 +9,10 @@ an autograd kernel (all of them when ``_C`` is disabled or missing), so that no 
 
 Ops (every ``compute_mask=False`` call returns an empty bool ``mask`` and cannot be differentiated):
 
-``fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max, compute_mask=True) -> (out, mask)``
-    ``scale``: one fp32 element, ``zero_point``: one int32/int64 element.
+``fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max, compute_mask=True, relu=False) -> (out, mask)``
+    ``scale``: one fp32 element, ``zero_point``: one int32/int64 element. ``relu=True`` fake-quantizes
+    ``relu(x)`` and puts ReLU's gradient (``x > 0``) into the mask: a quantized ReLU output computed from the
+    ReLU's input, whose backward is one masked_grad instead of that plus ReLU's threshold_backward.
 ``fake_quant_per_channel(x, scale, zero_point, axis, quant_min, quant_max, compute_mask=True) -> (out, mask)``
     ``scale``/``zero_point``: 1-D with ``x.size(axis)`` elements.
 ``binarize(x, clipped_ste=True, compute_mask=True) -> (out, mask)``
@@ -44,7 +46,7 @@ _lib = torch.library.Library(LIBRARY, "DEF")
 SCHEMAS = {
     "fake_quant_per_tensor": (
         "(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-        "bool compute_mask=True) -> (Tensor out, Tensor mask)"
+        "bool compute_mask=True, bool relu=False) -> (Tensor out, Tensor mask)"
     ),
     "fake_quant_per_channel": (
         "(Tensor x, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max, "
@@ -88,9 +90,9 @@ def _with_layout(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> tupl
     return _like(out, x), _like(mask, x, torch.bool)
 
 
-def fake_quant_per_tensor_default(x, scale, zero_point, quant_min, quant_max, compute_mask=True):
+def fake_quant_per_tensor_default(x, scale, zero_point, quant_min, quant_max, compute_mask=True, relu=False):
     return _with_layout(
-        x, *reference.fake_quant_per_tensor_forward(x, scale, zero_point, quant_min, quant_max, compute_mask)
+        x, *reference.fake_quant_per_tensor_forward(x, scale, zero_point, quant_min, quant_max, compute_mask, relu)
     )
 
 
@@ -163,7 +165,7 @@ def _fake_outputs(x: torch.Tensor, compute_mask: bool) -> tuple[torch.Tensor, to
 
 
 @torch.library.register_fake(f"{LIBRARY}::fake_quant_per_tensor", lib=_lib)
-def _(x, scale, zero_point, quant_min, quant_max, compute_mask=True):
+def _(x, scale, zero_point, quant_min, quant_max, compute_mask=True, relu=False):
     reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, check_values=False)
     return _fake_outputs(x, compute_mask)
 
@@ -220,17 +222,25 @@ def _require_mask(ctx) -> torch.Tensor:
     return ctx.saved_tensors[0]
 
 
-def _save_mask(ctx, inputs, output):
+def _save_mask(ctx, compute_mask, output):
     # The bool mask output never has a gradient: don't let autograd fill zeros for it on every step.
     ctx.set_materialize_grads(False)
-    ctx.compute_mask = inputs[-1]
+    ctx.compute_mask = compute_mask
     ctx.save_for_backward(output[1])
+
+
+def _fake_quant_per_tensor_setup(ctx, inputs, output):
+    _save_mask(ctx, inputs[5], output)
+
+
+def _fake_quant_per_channel_setup(ctx, inputs, output):
+    _save_mask(ctx, inputs[6], output)
 
 
 def _fake_quant_per_tensor_backward(ctx, grad_out, _grad_mask):
     if grad_out is None:
-        return None, None, None, None, None, None
-    return torch.ops.fakequant.masked_grad(grad_out, _require_mask(ctx)), None, None, None, None, None
+        return None, None, None, None, None, None, None
+    return torch.ops.fakequant.masked_grad(grad_out, _require_mask(ctx)), None, None, None, None, None, None
 
 
 def _fake_quant_per_channel_backward(ctx, grad_out, _grad_mask):
@@ -274,8 +284,8 @@ def _bn_fold_backward(ctx, grad_out, _grad_mask):
 
 
 PYTHON_AUTOGRAD = {
-    "fake_quant_per_tensor": (_fake_quant_per_tensor_backward, _save_mask),
-    "fake_quant_per_channel": (_fake_quant_per_channel_backward, _save_mask),
+    "fake_quant_per_tensor": (_fake_quant_per_tensor_backward, _fake_quant_per_tensor_setup),
+    "fake_quant_per_channel": (_fake_quant_per_channel_backward, _fake_quant_per_channel_setup),
     "binarize": (_binarize_backward, _binarize_setup),
     "bn_fold_fake_quant_weight": (_bn_fold_backward, _bn_fold_setup),
 }

@@ -29,6 +29,7 @@ def fake_quant_per_tensor(
     zero_point: torch.Tensor,
     quant_min: int,
     quant_max: int,
+    relu: bool = False,
 ) -> torch.Tensor:
     """Fake-quantizes ``x`` with one scale and zero point: quantize, clamp, dequantize.
 
@@ -42,6 +43,8 @@ def fake_quant_per_tensor(
         zero_point: int32/int64 tensor with one element in ``[quant_min, quant_max]``.
         quant_min: lowest integer level.
         quant_max: highest integer level.
+        relu: fake-quantize ``relu(x)`` instead, with ReLU's gradient (``x > 0``) folded into the mask: a
+            quantized ReLU output in one op whose backward is one masked pass.
 
     Returns:
         A tensor of ``x``'s shape, dtype and layout.
@@ -52,7 +55,7 @@ def fake_quant_per_tensor(
         tensor([0.0000, 0.1000, 0.7000])
     """
     out, _ = torch.ops.fakequant.fake_quant_per_tensor(
-        x, scale, zero_point, quant_min, quant_max, _needs_grad(x)
+        x, scale, zero_point, quant_min, quant_max, _needs_grad(x), relu
     )
     return out
 

@@ -232,8 +232,13 @@ def _export_form(quantizer: Quantizer, plans: dict[str, dict[str, OnnxQDQ | None
             return module.conv._conv_forward(x, plan.apply(plan.tensor), plan.bias)
         return forward
 
+    quantize_output = activation("output")
+
+    def quantize_relu_output(layer, relu_input: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return quantize_output(layer, y)  # the export form quantizes the ReLU's output itself
+
     overrides = {"quantize_weight": quantize_weight, "quantize_input": activation("input"),
-                 "quantize_output": activation("output")}
+                 "quantize_output": quantize_output, "quantize_relu_output": quantize_relu_output}
     attached: list[tuple[nn.Module, str]] = []
     try:
         for attr, function in overrides.items():

@@ -232,11 +232,18 @@ def fake_quant_per_tensor_forward(
     quant_min: int,
     quant_max: int,
     compute_mask: bool = True,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``relu=True`` fake-quantizes ``relu(x)`` and its mask also holds ReLU's gradient, ``x > 0``."""
     check_fake_quant_args(x, scale, zero_point, quant_min, quant_max)
-    return _fake_quant_values(
-        x.float(), scale.reshape(()), zero_point.reshape(()), quant_min, quant_max, compute_mask, x.dtype
+    xf = x.float()
+    out, mask = _fake_quant_values(
+        torch.relu(xf) if relu else xf, scale.reshape(()), zero_point.reshape(()), quant_min, quant_max,
+        compute_mask, x.dtype,
     )
+    if relu and compute_mask:
+        mask = mask & (xf > 0)
+    return out, mask
 
 
 def fake_quant_per_channel_forward(
@@ -489,7 +496,9 @@ def _masked_source(source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, source, source.detach())
 
 
-def fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max):
+def fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max, relu=False):
+    if relu:  # ReLU's own autograd, then the straight-through estimator of the quantization
+        x = torch.relu(x)
     out, mask = fake_quant_per_tensor_forward(x.detach(), scale, zero_point, quant_min, quant_max)
     return _StraightThrough.apply(out, _masked_source(x, mask))
 

@@ -98,6 +98,20 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _as_float32(v):
+    """``v`` widened to fp32 exactly.
+
+    bfloat16 is widened with integer operations because the Triton interpreter (3.8) mis-converts bf16
+    subnormals on bf16 -> fp32 casts (measured: 1e-39 became 4.4e-39, 1e-40 became 0); on a GPU both forms
+    are the same exact conversion.
+    """
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def _to_dtype(v, dtype: tl.constexpr):
     """fp32 ``v`` rounded to ``dtype`` (the output's), to nearest even as ``Tensor.to`` does.
 
@@ -216,6 +230,7 @@ def _fake_quant_per_tensor_kernel(
     quant_min,
     quant_max,
     WRITE_MASK: tl.constexpr,
+    RELU: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -223,10 +238,16 @@ def _fake_quant_per_tensor_kernel(
     scale = tl.load(scale_ptr)
     inv_scale = tl.math.div_rn(1.0, scale)
     zero_point = tl.load(zero_point_ptr).to(tl.float32)
-    x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    x = _as_float32(tl.load(x_ptr + offsets, mask=in_bounds, other=0.0))
+    if RELU:
+        # relu(x) with NaN kept (x != x); the sign of a zero does not matter, both quantize to +0
+        positive = x > 0.0
+        x = tl.where(positive | (x != x), x, 0.0)
     out, inside = _fake_quant_values(
         x, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
     )
+    if RELU:
+        inside = inside & positive
     tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
     if WRITE_MASK:
         tl.store(mask_ptr + offsets, inside, mask=in_bounds)
@@ -239,6 +260,7 @@ def fake_quant_per_tensor(
     quant_min: int,
     quant_max: int,
     compute_mask: bool = True,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::fake_quant_per_tensor``: ``(out, mask)`` in ``x``'s layout."""
     reference.check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, check_values=_has_values(scale))
@@ -261,6 +283,7 @@ def fake_quant_per_tensor(
             quant_min,
             quant_max,
             WRITE_MASK=compute_mask,
+            RELU=relu,
             BLOCK=BLOCK_SIZE,
             num_warps=NUM_WARPS,
         )
@@ -293,7 +316,7 @@ def _fake_quant_per_channel_kernel(
     scale = tl.load(scale_ptr + channel, mask=in_bounds, other=1.0)
     inv_scale = tl.math.div_rn(1.0, scale)
     zero_point = tl.load(zero_point_ptr + channel, mask=in_bounds, other=0).to(tl.float32)
-    x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    x = _as_float32(tl.load(x_ptr + offsets, mask=in_bounds, other=0.0))
     out, inside = _fake_quant_values(
         x, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
     )
@@ -352,7 +375,7 @@ def fake_quant_per_channel(
 def _binarize_kernel(x_ptr, out_ptr, mask_ptr, n_elements, WRITE_MASK: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offsets < n_elements
-    x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    x = _as_float32(tl.load(x_ptr + offsets, mask=in_bounds, other=0.0))
     out = tl.where(x >= 0.0, 1.0, -1.0)
     out = tl.where(x != x, x, out)  # NaN stays NaN
     tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
@@ -424,7 +447,7 @@ def _bn_fold_fake_quant_weight_kernel(
     scale = tl.load(scale_ptr + channel, mask=in_bounds, other=1.0)
     inv_scale = tl.math.div_rn(1.0, scale)
     zero_point = tl.load(zero_point_ptr + channel, mask=in_bounds, other=0).to(tl.float32)
-    folded = tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32) * factor
+    folded = _as_float32(tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0)) * factor
     out, inside = _fake_quant_values(
         folded, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
     )
@@ -549,8 +572,8 @@ def _bn_fold_fake_quant_weight_backward_kernel(
         in_bounds = (start + tl.arange(0, BLOCK)) < channel_size
         grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0)
         keep = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(tl.int1)
-        grad = tl.where(keep, grad, tl.zeros_like(grad)).to(tl.float32)
-        weight = tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+        grad = _as_float32(tl.where(keep, grad, tl.zeros_like(grad)))
+        weight = _as_float32(tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0))
         tl.store(grad_weight_ptr + offsets, _to_dtype(grad * factor, grad_weight_ptr.dtype.element_ty), mask=in_bounds)
         acc += grad * weight
     total = tl.sum(acc, axis=0)

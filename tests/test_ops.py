@@ -137,6 +137,27 @@ def test_per_tensor_matches_reference(backend, quant_min, quant_max):
         assert_identical(out[finite], expected)
 
 
+@pytest.mark.parametrize("quant_min,quant_max", [(0, 255), (-128, 127), (0, 15), (-8, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_relu_per_tensor_is_relu_then_fake_quant(backend, quant_min, quant_max, dtype):
+    # relu=True: the values of fake_quant(relu(x)), the mask of fake_quant's and ReLU's gradients (x > 0).
+    g = torch.Generator().manual_seed(2)
+    for scale_value, zero_point in ((0.1, quant_min), (1 / 3, (quant_min + quant_max) // 2), (0.125, quant_max)):
+        x = torch.cat([torch.randn(1031, generator=g) * scale_value * (quant_max - quant_min),
+                       ties(scale_value, zero_point, quant_min, quant_max), SPECIAL]).to(dtype)
+        for layout in layouts(x[:1020].reshape(3, 5, 4, 17)).values():
+            for sample in (x, layout):
+                args = _per_tensor_case(sample, quant_min, quant_max, scale_value, zero_point)
+                out, mask = torch.ops.fakequant.fake_quant_per_tensor(*args, True, True)
+                ref_out, ref_mask = reference.fake_quant_per_tensor_forward(torch.relu(sample), *args[1:])
+                assert_identical(out, ref_out)
+                assert_identical(mask, ref_mask & (sample > 0))
+                assert_identical(torch.ops.fakequant.fake_quant_per_tensor(*args, False, True)[0], ref_out)
+                assert_identical(
+                    mask, reference.fake_quant_per_tensor_forward(*args, True, True)[1]
+                )
+
+
 @pytest.mark.parametrize("quant_min,quant_max", [(-128, 127), (0, 255), (-1, 0), (0, 65535)])
 @pytest.mark.parametrize("axis", [0, 1, 3])
 def test_per_channel_matches_reference(backend, quant_min, quant_max, axis):
@@ -255,6 +276,8 @@ def test_backward_matches_reference_autograd(backend, dtype):
     cases = [
         (lambda a: fakequant.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15),
          lambda a: reference.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15), [x]),
+        (lambda a: fakequant.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15, relu=True),
+         lambda a: reference.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15, relu=True), [x]),
         (lambda a: fakequant.fake_quant_per_channel(a, scale_c, zp_c, 0, -8, 7),
          lambda a: reference.fake_quant_per_channel(a, scale_c, zp_c, 0, -8, 7), [x]),
         (lambda a: fakequant.binarize(a, clipped_ste=True),
@@ -327,7 +350,9 @@ def _op_samples():
     gamma, var = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.1
     mask = torch.randn(3, 4, 5, generator=g) > 0
     return {
-        "fake_quant_per_tensor": [(x, scale_t, zp_t, -128, 127), (x, scale_t, zp_t, 0, 255, False)],
+        "fake_quant_per_tensor": [
+            (x, scale_t, zp_t, -128, 127), (x, scale_t, zp_t, 0, 255, False), (x, scale_t, zp_t, 0, 255, True, True)
+        ],
         "fake_quant_per_channel": [(x, scale_c, zp_c, 0, -128, 127), (x.transpose(0, 2), scale_c, zp_c, 2, -128, 127)],
         "binarize": [(x,), (x, False)],
         "bn_fold_fake_quant_weight": [(x, gamma, var, 1e-5, scale_c, zp_c, -128, 127)],

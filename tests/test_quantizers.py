@@ -701,3 +701,55 @@ def test_half_model_trains_and_evaluates(quantizer_class):
     assert out.dtype == torch.float16 and model.conv1.parametrizations.weight.original.grad is not None
     model.eval()
     assert torch.isfinite(model(x)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized ReLU outputs: the fused ReLU + fake quant path
+# ---------------------------------------------------------------------------------------------
+
+
+class _NotFusedReLU(nn.ReLU):
+    """An nn.ReLU subclass: the quantizer's fused path applies to nn.ReLU itself only, so this one takes the
+    plain path (quantize the module's output)."""
+
+
+def _relu_net(relu: type[nn.Module]) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), relu(), nn.Conv2d(8, 4, 3), relu(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3))
+
+
+def _relu_step_results(relu: type[nn.Module], steps: int = 3):
+    model = _relu_net(relu)
+    config = [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+              {"quant_types": ["output"], "quant_bits": 8, "op_types": [relu.__name__]}]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fakequant.QAT_Quantizer(model, config, optimizer, bn_folding=False).compress()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    outputs, grads = [], []
+    for _ in range(steps):
+        out = model(x)
+        optimizer.zero_grad()
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        optimizer.step()
+    model.eval()
+    return outputs + [model(x).detach()], grads, model
+
+
+def test_relu_output_fused_path_equals_plain_path():
+    fused_outputs, fused_grads, _ = _relu_step_results(nn.ReLU)
+    plain_outputs, plain_grads, _ = _relu_step_results(_NotFusedReLU)
+    for a, b in zip(fused_outputs, plain_outputs, strict=True):
+        assert torch.equal(a, b)
+    for step_a, step_b in zip(fused_grads, plain_grads, strict=True):
+        for a, b in zip(step_a, step_b, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_relu_output_fused_path_drops_relu_from_the_graph():
+    model = _relu_step_results(nn.ReLU, steps=1)[2].train()
+    out = model[2](model[1](model[0](torch.randn(2, 3, 8, 8))))
+    assert out.grad_fn is not None and "Relu" not in type(out.grad_fn).__name__
+    assert "Relu" not in str([type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None])

@@ -678,19 +678,23 @@ from triton.backends.compiler import GPUTarget
 from fakequant import triton_kernels as tk
 
 COMMON = {"out_ptr": "*fp32", "mask_ptr": "*i1", "scale_ptr": "*fp32", "zero_point_ptr": "*i32",
-          "n_elements": "i32", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr"}
+          "n_elements": "i32", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr",
+          "RELU": "constexpr"}
 KERNELS = {
-    "per_tensor": (tk._fake_quant_per_tensor_kernel, {"x_ptr": "*fp32", **COMMON}),
+    "per_tensor": (tk._fake_quant_per_tensor_kernel, {"x_ptr": "*fp32", **COMMON}, {"RELU": False}),
+    "per_tensor_relu": (tk._fake_quant_per_tensor_kernel, {"x_ptr": "*fp32", **COMMON}, {"RELU": True}),
     "per_channel": (tk._fake_quant_per_channel_kernel,
-                    {"x_ptr": "*fp32", **COMMON, "channel_stride": "i64", "channels": "i64"}),
+                    {"x_ptr": "*fp32", **COMMON, "channel_stride": "i64", "channels": "i64"}, {}),
     "bn_fold": (tk._bn_fold_fake_quant_weight_kernel,
-                {"weight_ptr": "*fp32", "factor_ptr": "*fp32", **COMMON, "channel_stride": "i64", "channels": "i64"}),
+                {"weight_ptr": "*fp32", "factor_ptr": "*fp32", **COMMON, "channel_stride": "i64", "channels": "i64"},
+                {}),
 }
 nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 report = {}
-for name, (kernel, types) in KERNELS.items():
+for name, (kernel, types, extra_constexprs) in KERNELS.items():
     signature = {p: types[p] for p in kernel.arg_names}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs={"WRITE_MASK": True, "BLOCK": 1024})
+    constexprs = {"WRITE_MASK": True, "BLOCK": 1024, **extra_constexprs}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32))
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -720,7 +724,9 @@ def build_all():
                        tk._bn_fold_fake_quant_weight_kernel, tk._masked_grad_kernel,
                        tk._bn_fold_fake_quant_weight_backward_kernel):
             signature = {p: types[p] for p in kernel.arg_names}
-            constexprs = {p: v for p, v in (("WRITE_MASK", True), ("BLOCK", 1024)) if p in kernel.arg_names}
+            constexprs = {
+                p: v for p, v in (("WRITE_MASK", True), ("BLOCK", 1024), ("RELU", False)) if p in kernel.arg_names
+            }
             source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             triton.compile(source, target=GPUTarget("cuda", 90, 32))
             built.append(f"{kernel.fn.__name__}:{dtype}")

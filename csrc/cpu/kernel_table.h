@@ -31,8 +31,9 @@ struct ChannelParams {
 struct KernelTable {
   const char* name;
   // mask == nullptr skips the mask entirely (compute_mask=false).
+  // relu: fake-quantize relu(x); the mask also requires x > 0.
   void (*fake_quant_per_tensor)(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n,
-                                const QuantParams& params);
+                                const QuantParams& params, bool relu);
   void (*fake_quant_per_channel)(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n,
                                  const ChannelParams& params);
   void (*binarize)(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n);

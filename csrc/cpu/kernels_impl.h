@@ -155,18 +155,26 @@ struct VecQuant {
   }
 };
 
-// A run of elements sharing one set of parameters (the whole tensor for per-tensor).
-template <typename T, bool kMask, bool kFold>
+// A run of elements sharing one set of parameters (the whole tensor for per-tensor). kRelu: fake-quantize
+// relu(x), and the mask also requires x > 0 (ReLU's gradient); at::vec::maximum keeps NaN.
+template <typename T, bool kMask, bool kFold, bool kRelu = false>
 void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantParams& p, float fold) {
   const VecQuant vq{Vec(p.scale), Vec(p.inv_scale), Vec(p.zero_point), Vec(p.quant_min), Vec(p.quant_max)};
   const Vec fold_v(fold);
+  const Vec zero(0.0f);
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
     Vec v[4], m[4];
     BlockIO<T>::load(x + i, v);
     for (int k = 0; k < 4; ++k) {
       if constexpr (kFold) v[k] = v[k] * fold_v;
+      Vec positive;
+      if constexpr (kRelu) {
+        positive = v[k] > zero;
+        v[k] = at::vec::maximum(v[k], zero);
+      }
       v[k] = vq.apply<kMask>(v[k], m[k]);
+      if constexpr (kRelu && kMask) m[k] = m[k] & positive;
     }
     BlockIO<T>::store(out + i, v);
     if constexpr (kMask) store_mask(mask + i, m);
@@ -174,9 +182,11 @@ void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantPara
   for (; i < len; ++i) {
     float xf = static_cast<float>(x[i]);
     if constexpr (kFold) xf = xf * fold;
+    const bool positive = !kRelu || xf > 0.0f;
+    if constexpr (kRelu) xf = relu_value(xf);
     bool in_range;
     out[i] = static_cast<T>(fake_quant_value(xf, p, in_range));
-    if constexpr (kMask) mask[i] = in_range;
+    if constexpr (kMask) mask[i] = in_range && positive;
   }
 }
 
@@ -239,14 +249,21 @@ void fake_quant_channel_range(const T* x, T* out, bool* mask, int64_t begin, int
 }
 
 void fake_quant_per_tensor(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n,
-                           const QuantParams& params) {
+                           const QuantParams& params, bool relu) {
   dispatch_float_type(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* xp = static_cast<const T*>(x);
     T* op = static_cast<T*>(out);
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      if (mask != nullptr) {
-        fake_quant_run<T, true, false>(xp + begin, op + begin, mask + begin, end - begin, params, 1.0f);
+      bool* m = mask != nullptr ? mask + begin : nullptr;
+      if (relu) {
+        if (m != nullptr) {
+          fake_quant_run<T, true, false, true>(xp + begin, op + begin, m, end - begin, params, 1.0f);
+        } else {
+          fake_quant_run<T, false, false, true>(xp + begin, op + begin, nullptr, end - begin, params, 1.0f);
+        }
+      } else if (m != nullptr) {
+        fake_quant_run<T, true, false>(xp + begin, op + begin, m, end - begin, params, 1.0f);
       } else {
         fake_quant_run<T, false, false>(xp + begin, op + begin, nullptr, end - begin, params, 1.0f);
       }

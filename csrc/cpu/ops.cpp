@@ -306,7 +306,7 @@ std::vector<float> bn_fold_factors(const at::Tensor& gamma, const at::Tensor& va
 
 std::tuple<at::Tensor, at::Tensor> fake_quant_per_tensor_cpu(const at::Tensor& x, const at::Tensor& scale,
                                                              const at::Tensor& zero_point, int64_t quant_min,
-                                                             int64_t quant_max, bool compute_mask) {
+                                                             int64_t quant_max, bool compute_mask, bool relu) {
   check_x(x, "x");
   check_range(quant_min, quant_max);
   check_qparams(x, scale, zero_point, quant_min, quant_max, -1);
@@ -316,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_per_tensor_cpu(const at::Tensor& x
     const QuantParams p = make_quant_params(scalar_at<float>(scale, 0), static_cast<float>(zero_point_at(zero_point, 0)),
                                             static_cast<float>(quant_min), static_cast<float>(quant_max));
     kernels().fake_quant_per_tensor(xd.scalar_type(), xd.const_data_ptr(), out.mutable_data_ptr(),
-                                    compute_mask ? mask.mutable_data_ptr<bool>() : nullptr, xd.numel(), p);
+                                    compute_mask ? mask.mutable_data_ptr<bool>() : nullptr, xd.numel(), p, relu);
   }
   return {out, mask};
 }

@@ -17,6 +17,8 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 
 // scale and zero_point are read on the device by every thread (one cached line), never with .item().
+// kRelu: fake-quantize relu(x), with ReLU's gradient (x > 0) in the mask.
+template <bool kRelu>
 struct PerTensorOp {
   const float* scale;
   Vector1d zero_point;
@@ -31,7 +33,14 @@ struct PerTensorOp {
   template <int N>
   __device__ __forceinline__ void apply(const float (&x)[N], int64_t, float (&out)[N], bool (&in)[N]) const {
 #pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = fake_quant_value(x[j], params, in[j]);
+    for (int j = 0; j < N; ++j) {
+      if constexpr (kRelu) {
+        out[j] = fake_quant_value(relu_value(x[j]), params, in[j]);
+        in[j] = in[j] && x[j] > 0.0f;
+      } else {
+        out[j] = fake_quant_value(x[j], params, in[j]);
+      }
+    }
   }
 };
 
@@ -155,8 +164,9 @@ int vector_length(FloatType type) {
 }  // namespace
 
 cudaError_t launch_fake_quant_per_tensor(const ElementwiseArgs& args, const float* scale, Vector1d zero_point,
-                                         float quant_min, float quant_max) {
-  return launch_elementwise(args, PerTensorOp{scale, zero_point, quant_min, quant_max, QuantParams{}});
+                                         float quant_min, float quant_max, bool relu) {
+  if (relu) return launch_elementwise(args, PerTensorOp<true>{scale, zero_point, quant_min, quant_max, QuantParams{}});
+  return launch_elementwise(args, PerTensorOp<false>{scale, zero_point, quant_min, quant_max, QuantParams{}});
 }
 
 cudaError_t launch_channel_params(ChannelParams* params, int64_t channels, Vector1d scale, Vector1d zero_point,

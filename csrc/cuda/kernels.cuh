@@ -66,8 +66,9 @@ struct ElementwiseArgs {
 
 // Each returns cudaGetLastError() right after its launch(es), which the caller checks with C10_CUDA_CHECK
 // (what C10_CUDA_KERNEL_LAUNCH_CHECK does). numel == 0 launches nothing.
+// relu: fake-quantize relu(x); the mask also requires x > 0.
 cudaError_t launch_fake_quant_per_tensor(const ElementwiseArgs& args, const float* scale, Vector1d zero_point,
-                                         float quant_min, float quant_max);
+                                         float quant_min, float quant_max, bool relu);
 // gamma and var are nullptr for a plain per-channel fake quantization (fold = 1).
 cudaError_t launch_channel_params(ChannelParams* params, int64_t channels, Vector1d scale, Vector1d zero_point,
                                   float quant_min, float quant_max, const Vector1d* gamma, const Vector1d* var,

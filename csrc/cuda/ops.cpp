@@ -119,13 +119,14 @@ ElementwiseArgs elementwise_args(const Forward& f) {
 // ---------------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> fake_quant_per_tensor_cuda(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
-                                                      int64_t quant_min, int64_t quant_max, bool compute_mask) {
+                                                      int64_t quant_min, int64_t quant_max, bool compute_mask,
+                                                      bool relu) {
   checks::check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, std::nullopt);
   const c10::cuda::CUDAGuard guard(x.device());
   const Forward f = make_forward(x, compute_mask);
   C10_CUDA_CHECK(launch_fake_quant_per_tensor(elementwise_args(f), scale.const_data_ptr<float>(),
                                               vector1d(zero_point), static_cast<float>(quant_min),
-                                              static_cast<float>(quant_max)));
+                                              static_cast<float>(quant_max), relu));
   return {f.out, f.mask};
 }
 

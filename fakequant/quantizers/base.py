@@ -138,6 +138,10 @@ class QuantizedLayer:
                 f"fakequant: module {self.name!r} has 'output' quantization but returned "
                 f"{type(output).__name__}; allowed: modules that return one tensor"
             )
+        # An out-of-place nn.ReLU's output can be computed again from its input by the fused ReLU + fake
+        # quant op, which takes the ReLU out of the autograd graph: one masked backward pass instead of two.
+        if type(module) is nn.ReLU and not module.inplace and args and isinstance(args[0], torch.Tensor):
+            return self.quantizer.quantize_relu_output(self, args[0], output)
         return self.quantizer.quantize_output(self, output)
 
     # -- per step and export ----------------------------------------------------------------------
@@ -292,6 +296,11 @@ class Quantizer:
 
     def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def quantize_relu_output(self, layer: QuantizedLayer, relu_input: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The quantized output of an ``nn.ReLU``, ``y = relu(relu_input)``; by default :meth:`quantize_output`
+        of ``y``. A subclass may compute it from ``relu_input`` with the fused op instead."""
+        return self.quantize_output(layer, y)
 
     def _layer_calibration(self, layer: QuantizedLayer) -> dict:
         raise NotImplementedError
@@ -504,9 +513,13 @@ class EmaRangeQuantizer(Quantizer):
             layer.buffer(quant_type + "_observed").fill_(1)
             layer.observed[quant_type] = True
 
-    def _fake_quant_activation(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor) -> torch.Tensor:
+    def _fake_quant_activation(
+        self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor, relu_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Ranges tracked in training mode from step 0; fake quantization from ``quant_start_step`` once a
-        range has been observed (an eval pass before any training batch runs in float)."""
+        range has been observed (an eval pass before any training batch runs in float). With ``relu_input``
+        (``x = relu(relu_input)``), the fused op quantizes ``relu(relu_input)``: the same values, with ReLU's
+        gradient in its mask."""
         from fakequant import functional
 
         if layer.module.training:
@@ -516,9 +529,10 @@ class EmaRangeQuantizer(Quantizer):
             return x
         spec = layer.config.specs[quant_type]
         return functional.fake_quant_per_tensor(
+            x if relu_input is None else relu_input,
             # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
-            x, layer.buffer(quant_type + "_scale").float(), layer.buffer(quant_type + "_zero_point"),
-            spec.quant_min, spec.quant_max,
+            layer.buffer(quant_type + "_scale").float(), layer.buffer(quant_type + "_zero_point"),
+            spec.quant_min, spec.quant_max, relu=relu_input is not None,
         )
 
     def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:

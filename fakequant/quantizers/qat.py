@@ -235,6 +235,9 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
     def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
         return self._fake_quant_activation(layer, "output", y)
 
+    def quantize_relu_output(self, layer: QuantizedLayer, relu_input: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._fake_quant_activation(layer, "output", y, relu_input=relu_input)
+
     def _layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {"op_type": layer.config.op_type}
         for quant_type in layer.config.quant_types:
