@@ -173,7 +173,7 @@ def _auto_cuda_kernel(name: str):
                 stacklevel=2,
             )
             return _ops.DEFAULT_KERNELS[name](*args, **kwargs)
-        return triton_kernels.OPS.get(name, _ops.DEFAULT_KERNELS[name])(*args, **kwargs)
+        return triton_kernels.OPS[name](*args, **kwargs)
 
     return kernel
 
@@ -208,9 +208,7 @@ def set_backend(name: str) -> None:
         _register_override({key: _ops.DEFAULT_KERNELS for key in ("CPU", "CUDA")})
     elif name == "triton":
         # On CPU tensors without the interpreter the Triton host wrappers raise an error that says so.
-        # observe_range has no Triton kernel (a reduction plus a few scalars per channel): the reference's
-        # torch ops serve it there.
-        _register_override({key: {**_ops.DEFAULT_KERNELS, **_triton_kernels.OPS} for key in ("CPU", "CUDA")})
+        _register_override({key: _triton_kernels.OPS for key in ("CPU", "CUDA")})
     elif name == "auto" and not _extension_has_cuda and importlib.util.find_spec("triton") is not None:
         _register_override({"CUDA": {op: _auto_cuda_kernel(op) for op in _ops.OP_NAMES}})
     _backend = name

@@ -453,6 +453,177 @@ def test_bn_fold_fake_quant_weight_backward(shape, dtype, stat_dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# observe_range
+# ---------------------------------------------------------------------------------------------
+
+
+def observe_state(x, axis, tracked=None, state_dtype=torch.float32, zp_dtype=torch.int32):
+    """Fresh ``(tracked_range, scale, zero_point)`` for ``x`` on ``x``'s device; ``tracked`` the previous range."""
+    channels = None if axis is None else x.size(axis)
+    shape = (2,) if channels is None else (2, channels)
+    tracked = torch.zeros(shape) if tracked is None else tracked
+    scale = torch.ones(() if channels is None else (channels,))
+    zero_point = torch.zeros(() if channels is None else (channels,), dtype=zp_dtype)
+    return tuple(t.to(device=x.device) for t in (tracked.to(state_dtype), scale.to(state_dtype), zero_point))
+
+
+def assert_same_state(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
+        if a.is_floating_point():
+            assert_bits_equal(a, e)
+        else:
+            assert a.dtype == e.dtype and torch.equal(a, e), (a, e)
+
+
+def check_observe(x, axis, constant, qrange, fold=None, tracked=None, state_dtype=torch.float32,
+                  zp_dtype=torch.int32):
+    """The Triton kernel and the reference on copies of the same state, bit for bit; returns the kernel's."""
+    got = observe_state(x, axis, tracked, state_dtype, zp_dtype)
+    want = tuple(t.clone() for t in got)
+    triton_kernels.observe_range(x, *got, axis, constant, *qrange, fold)
+    reference.observe_range(x, *want, axis, constant, *qrange, fold)
+    assert_same_state(got, want)
+    return got
+
+
+@pytest.fixture
+def small_observe_blocks(monkeypatch):
+    """Blocks of 16 elements, up to 8 partial programs, one loop step minimum: small tensors then take the
+    paths that only large ones take with the real sizes (several splits per channel combined in several
+    finalize steps, several channel tiles and finalize programs, loops over channel blocks)."""
+    monkeypatch.setattr(triton_kernels, "OBSERVE_BLOCK_SIZE", 16)
+    monkeypatch.setattr(triton_kernels, "OBSERVE_PROGRAMS", 8)
+    monkeypatch.setattr(triton_kernels, "OBSERVE_MIN_STEPS", 1)
+
+
+OBSERVE_MODES = [(1.0, (-128, 127, True)), (0.01, (0, 255, False)), (0.25, (-8, 7, False))]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-inf"])
+def test_observe_range_layouts(dtype, special, small_observe_blocks):
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(4, 6, 5, 7, generator=gen) * 3 + 0.5
+    if special:
+        # One channel of each axis gets a NaN, others inf and -inf: per-channel ranges keep them apart.
+        x[1, 2, 3, 4], x[2, 0, 0, 0], x[3, 5, 4, 6] = float("nan"), float("inf"), float("-inf")
+    x = x.to(dtype=dtype, device=DEVICE)
+    for i, xl in enumerate(layouts(x).values()):
+        for j, axis in enumerate((None, 0, 1, 2, 3)):
+            constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
+            tracked = torch.randn((2,) if axis is None else (2, x.size(axis)), generator=gen)
+            check_observe(xl, axis, constant, qrange, tracked=tracked)
+
+
+def test_observe_range_several_default_blocks():
+    """The real block sizes: 15000 elements per tensor (4 splits), 5000 per row, 5000 channels of 3."""
+    gen = torch.Generator().manual_seed(14)
+    x = (torch.randn(3, 5000, generator=gen) * 2).to(DEVICE)
+    x[2, 4321] = float("nan")
+    for xl in (x, x.t().contiguous().t()):
+        for axis in (None, 0, 1):
+            tracked = torch.randn((2,) if axis is None else (2, x.size(axis)), generator=gen)
+            check_observe(xl, axis, 0.01, (-128, 127, False), tracked=tracked)
+
+
+def test_observe_range_fold(small_observe_blocks):
+    gen = torch.Generator().manual_seed(15)
+    weight = torch.randn(40, 3, 3, generator=gen)
+    weight[5] = weight[5].abs()
+    weight[5, 1, 1] = 0.0  # min 0: times an infinite fold factor, a NaN minimum and an infinite maximum
+    weight[9] = -weight[9].abs()
+    weight[9, 2, 0] = 0.0  # max 0: the same for the maximum
+    weight[11, 0, 2] = float("inf")
+    fold = torch.randn(40, generator=gen)
+    fold[3], fold[4], fold[11] = 0.0, -0.0, 0.0  # inf * 0: NaN
+    weight, fold = weight.to(DEVICE), fold.to(DEVICE)
+    plain = fold.clone()
+    plain[11] = 2.0
+    only_low_nan, only_high_nan = plain.clone(), plain.clone()
+    only_low_nan[5] = float("inf")
+    only_high_nan[9] = float("inf")
+    for i, wl in enumerate(layouts(weight).values()):
+        for j, f in enumerate((plain, fold, only_low_nan, only_high_nan)):
+            for axis in (None, 0):
+                constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
+                tracked = torch.randn((2,) if axis is None else (2, 40), generator=gen)
+                check_observe(wl, axis, constant, qrange, f, tracked)
+    # Per tensor, NaN in one end of one channel's folded range makes only that end NaN.
+    low, high = check_observe(weight, None, 1.0, (0, 255, False), only_low_nan)[0].tolist()
+    assert low != low and high == float("inf")
+    low, high = check_observe(weight, None, 1.0, (0, 255, False), only_high_nan)[0].tolist()
+    assert low == float("-inf") and high != high
+
+
+def test_observe_range_state_dtypes_and_strides(small_observe_blocks):
+    """State after model.half() (fp16/bf16 range and scale, int64 zero point) in strided views: only the
+    viewed elements change."""
+    gen = torch.Generator().manual_seed(16)
+    x = (torch.randn(5, 9, generator=gen) * 4).to(DEVICE)
+    for state_dtype, zp_dtype in ((torch.float16, torch.int64), (torch.bfloat16, torch.int32)):
+        for axis in (None, 1):
+            channels = 1 if axis is None else 9
+            tracked_base = torch.full((channels, 3), 7.0, dtype=state_dtype, device=DEVICE)
+            tracked_base[:, 0] = torch.randn(channels, generator=gen).to(state_dtype)
+            tracked_base[:, 2] = torch.randn(channels, generator=gen).to(state_dtype)
+            tracked = tracked_base[:, ::2].t()  # (2, channels), strides (1, 3)
+            scale_base = torch.full((2 * channels,), 7.0, dtype=state_dtype, device=DEVICE)
+            zp_base = torch.full((channels, 2), 7, dtype=zp_dtype, device=DEVICE)
+            scale, zero_point = scale_base[::2], zp_base[:, 1]
+            if axis is None:
+                tracked, scale, zero_point = tracked.reshape(2), scale.reshape(()), zero_point.reshape(())
+            want = (tracked.clone(), scale.clone(), zero_point.clone())
+            triton_kernels.observe_range(x, tracked, scale, zero_point, axis, 0.01, 0, 255, False)
+            reference.observe_range(x, *want, axis, 0.01, 0, 255, False)
+            assert_same_state((tracked, scale, zero_point), want)
+            assert bool((tracked_base[:, 1] == 7).all() and (scale_base[1::2] == 7).all())
+            assert bool((zp_base[:, 0] == 7).all())
+    # A NaN range: INT32_MIN in an int64 zero point too (sign-extended, as the reference's int32 copy).
+    x[3, 4] = float("nan")
+    state = check_observe(x, None, 0.01, (0, 255, False), state_dtype=torch.float16, zp_dtype=torch.int64)
+    assert state[2].item() == -(2**31) and bool(state[1].isnan())
+
+
+def choose_qparams_by_reciprocal(min_val, max_val, quant_min, quant_max, symmetric):
+    """fakequant.qparams.choose_qparams as torch runs it on CUDA tensors: tensor / Python float there is
+    tensor * fp32(1 / fp32(divisor)) (ATen's div_true_kernel_cuda), the other operations as on CPU."""
+    min_neg = torch.clamp(min_val.float(), max=0.0)
+    max_pos = torch.clamp(max_val.float(), min=0.0)
+    divisor = (quant_max - quant_min) / 2 if symmetric else float(quant_max - quant_min)
+    inverse = torch.tensor(1.0) / torch.tensor(divisor, dtype=torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    span = torch.maximum(-min_neg, max_pos) if symmetric else max_pos - min_neg
+    scale = torch.clamp(span * inverse.to(span.device), min=eps)
+    if symmetric:
+        zero_point = torch.full_like(scale, 0 if quant_min < 0 else (quant_min + quant_max + 1) // 2, dtype=torch.int32)
+    else:
+        zero_point = torch.clamp(quant_min - torch.round(min_neg / scale), quant_min, quant_max).to(torch.int32)
+    return scale, zero_point
+
+
+def test_observe_range_divides_as_torch_does_on_cuda(monkeypatch):
+    """On CUDA tensors the kernel multiplies by the divisor's reciprocal, as the reference does there."""
+    gen = torch.Generator().manual_seed(17)
+    x = (torch.randn(6, 200, generator=gen) * 3).to(DEVICE)
+    monkeypatch.setattr(triton_kernels, "_scale_by_reciprocal", lambda device: True)
+    for qrange in ((-128, 127, True), (0, 255, False), (-8, 7, False)):
+        got = observe_state(x, 1)
+        triton_kernels.observe_range(x, *got, 1, 1.0, *qrange)
+        by_division = observe_state(x, 1)
+        with monkeypatch.context() as m:
+            m.setattr(triton_kernels, "_scale_by_reciprocal", lambda device: False)
+            triton_kernels.observe_range(x, *by_division, 1, 1.0, *qrange)
+        want = observe_state(x, 1)
+        with monkeypatch.context() as m:
+            m.setattr(reference, "choose_qparams", choose_qparams_by_reciprocal)
+            reference.observe_range(x, *want, 1, 1.0, *qrange)
+        assert_same_state(got, want)
+        assert not torch.equal(got[1], by_division[1])  # the two roundings differ on some of 200 channels
+    if DEVICE == "cuda":
+        assert triton_kernels._scale_by_reciprocal(x.device)
+
+
+# ---------------------------------------------------------------------------------------------
 # The public ops with the "triton" backend
 # ---------------------------------------------------------------------------------------------
 
@@ -525,6 +696,14 @@ def test_public_ops_run_triton_forward_and_backward(triton_backend, dtype):
         "_bn_fold_fake_quant_weight_kernel",
         "_bn_fold_fake_quant_weight_backward_kernel",
     }
+
+
+def test_observe_range_runs_triton(triton_backend):
+    x = torch.randn(3, 70, device=DEVICE)
+    state = observe_state(x, None)
+    torch.ops.fakequant.observe_range(x, *state, None, 1.0, -128, 127, True)
+    assert state[0].tolist() == [x.min().item(), x.max().item()]
+    assert triton_backend == ["_observe_range_partial_kernel", "_observe_range_finalize_kernel"]
 
 
 def test_torch_ops_run_triton(triton_backend):
@@ -712,6 +891,46 @@ for name, (kernel, types, extra_constexprs) in KERNELS.items():
         "sass_sub_2_23": len(re.findall(r"FADD R\\d+, R\\d+(\\.reuse)?, -8388608", sass)),
     }
 
+# observe_range's finalize kernel in several modes: the moving average as sub.rn/mul.rn/add.rn (no FMA, no
+# flush to zero), the divisions IEEE. Its partial kernel: 64-bit channel offsets with 32-bit sizes.
+OBSERVE_TYPES = {"partial_ptr": "*fp32", "fold_ptr": "*fp32", "tracked_ptr": "*fp32", "scale_ptr": "*fp32",
+                 "zero_point_ptr": "*i32", "entries": "i32", "channels": "i32", "splits": "i32",
+                 "tracked_row_stride": "i32", "tracked_entry_stride": "i32", "scale_stride": "i32",
+                 "zero_point_stride": "i32", "averaging_constant": "fp32", "divisor": "fp32", "inverse_divisor": "fp32",
+                 "quant_min": "fp32", "quant_max": "fp32", "symmetric_zero_point": "fp32", "x_ptr": "*fp32",
+                 "per_channel": "i32", "run": "i32", "split_size": "i32"}
+OBSERVE_MODES = {  # (REPLACE, SYMMETRIC, RECIPROCAL, HAS_FOLD, REDUCE_CHANNELS)
+    "average_affine_fold_per_tensor": (False, False, False, True, True),
+    "average_symmetric_reciprocal_fold": (False, True, True, True, False),
+    "replace_affine_reciprocal": (True, False, True, False, False),
+    "average_affine": (False, False, False, False, False),
+}
+def observe_constexprs(kernel, modes=(False, False, False, False, False)):
+    values = dict(zip(("REPLACE", "SYMMETRIC", "RECIPROCAL", "HAS_FOLD", "REDUCE_CHANNELS"), modes),
+                  BLOCK_E=256, BLOCK_S=4, BLOCK_C=4, BLOCK_K=256)
+    return {p: v for p, v in values.items() if p in kernel.arg_names}
+def observe_source(kernel, types, modes=(False, False, False, False, False)):
+    signature = {p: types.get(p, "constexpr") for p in kernel.arg_names}
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=observe_constexprs(kernel, modes))
+observe = {}
+for mode, flags in OBSERVE_MODES.items():
+    ptx = triton.compile(observe_source(tk._observe_range_finalize_kernel, OBSERVE_TYPES, flags),
+                         target=GPUTarget("cuda", 80, 32)).asm["ptx"]
+    observe[mode] = {
+        "replace": flags[0], "reciprocal_symmetric": flags[1] and flags[2],
+        "ptx_sub_rn": len(re.findall(r"sub\\.rn\\.f32", ptx)),
+        "ptx_mul_rn": len(re.findall(r"mul\\.rn\\.f32", ptx)),
+        "ptx_add_rn": len(re.findall(r"add\\.rn\\.f32", ptx)),
+        "ptx_div_rn": ptx.count("div.rn.f32"),
+        "ptx_approx": len(re.findall(r"(div|rcp|sqrt)\\.(approx|full)", ptx)),
+        "ptx_fma": len(re.findall(r"fma\\.\\w+\\.f32", ptx)),
+        "ptx_ftz": ptx.count(".ftz"),
+    }
+ptx = triton.compile(observe_source(tk._observe_range_partial_kernel, OBSERVE_TYPES),
+                     target=GPUTarget("cuda", 80, 32)).asm["ptx"]
+observe["partial"] = {"ptx_offsets_64": len(re.findall(r"setp\\.lt\\.s64", ptx))}
+report["observe_range"] = observe
+
 # Every kernel, in every dtype, must also build (the interpreter accepts code the compiler rejects).
 def build_all():
     built = []
@@ -729,6 +948,12 @@ def build_all():
             }
             source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            built.append(f"{kernel.fn.__name__}:{dtype}")
+        # observe_range: x, the range and the scale in this dtype (model.half()), an int64 zero point.
+        types = {**OBSERVE_TYPES, "x_ptr": "*" + dtype, "tracked_ptr": "*" + dtype, "scale_ptr": "*" + dtype,
+                 "zero_point_ptr": "*i64"}
+        for kernel in (tk._observe_range_partial_kernel, tk._observe_range_finalize_kernel):
+            triton.compile(observe_source(kernel, types), target=GPUTarget("cuda", 90, 32))
             built.append(f"{kernel.fn.__name__}:{dtype}")
     return built
 
@@ -752,7 +977,16 @@ def test_gpu_build_keeps_exact_arithmetic():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report.pop("built_for_sm_90")) == 6 * 3
+    assert len(report.pop("built_for_sm_90")) == 8 * 3
+    observe = report.pop("observe_range")
+    assert observe.pop("partial")["ptx_offsets_64"] > 0, observe
+    for mode, counts in observe.items():
+        # The moving average exactly as the CUDA kernel's __fsub_rn/__fmul_rn/__fadd_rn, for min and max.
+        for op in ("ptx_sub_rn", "ptx_mul_rn", "ptx_add_rn"):
+            assert (counts[op] == 0) if counts["replace"] else (counts[op] >= 2), (mode, counts)
+        assert counts["ptx_fma"] == 0 and counts["ptx_ftz"] == 0 and counts["ptx_approx"] == 0, (mode, counts)
+        # IEEE divisions: the scale (unless multiplied by the reciprocal) and the affine zero point.
+        assert counts["ptx_div_rn"] > 0 or counts["reciprocal_symmetric"], (mode, counts)
     for name, counts in report.items():
         assert counts["ptx_add_2_23"] > 0 and counts["ptx_add_2_23"] == counts["ptx_sub_2_23"], (name, counts)
         assert counts["sass_add_abs_2_23"] == counts["ptx_add_2_23"], (name, counts)
@@ -807,6 +1041,8 @@ def test_opcheck_triton_ops_on_cuda():
         "bn_fold_fake_quant_weight": (x, gamma, var, 1e-5, channel_scale, channel_zp, -8, 7, True),
         "masked_grad": (x, mask),
         "bn_fold_fake_quant_weight_backward": (x, x, mask, gamma, var, 1e-5),
+        "observe_range": (x, torch.randn(2, 4, device="cuda"), channel_scale.clone(), channel_zp.clone(), 0, 0.01,
+                          -8, 7, False, gamma.clone()),
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.fakequant, f"_triton_{name}").default, args)
