@@ -107,13 +107,15 @@ def choose_qparams(
     min_neg = torch.clamp(min_val.float(), max=0.0)
     max_pos = torch.clamp(max_val.float(), min=0.0)
     eps = torch.finfo(torch.float32).eps
+    # The divisors are tensors: torch divides a CUDA tensor by a Python float as x * (1 / d) (ATen's
+    # div_true_kernel_cuda), which rounds differently from the IEEE division done on CPU and by the kernels.
     if symmetric:
-        scale = torch.maximum(-min_neg, max_pos) / ((quant_max - quant_min) / 2)
+        scale = torch.maximum(-min_neg, max_pos) / torch.full_like(max_pos, (quant_max - quant_min) / 2)
         scale = torch.clamp(scale, min=eps)
         zp_value = 0 if quant_min < 0 else (quant_min + quant_max + 1) // 2
         zero_point = torch.full_like(scale, zp_value, dtype=torch.int32)
     else:
-        scale = (max_pos - min_neg) / float(quant_max - quant_min)
+        scale = (max_pos - min_neg) / torch.full_like(max_pos, float(quant_max - quant_min))
         scale = torch.clamp(scale, min=eps)
         zero_point = quant_min - torch.round(min_neg / scale)
         zero_point = torch.clamp(zero_point, quant_min, quant_max).to(torch.int32)

@@ -671,17 +671,6 @@ OBSERVE_MIN_STEPS = 4
 _INTERPRETED = tl.constexpr(INTERPRETED)
 
 
-def _scale_by_reciprocal(device: torch.device) -> bool:
-    """True where the reference divides by its constant ``(qmax - qmin)`` divisors as ``x * (1 / d)``.
-
-    ``choose_qparams`` divides a tensor by a Python float. On CPU torch divides (``a / b``); on CUDA
-    tensors torch's ``div_true_kernel_cuda`` multiplies by the fp32 reciprocal of a CPU scalar divisor
-    (ATen's BinaryDivTrueKernel.cu, "may lose one bit of precision"), so that is what the oracle computes
-    there and what this kernel computes for CUDA tensors.
-    """
-    return device.type == "cuda"
-
-
 @triton.jit
 def _nan_min(a, b):
     """``a`` if it is NaN or smaller, else ``b``: NaN in either operand wins (fakequant_math.h's nan_min)."""
@@ -818,13 +807,11 @@ def _observe_range_finalize_kernel(
     zero_point_stride,
     averaging_constant,
     divisor,
-    inverse_divisor,
     quant_min,
     quant_max,
     symmetric_zero_point,
     REPLACE: tl.constexpr,
     SYMMETRIC: tl.constexpr,
-    RECIPROCAL: tl.constexpr,
     HAS_FOLD: tl.constexpr,
     REDUCE_CHANNELS: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -866,10 +853,7 @@ def _observe_range_finalize_kernel(
         span = _nan_max(-min_neg, max_pos)
     else:
         span = max_pos - min_neg
-    if RECIPROCAL:
-        scale = span * inverse_divisor
-    else:
-        scale = tl.math.div_rn(span, divisor)
+    scale = tl.math.div_rn(span, divisor)
     scale = tl.where((scale != scale) | (scale >= 1.1920928955078125e-07), scale, 1.1920928955078125e-07)
     if SYMMETRIC:
         zero_point = tl.full([BLOCK_E], 0.0, tl.float32) + symmetric_zero_point
@@ -974,13 +958,11 @@ def observe_range(
             zero_point.stride(0) if axis is not None else 0,
             _fp32(averaging_constant),
             _fp32(divisor),
-            _fp32(1.0 / _fp32(divisor)),
             float(quant_min),
             float(quant_max),
             float(0 if quant_min < 0 else (quant_min + quant_max + 1) // 2),
             REPLACE=averaging_constant == 1.0,
             SYMMETRIC=symmetric,
-            RECIPROCAL=_scale_by_reciprocal(x.device),
             HAS_FOLD=fold is not None,
             REDUCE_CHANNELS=reduce_channels,
             BLOCK_E=block_e,

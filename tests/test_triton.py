@@ -584,45 +584,6 @@ def test_observe_range_state_dtypes_and_strides(small_observe_blocks):
     assert state[2].item() == -(2**31) and bool(state[1].isnan())
 
 
-def choose_qparams_by_reciprocal(min_val, max_val, quant_min, quant_max, symmetric):
-    """fakequant.qparams.choose_qparams as torch runs it on CUDA tensors: tensor / Python float there is
-    tensor * fp32(1 / fp32(divisor)) (ATen's div_true_kernel_cuda), the other operations as on CPU."""
-    min_neg = torch.clamp(min_val.float(), max=0.0)
-    max_pos = torch.clamp(max_val.float(), min=0.0)
-    divisor = (quant_max - quant_min) / 2 if symmetric else float(quant_max - quant_min)
-    inverse = torch.tensor(1.0) / torch.tensor(divisor, dtype=torch.float32)
-    eps = torch.finfo(torch.float32).eps
-    span = torch.maximum(-min_neg, max_pos) if symmetric else max_pos - min_neg
-    scale = torch.clamp(span * inverse.to(span.device), min=eps)
-    if symmetric:
-        zero_point = torch.full_like(scale, 0 if quant_min < 0 else (quant_min + quant_max + 1) // 2, dtype=torch.int32)
-    else:
-        zero_point = torch.clamp(quant_min - torch.round(min_neg / scale), quant_min, quant_max).to(torch.int32)
-    return scale, zero_point
-
-
-def test_observe_range_divides_as_torch_does_on_cuda(monkeypatch):
-    """On CUDA tensors the kernel multiplies by the divisor's reciprocal, as the reference does there."""
-    gen = torch.Generator().manual_seed(17)
-    x = (torch.randn(6, 200, generator=gen) * 3).to(DEVICE)
-    monkeypatch.setattr(triton_kernels, "_scale_by_reciprocal", lambda device: True)
-    for qrange in ((-128, 127, True), (0, 255, False), (-8, 7, False)):
-        got = observe_state(x, 1)
-        triton_kernels.observe_range(x, *got, 1, 1.0, *qrange)
-        by_division = observe_state(x, 1)
-        with monkeypatch.context() as m:
-            m.setattr(triton_kernels, "_scale_by_reciprocal", lambda device: False)
-            triton_kernels.observe_range(x, *by_division, 1, 1.0, *qrange)
-        want = observe_state(x, 1)
-        with monkeypatch.context() as m:
-            m.setattr(reference, "choose_qparams", choose_qparams_by_reciprocal)
-            reference.observe_range(x, *want, 1, 1.0, *qrange)
-        assert_same_state(got, want)
-        assert not torch.equal(got[1], by_division[1])  # the two roundings differ on some of 200 channels
-    if DEVICE == "cuda":
-        assert triton_kernels._scale_by_reciprocal(x.device)
-
-
 # ---------------------------------------------------------------------------------------------
 # The public ops with the "triton" backend
 # ---------------------------------------------------------------------------------------------
@@ -896,20 +857,20 @@ for name, (kernel, types, extra_constexprs) in KERNELS.items():
 OBSERVE_TYPES = {"partial_ptr": "*fp32", "fold_ptr": "*fp32", "tracked_ptr": "*fp32", "scale_ptr": "*fp32",
                  "zero_point_ptr": "*i32", "entries": "i32", "channels": "i32", "splits": "i32",
                  "tracked_row_stride": "i32", "tracked_entry_stride": "i32", "scale_stride": "i32",
-                 "zero_point_stride": "i32", "averaging_constant": "fp32", "divisor": "fp32", "inverse_divisor": "fp32",
+                 "zero_point_stride": "i32", "averaging_constant": "fp32", "divisor": "fp32",
                  "quant_min": "fp32", "quant_max": "fp32", "symmetric_zero_point": "fp32", "x_ptr": "*fp32",
                  "per_channel": "i32", "run": "i32", "split_size": "i32"}
-OBSERVE_MODES = {  # (REPLACE, SYMMETRIC, RECIPROCAL, HAS_FOLD, REDUCE_CHANNELS)
-    "average_affine_fold_per_tensor": (False, False, False, True, True),
-    "average_symmetric_reciprocal_fold": (False, True, True, True, False),
-    "replace_affine_reciprocal": (True, False, True, False, False),
-    "average_affine": (False, False, False, False, False),
+OBSERVE_MODES = {  # (REPLACE, SYMMETRIC, HAS_FOLD, REDUCE_CHANNELS)
+    "average_affine_fold_per_tensor": (False, False, True, True),
+    "average_symmetric_fold": (False, True, True, False),
+    "replace_affine": (True, False, False, False),
+    "average_affine": (False, False, False, False),
 }
-def observe_constexprs(kernel, modes=(False, False, False, False, False)):
-    values = dict(zip(("REPLACE", "SYMMETRIC", "RECIPROCAL", "HAS_FOLD", "REDUCE_CHANNELS"), modes),
+def observe_constexprs(kernel, modes=(False, False, False, False)):
+    values = dict(zip(("REPLACE", "SYMMETRIC", "HAS_FOLD", "REDUCE_CHANNELS"), modes),
                   BLOCK_E=256, BLOCK_S=4, BLOCK_C=4, BLOCK_K=256)
     return {p: v for p, v in values.items() if p in kernel.arg_names}
-def observe_source(kernel, types, modes=(False, False, False, False, False)):
+def observe_source(kernel, types, modes=(False, False, False, False)):
     signature = {p: types.get(p, "constexpr") for p in kernel.arg_names}
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=observe_constexprs(kernel, modes))
 observe = {}
@@ -917,7 +878,7 @@ for mode, flags in OBSERVE_MODES.items():
     ptx = triton.compile(observe_source(tk._observe_range_finalize_kernel, OBSERVE_TYPES, flags),
                          target=GPUTarget("cuda", 80, 32)).asm["ptx"]
     observe[mode] = {
-        "replace": flags[0], "reciprocal_symmetric": flags[1] and flags[2],
+        "replace": flags[0],
         "ptx_sub_rn": len(re.findall(r"sub\\.rn\\.f32", ptx)),
         "ptx_mul_rn": len(re.findall(r"mul\\.rn\\.f32", ptx)),
         "ptx_add_rn": len(re.findall(r"add\\.rn\\.f32", ptx)),
@@ -985,8 +946,8 @@ def test_gpu_build_keeps_exact_arithmetic():
         for op in ("ptx_sub_rn", "ptx_mul_rn", "ptx_add_rn"):
             assert (counts[op] == 0) if counts["replace"] else (counts[op] >= 2), (mode, counts)
         assert counts["ptx_fma"] == 0 and counts["ptx_ftz"] == 0 and counts["ptx_approx"] == 0, (mode, counts)
-        # IEEE divisions: the scale (unless multiplied by the reciprocal) and the affine zero point.
-        assert counts["ptx_div_rn"] > 0 or counts["reciprocal_symmetric"], (mode, counts)
+        # IEEE divisions: the scale and the affine zero point.
+        assert counts["ptx_div_rn"] > 0, (mode, counts)
     for name, counts in report.items():
         assert counts["ptx_add_2_23"] > 0 and counts["ptx_add_2_23"] == counts["ptx_sub_2_23"], (name, counts)
         assert counts["sass_add_abs_2_23"] == counts["ptx_add_2_23"], (name, counts)
