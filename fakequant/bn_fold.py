@@ -419,9 +419,15 @@ class ConvBnQAT(nn.Module):
         weight = functional.bn_fold_fake_quant_weight(
             self.conv.weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
         )
-        # conv(x, q(w f)) / f per output channel is conv(x, q(w f) / f): dividing the weight, not the
-        # activations, costs a pass over C_out * C_in * k elements instead of N * C_out * H * W (and its
-        # backward reduction for f runs over the weight too). Numerically the two differ by fp32 rounding.
+        # conv(x, q(w f)) / f per output channel equals conv(x, q(w f) / f) up to fp32 rounding. The division
+        # (and its backward: about five passes, with a reduction for f) runs over whichever is smaller: the
+        # weight, C_out * C_in/groups * k elements, or the output, C_out * N * spatial (bounded by the input's
+        # spatial size). Small batches of small images with wide layers (ResNet-50's later stages) divide the
+        # output: a 512x512x3x3 weight is 9.4 MB, its output on an 8x512x4x4 input at most 0.26 MB.
+        batched = x.dim() == weight.dim()
+        if batched and x.numel() // x.size(1) < weight[0].numel():
+            y = self.conv._conv_forward(x, weight, None) / self._channel_view(factor).to(weight.dtype)
+            return self.bn(y if self.conv.bias is None else y + self._channel_view(self.conv.bias))
         shape = [-1] + [1] * (weight.dim() - 1)
         weight = weight / factor.reshape(shape).to(weight.dtype)
         y = self.conv._conv_forward(x, weight, self.conv.bias)

@@ -238,12 +238,15 @@ def reference_training_forward(conv, bn, x, spec=PER_CHANNEL_8, frozen=False):
     return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
 
 
+# The training path divides by f whichever of the weight (8 * 9 = 72 per output channel here) and the output
+# (N * spatial = 594 for inputs(), 8 for the small input) is smaller: both paths are checked.
+@pytest.mark.parametrize("small_input", [False, True], ids=["weight_divided", "output_divided"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["live_stats", "frozen_stats"])
-def test_gradients_reach_weight_gamma_beta_and_match_reference(frozen):
+def test_gradients_reach_weight_gamma_beta_and_match_reference(frozen, small_input):
     conv, bn = make_pair()
     ref_conv, ref_bn = copy.deepcopy(conv), copy.deepcopy(bn)
     fused = ConvBnQAT(conv, bn).train().freeze_bn_stats(frozen)
-    x = inputs()
+    x = inputs()[:2, :, :2, :2] if small_input else inputs()
     target = torch.randn((x.size(0), 16) + x.shape[2:], generator=torch.Generator().manual_seed(3))
     F.mse_loss(fused(x), target).backward()
     F.mse_loss(reference_training_forward(ref_conv, ref_bn, x, frozen=frozen), target).backward()
