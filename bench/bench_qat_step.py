@@ -14,22 +14,24 @@ or, for one interleaved table with the ratios (less sensitive to a machine whose
 
     python bench/bench_qat_step.py [rounds]        # FAKEQUANT_BENCH_THREADS=1 for one thread
 
-Measured before BN folding existed (so ``qat`` then meant today's ``qat-nofold``), on the shared 2-core
-machine (load average 3 to 9 from other agents: noisy), medians of 15
-interleaved rounds, compiled CPU kernels:
+Measured 2026-11-22 08:56 UTC on the 2-core VM while it was otherwise idle, ``python bench/bench_qat_step.py 30``
+(and ``15`` rounds at 1 thread), medians of interleaved rounds, compiled CPU kernels:
 
-=======================  ============  ===========
-variant                  1 thread      2 threads
-=======================  ============  ===========
-FP32                     177.6 ms      1960 ms
-QAT (fused kernels)      225.0 ms 1.27x 4142 ms 2.11x
-QAT (reference kernels)  291.9 ms 1.64x 3921 ms 2.00x
-=======================  ============  ===========
+=======================  ==================  ==================
+variant                  2 threads           1 thread
+=======================  ==================  ==================
+fp32                     47.4 ms             84.6 ms
+qat (BN folded)          60.0 ms  1.27x      101.8 ms  1.20x
+qat-reference            96.8 ms  2.04x      157.4 ms  1.86x
+qat-nofold               55.3 ms  1.17x      96.0 ms  1.13x
+qat-fold-frozen          47.7 ms  1.01x      80.0 ms  0.95x
+=======================  ==================  ==================
 
-The 2-thread figures are dominated by thread contention (a 2-thread step took 10x the 1-thread step, so
-every parallel region waits for a descheduled thread) and say little. At 1 thread, replacing the fake-quant
-ops by the identity gives 190.1 ms: the fakequant ops (forward, mask, autograd backward) cost about 35 ms of
-the 48 ms gap and the quantizer's hooks, observers and qparams about 12 ms. The 1.10x target is not met.
+At the start of the day (before the observe_range op, the C++ autograd and the fused ReLU output) the same
+2-thread run gave qat 1.40x, qat-nofold 1.31x and qat-fold-frozen 1.18x. Neither target is met yet. What
+remains is mostly memory traffic of the activations (range observation, fake quant forward and masked
+backward: three passes over each quantized ReLU output) and, with folding, the per-pair small ops of the
+training-time fold (factor, division by it and their backward).
 """
 
 from __future__ import annotations
