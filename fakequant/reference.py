@@ -84,6 +84,25 @@ def normalize_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
+def _check_zero_point_dtype(zero_point: torch.Tensor) -> None:
+    if zero_point.dtype not in INT_DTYPES:
+        raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: int32, int64")
+
+
+def _check_qparam_shapes(scale: torch.Tensor, zero_point: torch.Tensor, channels: int | None) -> None:
+    """One element each per tensor (``channels`` None), else 1-D with ``channels`` elements."""
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if channels is None and t.numel() != 1:
+            raise ValueError(
+                f"fakequant: per-tensor {name} must have exactly one element, got shape {tuple(t.shape)}"
+            )
+        if channels is not None and (t.dim() != 1 or t.numel() != channels):
+            raise ValueError(
+                f"fakequant: per-channel {name} must be 1-D with {channels} elements "
+                f"(the size of the quantized axis), got shape {tuple(t.shape)}"
+            )
+
+
 def _check_qparams(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -100,21 +119,8 @@ def _check_qparams(
             )
     if scale.dtype != torch.float32:
         raise ValueError(f"fakequant: scale has dtype {scale.dtype}; allowed: float32")
-    if zero_point.dtype not in INT_DTYPES:
-        raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: int32, int64")
-    if channels is None:
-        for name, t in (("scale", scale), ("zero_point", zero_point)):
-            if t.numel() != 1:
-                raise ValueError(
-                    f"fakequant: per-tensor {name} must have exactly one element, got shape {tuple(t.shape)}"
-                )
-    else:
-        for name, t in (("scale", scale), ("zero_point", zero_point)):
-            if t.dim() != 1 or t.numel() != channels:
-                raise ValueError(
-                    f"fakequant: per-channel {name} must be 1-D with {channels} elements "
-                    f"(the size of the quantized axis), got shape {tuple(t.shape)}"
-                )
+    _check_zero_point_dtype(zero_point)
+    _check_qparam_shapes(scale, zero_point, channels)
     # Value checks are free on CPU tensors; on a GPU they would cost a device-to-host sync on every
     # call, so there the quantizers (which compute the values) guarantee them instead. Fake tensors
     # (tracing, compile) have no values to check.
@@ -378,27 +384,16 @@ def check_observe_range_args(
             raise ValueError(
                 f"fakequant: {name} is on {t.device} but x is on {x.device}; they must be on the same device"
             )
-    for name, t in (("tracked_range", tracked_range), ("scale", scale)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"fakequant: {name} has dtype {t.dtype}; allowed: float32, float16, bfloat16")
-    if zero_point.dtype not in INT_DTYPES:
-        raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: int32, int64")
+    _check_x(tracked_range, "tracked_range")
+    _check_x(scale, "scale")
+    _check_zero_point_dtype(zero_point)
     range_shape = (2,) if axis is None else (2, channels)
     if tuple(tracked_range.shape) != range_shape:
         raise ValueError(
             f"fakequant: tracked_range must have shape {range_shape} ([min, max]"
             f"{'' if axis is None else ' per channel'}), got {tuple(tracked_range.shape)}"
         )
-    for name, t in (("scale", scale), ("zero_point", zero_point)):
-        if axis is None and t.numel() != 1:
-            raise ValueError(
-                f"fakequant: per-tensor {name} must have exactly one element, got shape {tuple(t.shape)}"
-            )
-        if axis is not None and (t.dim() != 1 or t.numel() != channels):
-            raise ValueError(
-                f"fakequant: per-channel {name} must be 1-D with {channels} elements "
-                f"(the size of the quantized axis), got shape {tuple(t.shape)}"
-            )
+    _check_qparam_shapes(scale, zero_point, None if axis is None else channels)
     if fold is not None:
         if axis not in (None, 0):
             raise ValueError(f"fakequant: a fold factor applies along axis 0; allowed axis: None or 0, got {axis}")

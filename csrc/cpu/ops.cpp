@@ -143,26 +143,7 @@ int64_t zero_point_at(const at::Tensor& zero_point, int64_t i) {
 // channels < 0: per-tensor.
 void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                    int64_t quant_min, int64_t quant_max, int64_t channels) {
-  const std::pair<const char*, const at::Tensor*> params[] = {{"scale", &scale}, {"zero_point", &zero_point}};
-  for (const auto& [name, t] : params) {
-    TORCH_CHECK_VALUE(t->device() == x.device(), "fakequant: ", name, " is on ", t->device().str(),
-                      " but x is on ", x.device().str(), "; they must be on the same device");
-  }
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "fakequant: scale has dtype ",
-                    dtype_repr(scale.scalar_type()), "; allowed: float32");
-  TORCH_CHECK_VALUE(zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kLong,
-                    "fakequant: zero_point has dtype ", dtype_repr(zero_point.scalar_type()),
-                    "; allowed: int32, int64");
-  for (const auto& [name, t] : params) {
-    if (channels < 0) {
-      TORCH_CHECK_VALUE(t->numel() == 1, "fakequant: per-tensor ", name,
-                        " must have exactly one element, got shape ", shape_repr(t->sizes()));
-    } else {
-      TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == channels, "fakequant: per-channel ", name,
-                        " must be 1-D with ", channels, " elements (the size of the quantized axis), got shape ",
-                        shape_repr(t->sizes()));
-    }
-  }
+  checks::check_qparams(x, scale, zero_point, channels);
   // The values: free to check here, since these are CPU tensors. Read in place (no copies: this runs on
   // every call, and a contiguous()/to() pair cost ~7 us of the ~10 us that a 16-element call took).
   const int64_t scale_count = scale.numel();

@@ -119,16 +119,14 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
                     " is on ", x.device().str(), suffix);
 }
 
-// scale and zero_point: device, dtype and shape. `channels` < 0 means per-tensor (one element each).
-inline void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                          int64_t channels) {
-  check_same_device(scale, "scale", x, "x");
-  check_same_device(zero_point, "zero_point", x, "x");
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "fakequant: scale has dtype ",
-                    python_dtype(scale.scalar_type()), "; allowed: float32");
+inline void check_zero_point_dtype(const at::Tensor& zero_point) {
   TORCH_CHECK_VALUE(zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kLong,
                     "fakequant: zero_point has dtype ", python_dtype(zero_point.scalar_type()),
                     "; allowed: int32, int64");
+}
+
+// scale and zero_point shapes. `channels` < 0 means per-tensor (one element each).
+inline void check_qparam_shapes(const at::Tensor& scale, const at::Tensor& zero_point, int64_t channels) {
   const std::pair<const char*, const at::Tensor*> params[] = {{"scale", &scale}, {"zero_point", &zero_point}};
   for (const auto& [name, t] : params) {
     if (channels < 0) {
@@ -140,6 +138,17 @@ inline void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at
                         python_shape(t->sizes()));
     }
   }
+}
+
+// scale and zero_point: device, dtype and shape. `channels` < 0 means per-tensor (one element each).
+inline void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                          int64_t channels) {
+  check_same_device(scale, "scale", x, "x");
+  check_same_device(zero_point, "zero_point", x, "x");
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "fakequant: scale has dtype ",
+                    python_dtype(scale.scalar_type()), "; allowed: float32");
+  check_zero_point_dtype(zero_point);
+  check_qparam_shapes(scale, zero_point, channels);
 }
 
 // reference.check_fake_quant_args; returns the normalized axis (-1 for per-tensor).
@@ -214,30 +223,15 @@ inline void check_observe_range_args(const at::Tensor& x, const at::Tensor& trac
       {"tracked_range", &tracked_range}, {"scale", &scale}, {"zero_point", &zero_point}};
   if (fold.has_value()) state.emplace_back("fold", &*fold);
   for (const auto& [name, t] : state) check_same_device(*t, name, x, "x");
-  const std::pair<const char*, const at::Tensor*> float_state[] = {{"tracked_range", &tracked_range},
-                                                                   {"scale", &scale}};
-  for (const auto& [name, t] : float_state) {
-    check_float_input(*t, name);
-  }
-  TORCH_CHECK_VALUE(zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kLong,
-                    "fakequant: zero_point has dtype ", python_dtype(zero_point.scalar_type()),
-                    "; allowed: int32, int64");
+  check_float_input(tracked_range, "tracked_range");
+  check_float_input(scale, "scale");
+  check_zero_point_dtype(zero_point);
   const std::vector<int64_t> range_shape =
       axis.has_value() ? std::vector<int64_t>{2, channels} : std::vector<int64_t>{2};
   TORCH_CHECK_VALUE(tracked_range.sizes() == c10::IntArrayRef(range_shape), "fakequant: tracked_range must have shape ",
                     python_shape(range_shape), " ([min, max]", axis.has_value() ? " per channel" : "", "), got ",
                     python_shape(tracked_range.sizes()));
-  const std::pair<const char*, const at::Tensor*> params[] = {{"scale", &scale}, {"zero_point", &zero_point}};
-  for (const auto& [name, t] : params) {
-    if (!axis.has_value()) {
-      TORCH_CHECK_VALUE(t->numel() == 1, "fakequant: per-tensor ", name,
-                        " must have exactly one element, got shape ", python_shape(t->sizes()));
-    } else {
-      TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == channels, "fakequant: per-channel ", name,
-                        " must be 1-D with ", channels, " elements (the size of the quantized axis), got shape ",
-                        python_shape(t->sizes()));
-    }
-  }
+  check_qparam_shapes(scale, zero_point, axis.has_value() ? channels : -1);
   if (fold.has_value()) {
     TORCH_CHECK_VALUE(!axis.has_value() || *axis == 0,
                       "fakequant: a fold factor applies along axis 0; allowed axis: None or 0, got ", *axis);
