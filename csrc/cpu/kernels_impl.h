@@ -190,6 +190,34 @@ void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantPara
   }
 }
 
+// Calls f(offset, len, channel) for each maximal stretch of [begin, end) that lies in one channel, where
+// storage offset o belongs to channel (o / run) % channels.
+template <typename F>
+inline void for_each_channel_run(int64_t begin, int64_t end, int64_t run, int64_t channels, const F& f) {
+  int64_t c = (begin / run) % channels;
+  int64_t r = begin % run;
+  for (int64_t o = begin; o < end; r = 0) {
+    const int64_t len = std::min(run - r, end - o);
+    f(o, len, c);
+    o += len;
+    if (++c == channels) c = 0;
+  }
+}
+
+// for_each_channel_run over `chunks` fixed chunks of [0, n), in parallel, as f(chunk, offset, len, channel).
+// The chunks do not depend on the thread count, so per-chunk partial results combine deterministically.
+template <typename F>
+inline void for_each_chunk_channel_run(int64_t n, int64_t chunks, int64_t run, int64_t channels, const F& f) {
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t begin = n / chunks * chunk + std::min(chunk, n % chunks);
+      const int64_t end = begin + n / chunks + (chunk < n % chunks ? 1 : 0);
+      for_each_channel_run(begin, end, run, channels,
+                           [&](int64_t o, int64_t len, int64_t c) { f(chunk, o, len, c); });
+    }
+  });
+}
+
 // A stretch of a per-channel pattern: element i uses parameter entry pos + i.
 template <typename T, bool kMask, bool kFold>
 void fake_quant_pattern(const T* x, T* out, bool* mask, int64_t len, const ChannelParams& cp, int64_t pos) {
@@ -224,8 +252,8 @@ void fake_quant_pattern(const T* x, T* out, bool* mask, int64_t len, const Chann
 template <typename T, bool kMask, bool kFold>
 void fake_quant_channel_range(const T* x, T* out, bool* mask, int64_t begin, int64_t end,
                               const ChannelParams& cp) {
-  int64_t o = begin;
   if (cp.period > 0) {
+    int64_t o = begin;
     int64_t pos = begin % cp.period;
     while (o < end) {
       const int64_t len = std::min(cp.period - pos, end - o);
@@ -234,17 +262,11 @@ void fake_quant_channel_range(const T* x, T* out, bool* mask, int64_t begin, int
       pos = 0;
     }
   } else {
-    int64_t c = (begin / cp.run) % cp.channels;
-    int64_t r = begin % cp.run;
-    while (o < end) {
-      const int64_t len = std::min(cp.run - r, end - o);
+    for_each_channel_run(begin, end, cp.run, cp.channels, [&](int64_t o, int64_t len, int64_t c) {
       const QuantParams p{cp.scale[c], cp.inv_scale[c], cp.zero_point[c], cp.quant_min, cp.quant_max};
       const float fold = kFold ? cp.fold[c] : 1.0f;
       fake_quant_run<T, kMask, kFold>(x + o, out + o, kMask ? mask + o : nullptr, len, p, fold);
-      o += len;
-      r = 0;
-      if (++c == cp.channels) c = 0;
-    }
+    });
   }
 }
 
@@ -431,22 +453,8 @@ void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weigh
     const T* gp = static_cast<const T*>(grad);
     const T* wp = static_cast<const T*>(weight);
     T* gwp = static_cast<T*>(grad_weight);
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        float* local = partial.data() + chunk * channels;
-        const int64_t begin = n / chunks * chunk + std::min(chunk, n % chunks);
-        const int64_t end = begin + n / chunks + (chunk < n % chunks ? 1 : 0);
-        int64_t o = begin;
-        int64_t c = (begin / cp.run) % channels;
-        int64_t r = begin % cp.run;
-        while (o < end) {
-          const int64_t len = std::min(cp.run - r, end - o);
-          local[c] += bn_fold_backward_run<T>(gp + o, wp + o, mask + o, gwp + o, len, cp.fold[c]);
-          o += len;
-          r = 0;
-          if (++c == channels) c = 0;
-        }
-      }
+    for_each_chunk_channel_run(n, chunks, cp.run, channels, [&](int64_t chunk, int64_t o, int64_t len, int64_t c) {
+      partial[chunk * channels + c] += bn_fold_backward_run<T>(gp + o, wp + o, mask + o, gwp + o, len, cp.fold[c]);
     });
   });
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
@@ -502,23 +510,8 @@ void minmax(c10::ScalarType dtype, const void* x, int64_t n, int64_t run, int64_
   dispatch_float_type(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* xp = static_cast<const T*>(x);
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        float* local_lo = partial_lo.data() + chunk * channels;
-        float* local_hi = partial_hi.data() + chunk * channels;
-        const int64_t begin = n / chunks * chunk + std::min(chunk, n % chunks);
-        const int64_t end = begin + n / chunks + (chunk < n % chunks ? 1 : 0);
-        int64_t o = begin;
-        int64_t c = (begin / run) % channels;
-        int64_t r = begin % run;
-        while (o < end) {
-          const int64_t len = std::min(run - r, end - o);
-          span_minmax<T>(xp + o, len, local_lo[c], local_hi[c]);
-          o += len;
-          r = 0;
-          if (++c == channels) c = 0;
-        }
-      }
+    for_each_chunk_channel_run(n, chunks, run, channels, [&](int64_t chunk, int64_t o, int64_t len, int64_t c) {
+      span_minmax<T>(xp + o, len, partial_lo[chunk * channels + c], partial_hi[chunk * channels + c]);
     });
   });
   // min/max are exact, so the combination order does not matter.
