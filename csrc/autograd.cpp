@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -41,10 +42,11 @@ using FakeQuantPerChannelSignature = OutAndMask(const Tensor&, const Tensor&, co
                                                 int64_t, bool);
 using BinarizeSignature = OutAndMask(const Tensor&, bool, bool);
 using BnFoldSignature = OutAndMask(const Tensor&, const Tensor&, const Tensor&, double, const Tensor&,
-                                   const Tensor&, int64_t, int64_t, bool);
+                                   const Tensor&, int64_t, int64_t, bool, bool);
 using MaskedGradSignature = Tensor(const Tensor&, const Tensor&);
 using BnFoldBackwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                   const Tensor&, const Tensor&, double);
+                                                                   const Tensor&, const Tensor&, double,
+                                                                   const std::optional<Tensor>&);
 
 const c10::TypedOperatorHandle<FakeQuantPerTensorSignature>& fake_quant_per_tensor_op() {
   static const auto op = find_op<FakeQuantPerTensorSignature>("fakequant::fake_quant_per_tensor");
@@ -72,9 +74,10 @@ Tensor masked_grad(const Tensor& grad, const Tensor& mask) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> bn_fold_backward(const Tensor& grad, const Tensor& weight, const Tensor& mask,
-                                                    const Tensor& gamma, const Tensor& var, double eps) {
+                                                    const Tensor& gamma, const Tensor& var, double eps,
+                                                    const std::optional<Tensor>& divided_out) {
   static const auto op = find_op<BnFoldBackwardSignature>("fakequant::bn_fold_fake_quant_weight_backward");
-  return op.call(grad, weight, mask, gamma, var, eps);
+  return op.call(grad, weight, mask, gamma, var, eps, divided_out);
 }
 
 // Calls `op` on the kernel below the Autograd key (this file's kernels would otherwise be called again).
@@ -174,25 +177,33 @@ struct Binarize : torch::autograd::Function<Binarize> {
 struct BnFoldFakeQuantWeight : torch::autograd::Function<BnFoldFakeQuantWeight> {
   static variable_list forward(AutogradContext* ctx, const Tensor& weight, const Tensor& gamma, const Tensor& var,
                                double eps, const Tensor& scale, const Tensor& zero_point, int64_t quant_min,
-                               int64_t quant_max, bool compute_mask) {
+                               int64_t quant_max, bool compute_mask, bool divide_by_fold) {
     auto [out, mask] = call_below_autograd(bn_fold_op(), weight, gamma, var, eps, scale, zero_point, quant_min,
-                                           quant_max, compute_mask);
+                                           quant_max, compute_mask, divide_by_fold);
     init_context(ctx, compute_mask);
     ctx->saved_data["eps"] = eps;
-    ctx->save_for_backward({mask, weight, gamma, var});
+    ctx->saved_data["divide_by_fold"] = divide_by_fold;
+    // The divided output's gradient needs the output itself (which the conv saves anyway: no extra memory).
+    if (divide_by_fold) {
+      ctx->save_for_backward({mask, weight, gamma, var, out});
+    } else {
+      ctx->save_for_backward({mask, weight, gamma, var});
+    }
     return {out, mask};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return variable_list(9);
+    if (!grad_out.defined()) return variable_list(10);
     const variable_list saved = ctx->get_saved_variables();
     const Tensor mask = saved_mask(ctx, saved);
+    const std::optional<Tensor> divided_out =
+        ctx->saved_data.at("divide_by_fold").toBool() ? std::optional<Tensor>(saved[4]) : std::nullopt;
     // Computed whether or not each input requires grad (var is usually a buffer): one fused kernel
     // produces all three, as in the Python formula.
-    auto [grad_weight, grad_gamma, grad_var] =
-        bn_fold_backward(grad_out, saved[1], mask, saved[2], saved[3], ctx->saved_data.at("eps").toDouble());
-    return {grad_weight, grad_gamma, grad_var, {}, {}, {}, {}, {}, {}};
+    auto [grad_weight, grad_gamma, grad_var] = bn_fold_backward(grad_out, saved[1], mask, saved[2], saved[3],
+                                                                ctx->saved_data.at("eps").toDouble(), divided_out);
+    return {grad_weight, grad_gamma, grad_var, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -225,13 +236,14 @@ OutAndMask binarize_autograd(const Tensor& x, bool clipped_ste, bool compute_mas
 
 OutAndMask bn_fold_fake_quant_weight_autograd(const Tensor& weight, const Tensor& gamma, const Tensor& var,
                                               double eps, const Tensor& scale, const Tensor& zero_point,
-                                              int64_t quant_min, int64_t quant_max, bool compute_mask) {
+                                              int64_t quant_min, int64_t quant_max, bool compute_mask,
+                                              bool divide_by_fold) {
   if (!records_graph({&weight, &gamma, &var, &scale, &zero_point})) {
     return call_below_autograd(bn_fold_op(), weight, gamma, var, eps, scale, zero_point, quant_min, quant_max,
-                               compute_mask);
+                               compute_mask, divide_by_fold);
   }
   return as_tuple(BnFoldFakeQuantWeight::apply(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max,
-                                               compute_mask));
+                                               compute_mask, divide_by_fold));
 }
 
 }  // namespace

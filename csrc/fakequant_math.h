@@ -75,6 +75,21 @@ C10_HOST_DEVICE inline float bn_fold_factor(float gamma, float var, float eps) {
   return gamma / sqrtf(var + eps);
 }
 
+// The fold factor of divide_by_fold=True: 1 where f is 0 (gamma == 0), where q(w f) / f is undefined.
+C10_HOST_DEVICE inline float bn_fold_training_factor(float fold) { return fold == 0.0f ? 1.0f : fold; }
+
+// divide_by_fold=True: q(w f) / f, rounded once (from fp32) to the weight's dtype by the caller. `fold` is
+// already bn_fold_training_factor's.
+C10_HOST_DEVICE inline float bn_fold_divided_value(float w, float fold, const QuantParams& p, bool& in_range) {
+  return fake_quant_value(w * fold, p, in_range) / fold;
+}
+
+// The per-element term of d out / d f for divide_by_fold=True, whose per-channel sum (times grad) over f
+// is grad_f: (mask ? w : 0) - out.
+C10_HOST_DEVICE inline float bn_fold_divided_slope(float w, float out, bool in_range) {
+  return (in_range ? w : 0.0f) - out;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Range observation and quantization parameters (the observe_range op). NaN propagates everywhere, as
 // in torch's min/max reductions and clamps, so a NaN in an observed tensor makes its scale NaN and the

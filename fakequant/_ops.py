@@ -18,14 +18,18 @@ Ops (every ``compute_mask=False`` call returns an empty bool ``mask`` and cannot
 ``binarize(x, clipped_ste=True, compute_mask=True) -> (out, mask)``
     The mask (``|x| <= 1``) exists only for the clipped STE; the identity STE passes gradients through.
 ``bn_fold_fake_quant_weight(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max,
-compute_mask=True) -> (out, mask)``
+compute_mask=True, divide_by_fold=False) -> (out, mask)``
     ``weight`` has output channels on axis 0; ``gamma``, ``var``, ``scale`` and ``zero_point`` are 1-D
     with ``weight.size(0)`` elements. ``out = fake_quant_per_channel(weight * gamma / sqrt(var + eps))``
     along axis 0. Gradients flow to ``weight``, ``gamma`` and ``var``; ``var`` may be the running
-    variance (a buffer, no gradient) or a batch variance.
+    variance (a buffer, no gradient) or a batch variance. ``divide_by_fold=True`` returns ``q(w f) / f`` instead
+    (``f`` taken as 1 where it is 0): the weight of a BN-folded conv in training, whose output BN then
+    normalizes with batch statistics (one op instead of a division and its backward over the weight).
 ``masked_grad(grad, mask) -> Tensor``
     The straight-through backward: ``grad`` where ``mask``, 0 elsewhere.
-``bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, eps) -> (grad_weight, grad_gamma, grad_var)``
+``bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, eps, divided_out=None) -> (grad_weight, grad_gamma,
+grad_var)``
+    ``divided_out``: the forward's output when it ran with ``divide_by_fold=True`` (its gradient needs it).
 ``observe_range(x, tracked_range!, scale!, zero_point!, axis, averaging_constant, quant_min, quant_max, symmetric,
 fold=None) -> ()``
     Updates the tracked ``[min, max]`` with ``x``'s range (replaced when ``averaging_constant == 1``, else
@@ -55,11 +59,11 @@ SCHEMAS = {
     "binarize": "(Tensor x, bool clipped_ste=True, bool compute_mask=True) -> (Tensor out, Tensor mask)",
     "bn_fold_fake_quant_weight": (
         "(Tensor weight, Tensor gamma, Tensor var, float eps, Tensor scale, Tensor zero_point, "
-        "int quant_min, int quant_max, bool compute_mask=True) -> (Tensor out, Tensor mask)"
+        "int quant_min, int quant_max, bool compute_mask=True, bool divide_by_fold=False) -> (Tensor out, Tensor mask)"
     ),
     "masked_grad": "(Tensor grad, Tensor mask) -> Tensor",
     "bn_fold_fake_quant_weight_backward": (
-        "(Tensor grad, Tensor weight, Tensor mask, Tensor gamma, Tensor var, float eps) "
+        "(Tensor grad, Tensor weight, Tensor mask, Tensor gamma, Tensor var, float eps, Tensor? divided_out=None) "
         "-> (Tensor grad_weight, Tensor grad_gamma, Tensor grad_var)"
     ),
     "observe_range": (
@@ -110,12 +114,12 @@ def binarize_default(x, clipped_ste=True, compute_mask=True):
 
 
 def bn_fold_fake_quant_weight_default(
-    weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask=True
+    weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask=True, divide_by_fold=False
 ):
     return _with_layout(
         weight,
         *reference.bn_fold_fake_quant_weight_forward(
-            weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask
+            weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask, divide_by_fold
         ),
     )
 
@@ -124,9 +128,9 @@ def masked_grad_default(grad, mask):
     return _like(reference.masked_grad(grad, mask), grad)
 
 
-def bn_fold_fake_quant_weight_backward_default(grad, weight, mask, gamma, var, eps):
+def bn_fold_fake_quant_weight_backward_default(grad, weight, mask, gamma, var, eps, divided_out=None):
     grad_weight, grad_gamma, grad_var = reference.bn_fold_fake_quant_weight_backward(
-        grad, weight, mask, gamma, var, eps
+        grad, weight, mask, gamma, var, eps, divided_out
     )
     return _like(grad_weight, weight), grad_gamma, grad_var
 
@@ -183,7 +187,7 @@ def _(x, clipped_ste=True, compute_mask=True):
 
 
 @torch.library.register_fake(f"{LIBRARY}::bn_fold_fake_quant_weight", lib=_lib)
-def _(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask=True):
+def _(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask=True, divide_by_fold=False):
     reference.check_bn_fold_args(
         weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, check_values=False
     )
@@ -196,7 +200,7 @@ def _(grad, mask):
 
 
 @torch.library.register_fake(f"{LIBRARY}::bn_fold_fake_quant_weight_backward", lib=_lib)
-def _(grad, weight, mask, gamma, var, eps):
+def _(grad, weight, mask, gamma, var, eps, divided_out=None):
     return torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(var)
 
 
@@ -267,20 +271,21 @@ def _binarize_backward(ctx, grad_out, _grad_mask):
 def _bn_fold_setup(ctx, inputs, output):
     weight, gamma, var, eps = inputs[:4]
     ctx.set_materialize_grads(False)
-    ctx.compute_mask = inputs[-1]
+    ctx.compute_mask, divide_by_fold = inputs[8], inputs[9]
     ctx.eps = eps
-    ctx.save_for_backward(output[1], weight, gamma, var)
+    # The divided output's gradient needs the output itself (which the conv saves anyway).
+    ctx.save_for_backward(output[1], weight, gamma, var, output[0] if divide_by_fold else None)
 
 
 def _bn_fold_backward(ctx, grad_out, _grad_mask):
     if grad_out is None:
-        return None, None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None, None
     mask = _require_mask(ctx)
-    _, weight, gamma, var = ctx.saved_tensors
+    _, weight, gamma, var, divided_out = ctx.saved_tensors
     grad_weight, grad_gamma, grad_var = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(
-        grad_out, weight, mask, gamma, var, ctx.eps
+        grad_out, weight, mask, gamma, var, ctx.eps, divided_out
     )
-    return grad_weight, grad_gamma, grad_var, None, None, None, None, None, None
+    return grad_weight, grad_gamma, grad_var, None, None, None, None, None, None, None
 
 
 PYTHON_AUTOGRAD = {

@@ -7,7 +7,7 @@ folded weight, fake-quantized per channel by the fused ``fakequant::bn_fold_fake
 while BatchNorm keeps the statistics of the unquantized Conv+BN (torch.ao's single-conv scheme):
 
 * training, statistics live: ``f`` from the running variance; ``y = conv(x, q(w * f)) / f + b``
-  (computed as ``conv(x, q(w * f) / f, b)``);
+  (computed as ``conv(x, q(w * f) / f, b)``, the fused op's ``divide_by_fold``);
   ``out = bn(y)`` with batch statistics. Without quantization ``conv(x, w * f) / f == conv(x, w)``, so
   BN sees the float conv output up to quantization noise, and its running statistics are those of the
   float model.
@@ -411,27 +411,31 @@ class ConvBnQAT(nn.Module):
         gamma, _ = self._gamma_beta()
         # The copy is needed: bn() below updates running_var in place, and the op saves var for backward.
         var = self.bn.running_var.clone()
+        spec = self.weight_spec
+        weight = self.conv.weight
+        # conv(x, q(w f)) / f per output channel equals conv(x, q(w f) / f) up to fp32 rounding. The division
+        # (and its backward) runs over whichever is smaller: the weight, C_out * C_in/groups * k elements, inside
+        # the fused op (divide_by_fold), or the output, C_out * N * spatial (bounded by the input's spatial size).
+        # Small batches of small images with wide layers (ResNet-50's later stages) divide the output: a
+        # 512x512x3x3 weight is 9.4 MB, its output on an 8x512x4x4 input at most 0.26 MB.
+        if x.dim() != weight.dim() or x.numel() // x.size(1) >= weight[0].numel():
+            with torch.no_grad():
+                factor = reference.bn_fold_training_factor(gamma, var, self.bn.eps)
+            scale, zero_point = self._update_qparams(factor)
+            weight = functional.bn_fold_fake_quant_weight(
+                weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max,
+                divide_by_fold=True,
+            )
+            return self.bn(self.conv._conv_forward(x, weight, self.conv.bias))
         std = torch.sqrt(var.float() + self.bn.eps)
         gamma = torch.where(gamma == 0, std.to(gamma.dtype), gamma)  # f = 1 where gamma == 0 (see class doc)
         factor = gamma.float() / std  # reference.bn_fold_factor(gamma, var, eps), reusing std
         scale, zero_point = self._update_qparams(factor)
-        spec = self.weight_spec
         weight = functional.bn_fold_fake_quant_weight(
-            self.conv.weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
+            weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
         )
-        # conv(x, q(w f)) / f per output channel equals conv(x, q(w f) / f) up to fp32 rounding. The division
-        # (and its backward: about five passes, with a reduction for f) runs over whichever is smaller: the
-        # weight, C_out * C_in/groups * k elements, or the output, C_out * N * spatial (bounded by the input's
-        # spatial size). Small batches of small images with wide layers (ResNet-50's later stages) divide the
-        # output: a 512x512x3x3 weight is 9.4 MB, its output on an 8x512x4x4 input at most 0.26 MB.
-        batched = x.dim() == weight.dim()
-        if batched and x.numel() // x.size(1) < weight[0].numel():
-            y = self.conv._conv_forward(x, weight, None) / self._channel_view(factor).to(weight.dtype)
-            return self.bn(y if self.conv.bias is None else y + self._channel_view(self.conv.bias))
-        shape = [-1] + [1] * (weight.dim() - 1)
-        weight = weight / factor.reshape(shape).to(weight.dtype)
-        y = self.conv._conv_forward(x, weight, self.conv.bias)
-        return self.bn(y)
+        y = self.conv._conv_forward(x, weight, None) / self._channel_view(factor).to(weight.dtype)
+        return self.bn(y if self.conv.bias is None else y + self._channel_view(self.conv.bias))
 
     def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)

@@ -121,10 +121,11 @@ def bn_fold_fake_quant_weight(
     zero_point: torch.Tensor,
     quant_min: int,
     quant_max: int,
+    divide_by_fold: bool = False,
 ) -> torch.Tensor:
     """Folds BatchNorm's scale into a conv weight and fake-quantizes it per output channel, in one pass.
 
-    ``out = fake_quant_per_channel(weight * gamma / sqrt(var + eps), scale, zero_point, axis=0)``.
+    ``out = fake_quant_per_channel(weight * f, scale, zero_point, axis=0)`` with ``f = gamma / sqrt(var + eps)``.
     Gradients reach ``weight``, ``gamma`` and (when it requires grad) ``var``.
 
     Args:
@@ -136,6 +137,9 @@ def bn_fold_fake_quant_weight(
         zero_point: 1-D int32/int64 per-channel zero point.
         quant_min: lowest integer level.
         quant_max: highest integer level.
+        divide_by_fold: return ``out / f`` (``f`` taken as 1 where it is 0): the weight a Conv+BN pair trains
+            with while BN uses batch statistics, ``bn(conv(x, q(w f) / f))`` (see :class:`fakequant.ConvBnQAT`).
+            ``scale`` and ``zero_point`` still quantize ``w * f``.
 
     Returns:
         The folded, fake-quantized weight, shaped like ``weight``.
@@ -148,7 +152,8 @@ def bn_fold_fake_quant_weight(
         tensor([1., 2.])
     """
     out, _ = torch.ops.fakequant.bn_fold_fake_quant_weight(
-        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, _needs_grad(weight, gamma, var)
+        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, _needs_grad(weight, gamma, var),
+        divide_by_fold,
     )
     return out
 

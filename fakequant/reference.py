@@ -33,8 +33,10 @@ __all__ = [
     "fake_quant_per_channel_forward",
     "binarize_forward",
     "bn_fold_factor",
+    "bn_fold_training_factor",
     "bn_fold_fake_quant_weight_forward",
     "masked_grad",
+    "check_divided_out",
     "bn_fold_fake_quant_weight_backward",
     "check_observe_range_args",
     "batch_range",
@@ -290,6 +292,16 @@ def bn_fold_factor(gamma: torch.Tensor, var: torch.Tensor, eps: float) -> torch.
     return gamma.float() / torch.sqrt(var.float() + eps)
 
 
+def bn_fold_training_factor(gamma: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """The fold factor of ``divide_by_fold=True``: :func:`bn_fold_factor`, with 1 where it is 0 (``gamma == 0``).
+
+    ``q(w * f) / f`` is undefined where ``f == 0``; those channels are quantized unfolded (a zero-initialised
+    residual BN multiplies their conv output by 0 anyway).
+    """
+    factor = bn_fold_factor(gamma, var, eps)
+    return torch.where(factor == 0, torch.ones((), dtype=factor.dtype, device=factor.device), factor)
+
+
 def bn_fold_fake_quant_weight_forward(
     weight: torch.Tensor,
     gamma: torch.Tensor,
@@ -300,19 +312,25 @@ def bn_fold_fake_quant_weight_forward(
     quant_min: int,
     quant_max: int,
     compute_mask: bool = True,
+    divide_by_fold: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q(w * f)`` per output channel; ``divide_by_fold=True`` returns ``q(w * f) / f`` (in fp32, rounded to
+    the weight's dtype once) with ``f`` from :func:`bn_fold_training_factor`: the weight a training conv
+    convolves with so that BN sees the float conv's output up to quantization noise."""
     check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
     ndim = weight.dim()
-    folded = weight.float() * _channel_view(bn_fold_factor(gamma, var, eps), 0, ndim)
-    return _fake_quant_values(
-        folded,
+    factor = bn_fold_training_factor(gamma, var, eps) if divide_by_fold else bn_fold_factor(gamma, var, eps)
+    factor = _channel_view(factor, 0, ndim)
+    out, mask = _fake_quant_values(
+        weight.float() * factor,
         _channel_view(scale, 0, ndim),
         _channel_view(zero_point, 0, ndim),
         quant_min,
         quant_max,
         compute_mask,
-        weight.dtype,
+        torch.float32 if divide_by_fold else weight.dtype,
     )
+    return ((out / factor).to(weight.dtype) if divide_by_fold else out), mask
 
 
 def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -325,6 +343,15 @@ def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
+def check_divided_out(divided_out: torch.Tensor, weight: torch.Tensor) -> None:
+    if divided_out.shape != weight.shape or divided_out.dtype != weight.dtype or divided_out.device != weight.device:
+        raise ValueError(
+            f"fakequant: divided_out must be the forward's output, of the weight's shape {tuple(weight.shape)}, "
+            f"dtype {weight.dtype} and device {weight.device}; got shape {tuple(divided_out.shape)}, "
+            f"dtype {divided_out.dtype} on {divided_out.device}"
+        )
+
+
 def bn_fold_fake_quant_weight_backward(
     grad: torch.Tensor,
     weight: torch.Tensor,
@@ -332,17 +359,37 @@ def bn_fold_fake_quant_weight_backward(
     gamma: torch.Tensor,
     var: torch.Tensor,
     eps: float,
+    divided_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the folded weight w.r.t. ``weight``, ``gamma`` and ``var`` (SPEC §1)."""
+    """Gradients of the folded weight w.r.t. ``weight``, ``gamma`` and ``var`` (SPEC §1).
+
+    With ``divided_out`` (the output of ``divide_by_fold=True``, ``out = q(w f) / f``), those of ``out``:
+    ``grad_weight = grad * mask`` and, per channel, ``d out / d f = (mask * w - out) / f`` (0 where ``f``
+    was taken as 1), so ``grad_f = sum(grad * (mask * w - out)) / f``.
+    In both cases ``grad_gamma = grad_f / std`` and ``grad_var = -grad_f * gamma / (2 std^3)``, where
+    ``grad_f = sum(grad * mask * w)`` without division.
+    """
+    if divided_out is not None:
+        check_divided_out(divided_out, weight)
     ndim = weight.dim()
     std = torch.sqrt(var.float() + eps)
     factor = gamma.float() / std
     g = masked_grad(grad, mask).float()
-    grad_weight = (g * _channel_view(factor, 0, ndim)).to(weight.dtype)
     reduce_dims = list(range(1, ndim))
-    s = (g * weight.float()).sum(dim=reduce_dims) if reduce_dims else g * weight.float()
-    grad_gamma = (s / std).to(gamma.dtype)
-    grad_var = (-0.5 * s * gamma.float() / (std * std * std)).to(var.dtype)
+
+    def channel_sums(t: torch.Tensor) -> torch.Tensor:
+        return t.sum(dim=reduce_dims) if reduce_dims else t
+
+    if divided_out is None:
+        grad_weight = (g * _channel_view(factor, 0, ndim)).to(weight.dtype)
+        grad_factor = channel_sums(g * weight.float())
+    else:
+        grad_weight = g.to(weight.dtype)
+        masked_weight = torch.where(mask, weight.float(), torch.zeros((), device=weight.device))
+        sums = channel_sums(grad.float() * (masked_weight - divided_out.float()))
+        grad_factor = torch.where(factor == 0, torch.zeros((), device=factor.device), sums / factor)
+    grad_gamma = (grad_factor / std).to(gamma.dtype)
+    grad_var = (-0.5 * grad_factor * gamma.float() / (std * std * std)).to(var.dtype)
     return grad_weight, grad_gamma, grad_var
 
 
@@ -509,9 +556,20 @@ def binarize(x, clipped_ste=True):
     return _StraightThrough.apply(out, source)
 
 
-def bn_fold_fake_quant_weight(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max):
+def bn_fold_fake_quant_weight(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, divide_by_fold=False):
     out, mask = bn_fold_fake_quant_weight_forward(
-        weight.detach(), gamma.detach(), var.detach(), eps, scale, zero_point, quant_min, quant_max
+        weight.detach(), gamma.detach(), var.detach(), eps, scale, zero_point, quant_min, quant_max,
+        divide_by_fold=divide_by_fold,
     )
-    folded = weight.float() * _channel_view(bn_fold_factor(gamma, var, eps), 0, weight.dim())
-    return _StraightThrough.apply(out, _masked_source(folded, mask))
+    ndim = weight.dim()
+    if not divide_by_fold:
+        folded = weight.float() * _channel_view(bn_fold_factor(gamma, var, eps), 0, ndim)
+        return _StraightThrough.apply(out, _masked_source(folded, mask))
+    # q(w f) / f with q's straight-through estimator: autograd differentiates both appearances of f.
+    factor = _channel_view(bn_fold_training_factor(gamma, var, eps), 0, ndim)
+    folded = weight.float() * factor
+    quantized, _ = _fake_quant_values(
+        folded.detach(), _channel_view(scale, 0, ndim), _channel_view(zero_point, 0, ndim), quant_min, quant_max,
+        False, torch.float32,
+    )
+    return (_StraightThrough.apply(quantized, _masked_source(folded, mask)) / factor).to(weight.dtype)

@@ -430,6 +430,11 @@ def _bn_statistics(gamma: torch.Tensor, var: torch.Tensor, eps: float) -> tuple[
     return std, (gamma.float() / std).contiguous()
 
 
+def _training_factor(factor: torch.Tensor) -> torch.Tensor:
+    """``divide_by_fold=True``'s fold factor: ``factor`` with 1 where it is 0 (reference.bn_fold_training_factor)."""
+    return torch.where(factor == 0, torch.ones((), dtype=factor.dtype, device=factor.device), factor).contiguous()
+
+
 @triton.jit
 def _bn_fold_fake_quant_weight_kernel(
     weight_ptr,
@@ -444,8 +449,11 @@ def _bn_fold_fake_quant_weight_kernel(
     quant_min,
     quant_max,
     WRITE_MASK: tl.constexpr,
+    DIVIDE_BY_FOLD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # DIVIDE_BY_FOLD: out = q(w * f) / f, divided in fp32 (IEEE, div_rn) and rounded to the output's dtype
+    # once; factor_ptr then holds the training factor (1 where f is 0), so the division is never by 0.
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offsets < n_elements
     channel = (offsets // channel_stride) % channels
@@ -457,6 +465,8 @@ def _bn_fold_fake_quant_weight_kernel(
     out, inside = _fake_quant_values(
         folded, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
     )
+    if DIVIDE_BY_FOLD:
+        out = tl.math.div_rn(out, factor)
     tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
     if WRITE_MASK:
         tl.store(mask_ptr + offsets, inside, mask=in_bounds)
@@ -472,8 +482,13 @@ def bn_fold_fake_quant_weight(
     quant_min: int,
     quant_max: int,
     compute_mask: bool = True,
+    divide_by_fold: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``fakequant::bn_fold_fake_quant_weight``: fold BN into ``weight`` and fake-quantize along axis 0."""
+    """Triton ``fakequant::bn_fold_fake_quant_weight``: fold BN into ``weight`` and fake-quantize along axis 0.
+
+    ``divide_by_fold=True`` returns ``q(w * f) / f`` with ``f`` taken as 1 where it is 0; ``scale``,
+    ``zero_point`` and the mask are those of ``q(w * f)`` either way.
+    """
     reference.check_bn_fold_args(
         weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, check_values=_has_values(scale)
     )
@@ -486,6 +501,8 @@ def bn_fold_fake_quant_weight(
     if n_elements == 0:
         return out, mask
     _, factor = _bn_statistics(gamma, var, eps)
+    if divide_by_fold:
+        factor = _training_factor(factor)
     channel_stride, channels = _channel_geometry(weight_dense, 0)
     with _device_guard(weight):
         wrap_triton(_bn_fold_fake_quant_weight_kernel)[_elementwise_grid(n_elements)](
@@ -501,6 +518,7 @@ def bn_fold_fake_quant_weight(
             quant_min,
             quant_max,
             WRITE_MASK=compute_mask,
+            DIVIDE_BY_FOLD=divide_by_fold,
             BLOCK=BLOCK_SIZE,
             num_warps=NUM_WARPS,
         )
@@ -558,6 +576,7 @@ def _bn_fold_fake_quant_weight_backward_kernel(
     grad_ptr,
     weight_ptr,
     mask_ptr,
+    divided_out_ptr,
     factor_ptr,
     std_ptr,
     gamma_ptr,
@@ -565,10 +584,15 @@ def _bn_fold_fake_quant_weight_backward_kernel(
     grad_gamma_ptr,
     grad_var_ptr,
     channel_size,
+    DIVIDE_BY_FOLD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # One program per output channel, whose channel_size elements are contiguous in memory: the per-channel
     # sum is then a deterministic loop, no atomics.
+    # Without DIVIDE_BY_FOLD (out = q(w f)): grad_weight = g * f and grad_f = sum(g * w), g the masked grad.
+    # With it (out = q(w f) / f, divided_out_ptr holding out): grad_weight = g, and grad_f =
+    # sum(grad * ((mask ? w : 0) - out)) / f, 0 where f (factor_ptr's, unadjusted) is 0. The sum takes the
+    # unmasked grad: a clamped element's out = c / f still depends on f.
     channel = tl.program_id(0).to(tl.int64)
     base = channel * channel_size
     factor = tl.load(factor_ptr + channel)
@@ -576,13 +600,22 @@ def _bn_fold_fake_quant_weight_backward_kernel(
     for start in range(0, channel_size, BLOCK):
         offsets = base + start + tl.arange(0, BLOCK)
         in_bounds = (start + tl.arange(0, BLOCK)) < channel_size
-        grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0)
+        raw_grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0)
         keep = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(tl.int1)
-        grad = _as_float32(tl.where(keep, grad, tl.zeros_like(grad)))
+        grad = _as_float32(tl.where(keep, raw_grad, tl.zeros_like(raw_grad)))
         weight = _as_float32(tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0))
-        tl.store(grad_weight_ptr + offsets, _to_dtype(grad * factor, grad_weight_ptr.dtype.element_ty), mask=in_bounds)
-        acc += grad * weight
+        if DIVIDE_BY_FOLD:
+            tl.store(grad_weight_ptr + offsets, _to_dtype(grad, grad_weight_ptr.dtype.element_ty), mask=in_bounds)
+            out = _as_float32(tl.load(divided_out_ptr + offsets, mask=in_bounds, other=0.0))
+            acc += _as_float32(raw_grad) * (tl.where(keep, weight, 0.0) - out)
+        else:
+            tl.store(
+                grad_weight_ptr + offsets, _to_dtype(grad * factor, grad_weight_ptr.dtype.element_ty), mask=in_bounds
+            )
+            acc += grad * weight
     total = tl.sum(acc, axis=0)
+    if DIVIDE_BY_FOLD:
+        total = tl.where(factor == 0.0, 0.0, tl.math.div_rn(total, factor))
     std = tl.load(std_ptr + channel)
     gamma = tl.load(gamma_ptr + channel)
     grad_gamma = tl.math.div_rn(total, std)
@@ -603,13 +636,20 @@ def bn_fold_fake_quant_weight_backward(
     gamma: torch.Tensor,
     var: torch.Tensor,
     eps: float,
+    divided_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton ``fakequant::bn_fold_fake_quant_weight_backward``: ``(grad_weight, grad_gamma, grad_var)``."""
+    """Triton ``fakequant::bn_fold_fake_quant_weight_backward``: ``(grad_weight, grad_gamma, grad_var)``.
+
+    ``divided_out``: the forward's output when it ran with ``divide_by_fold=True``; the gradients are then
+    those of ``q(w * f) / f`` (reference.bn_fold_fake_quant_weight_backward).
+    """
     _check_mask(grad, mask)
     if weight.shape != grad.shape:
         raise ValueError(
             f"fakequant: grad has shape {tuple(grad.shape)} but weight has shape {tuple(weight.shape)}; they must match"
         )
+    if divided_out is not None:
+        reference.check_divided_out(divided_out, weight)
     _check_device(weight)
     grad_weight = torch.empty_like(weight)
     grad_gamma = torch.empty_like(gamma)
@@ -618,6 +658,8 @@ def bn_fold_fake_quant_weight_backward(
     if weight.numel() == 0:
         # No element contributes: the per-channel sums are 0 (and the signs of the zeros the reference's).
         total = torch.zeros_like(std)
+        if divided_out is not None:
+            total = torch.where(factor == 0, torch.zeros((), device=factor.device), total / factor)
         grad_gamma.copy_(total / std)
         grad_var.copy_(-0.5 * total * gamma.float() / (std * std * std))
         return grad_weight, grad_gamma, grad_var
@@ -630,6 +672,7 @@ def bn_fold_fake_quant_weight_backward(
             _dense_like(grad, weight_major),
             weight_major,
             _dense_like(mask, weight_major),
+            weight_major if divided_out is None else _dense_like(divided_out, weight_major),
             factor,
             std.contiguous(),
             gamma.float().contiguous(),
@@ -637,6 +680,7 @@ def bn_fold_fake_quant_weight_backward(
             grad_gamma,
             grad_var,
             weight.numel() // weight.size(0),
+            DIVIDE_BY_FOLD=divided_out is not None,
             BLOCK=REDUCE_BLOCK_SIZE,
             num_warps=NUM_WARPS,
         )

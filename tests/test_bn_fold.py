@@ -334,16 +334,22 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(compiled_module, fullgraph=True)
     x = inputs()
     out, compiled_out = eager(x), compiled(x)
-    # fp32 rounding only (inductor fuses the BN arithmetic differently): measured 2e-6 on outputs of ~6,
-    # 5e-9 on the running mean.
-    torch.testing.assert_close(compiled_out, out, rtol=0, atol=1e-5)
+    # The fold factor that observe_range receives is computed by inductor in the compiled module: its sqrt is
+    # the correctly rounded one and ATen's CPU sqrt is not always, so a scale may differ in its last bit
+    # (measured: 5 of 16 channels, 1.1e-7 relative) and a few weights round to the neighbouring level
+    # (measured: output error norm 2.5e-4 of the output's norm). The fused op computes its own factor alike
+    # in both modules.
+    torch.testing.assert_close(compiled_module.weight_scale, eager.weight_scale, rtol=3e-7, atol=0)
+    assert ((compiled_out - out).norm() / out.norm()).item() < 2e-3
     target = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     F.mse_loss(out, target).backward()
     F.mse_loss(compiled_out, target).backward()
     for compiled_grad, grad in ((compiled_module.conv.weight.grad, conv.weight.grad),
                                 (compiled_module.bn.weight.grad, bn.weight.grad)):
-        assert ((compiled_grad - grad).norm() / grad.norm()).item() < 1e-4  # measured 2e-6, 4e-7
-    torch.testing.assert_close(compiled_module.bn.running_mean, bn.running_mean, rtol=0, atol=1e-6)
+        # the few weights on a neighbouring level change the gradients too: measured 3.4e-3 (conv weight)
+        assert ((compiled_grad - grad).norm() / grad.norm()).item() < 2e-2
+    # and BN's batch mean by as much (measured 3.2e-5 relative, on one channel of 16)
+    torch.testing.assert_close(compiled_module.bn.running_mean, bn.running_mean, rtol=2e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,6 +135,14 @@ BASELINE_SCRIPT = textwrap.dedent(
     same(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    gamma[0] = 0
+    check("bn_fold_fake_quant_weight", w, gamma, var, 1e-5, sc, zc, -8, 7, True, True)
+    out, mask = torch.ops.fakequant.bn_fold_fake_quant_weight(w, gamma, var, 1e-5, sc, zc, -8, 7, True, True)
+    got = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(grad, w, mask, gamma, var, 1e-5, out)
+    want = _ops.DEFAULT_KERNELS["bn_fold_fake_quant_weight_backward"](grad, w, mask, gamma, var, 1e-5, out)
+    same(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
     print("baseline ok")
     """
 )
@@ -399,25 +407,43 @@ def weight_cases(generator: torch.Generator):
     ]
 
 
+def with_zero_gamma(gamma: torch.Tensor) -> torch.Tensor:
+    """gamma with its first and last channels 0 (the fold factor divide_by_fold takes as 1)."""
+    gamma = gamma.clone()
+    if gamma.numel() > 0:
+        gamma[0] = 0
+        gamma[-1] = 0
+    return gamma
+
+
+@pytest.mark.parametrize("divide_by_fold", [False, True])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_bn_fold_forward(dtype):
+def test_bn_fold_forward(dtype, divide_by_fold):
     g = torch.Generator().manual_seed(10)
     for w in weight_cases(g):
         gamma, var, scale, zero_point = bn_inputs(w.size(0), g, dtype if dtype != torch.float32 else torch.float32)
-        for compute_mask in (True, False):
-            for eps in (1e-5, 0.1, 0.0):
-                assert_same_as_reference(
-                    "bn_fold_fake_quant_weight", w.to(dtype), gamma, var, eps, scale, zero_point, -8, 7, compute_mask
-                )
+        for gamma_case in (gamma, with_zero_gamma(gamma)):
+            for compute_mask in (True, False):
+                for eps in (1e-5, 0.1, 0.0):
+                    assert_same_as_reference(
+                        "bn_fold_fake_quant_weight", w.to(dtype), gamma_case, var, eps, scale, zero_point, -8, 7,
+                        compute_mask, divide_by_fold,
+                    )
 
 
+@pytest.mark.parametrize("divide_by_fold", [False, True])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_bn_fold_backward(dtype):
+def test_bn_fold_backward(dtype, divide_by_fold):
     g = torch.Generator().manual_seed(11)
     for w in weight_cases(g):
         w = torch.nan_to_num(w, nan=0.3, posinf=2.0, neginf=-2.0).to(dtype)
         gamma, var, scale, zero_point = bn_inputs(w.size(0), g)
-        _, mask = cpu_op("bn_fold_fake_quant_weight")(w, gamma, var, 1e-5, scale, zero_point, -8, 7)
+        if divide_by_fold:
+            gamma = with_zero_gamma(gamma)
+        out, mask = cpu_op("bn_fold_fake_quant_weight")(
+            w, gamma, var, 1e-5, scale, zero_point, -8, 7, True, divide_by_fold
+        )
+        divided_out = out if divide_by_fold else None
         grad = torch.randn(w.shape, generator=g).to(dtype)
         for grad_case, mask_case in (
             (grad, mask),
@@ -425,7 +451,7 @@ def test_bn_fold_backward(dtype):
             (grad, mask.contiguous()),
             (grad.float(), mask),  # mixed dtypes: the fallback composition
         ):
-            args = (grad_case, w, mask_case, gamma, var, 1e-5)
+            args = (grad_case, w, mask_case, gamma, var, 1e-5, divided_out)
             got = cpu_op("bn_fold_fake_quant_weight_backward")(*args)
             want = reference_op("bn_fold_fake_quant_weight_backward")(*args)
             assert_identical(got[0], want[0])
@@ -448,6 +474,27 @@ def test_bn_fold_backward_large_channel_sums():
     exact = (torch.where(mask, grad, 0).double() * w.double()).sum(1)
     torch.testing.assert_close(got[1].double(), exact / torch.sqrt(var.double() + 1e-3), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(got[2], want[2], rtol=1e-4, atol=1e-3)
+
+
+def test_bn_fold_divided_backward_large_channel_sums():
+    # divide_by_fold's sums, of grad * (mask * w - out), over several reduction chunks, against float64.
+    g = torch.Generator().manual_seed(13)
+    w = torch.randn(6, 50000, generator=g)
+    gamma, var, _, _ = bn_inputs(6, g)
+    gamma[2] = 0
+    factor = fakequant.reference.bn_fold_training_factor(gamma, var, 1e-3)
+    scale = (w * factor[:, None]).abs().amax(1) / 7
+    zero_point = torch.zeros(6, dtype=torch.int32)
+    out, mask = cpu_op("bn_fold_fake_quant_weight")(w, gamma, var, 1e-3, scale * 0.7, zero_point, -8, 7, True, True)
+    grad = torch.randn(w.shape, generator=g)
+    got = cpu_op("bn_fold_fake_quant_weight_backward")(grad, w, mask, gamma, var, 1e-3, out)
+    assert_identical(got[0], torch.where(mask, grad, 0))
+    sums = (grad.double() * (torch.where(mask, w, 0).double() - out.double())).sum(1)
+    std = torch.sqrt(var.double() + 1e-3)
+    grad_factor = torch.where(gamma == 0, 0, sums / factor.double())
+    torch.testing.assert_close(got[1].double(), grad_factor / std, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[2].double(), -0.5 * grad_factor * gamma.double() / std**3, rtol=1e-4, atol=1e-4)
+    assert got[1][2] == 0 and got[2][2] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,6 +563,8 @@ BAD_CALLS = [
     ("bn_fold_fake_quant_weight", (W, G3, V3, 1e-5, SC * 0, ZC, -8, 7)),
     ("bn_fold_fake_quant_weight", (W, G3, V3, 1e-5, SC, ZC + 8, -8, 7)),
     ("bn_fold_fake_quant_weight_backward", (W, W, torch.ones(3, 2, dtype=torch.bool), G3, V3, 1e-5)),
+    ("bn_fold_fake_quant_weight_backward", (W, W, W > 0, G3, V3, 1e-5, W[:2])),
+    ("bn_fold_fake_quant_weight_backward", (W, W, W > 0, G3, V3, 1e-5, W.half())),
 ]
 
 

@@ -317,6 +317,12 @@ def test_backward_errors_of_their_own(auto_backend):
     assert message == "fakequant: grad must have the weight's shape (2, 3), got shape (3, 2)"
     message = _cuda_kernel_error("bn_fold_fake_quant_weight_backward", grad, grad, mask, gamma, gamma, -1.0)
     assert message == "fakequant: eps must be finite and >= 0, got -1.0"
+    # divided_out must be the forward's output: the reference's message, word for word.
+    for divided_out in (_f32(3, 2), _f32(2, 1), grad.half(), grad.to("meta")):
+        args = (grad, grad, mask, gamma, gamma, 1e-5, divided_out)
+        expected = _reference_error(reference.bn_fold_fake_quant_weight_backward, *args)
+        assert expected.startswith("fakequant: divided_out must be the forward's output")
+        assert _cuda_kernel_error("bn_fold_fake_quant_weight_backward", *args) == expected
 
 
 def test_no_value_checks_in_cuda_kernels(auto_backend):
@@ -455,15 +461,23 @@ def test_binarize_matches_reference(dtype, shape, auto_backend):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("bn_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(1,), (8,), (8, 16, 3, 3), (5, 3, 7), (1, 4, 3, 3), (16, 0, 3)])
-def test_bn_fold_matches_reference(dtype, bn_dtype, shape, auto_backend):
+@pytest.mark.parametrize("divide_by_fold", [False, True])
+def test_bn_fold_matches_reference(dtype, bn_dtype, shape, divide_by_fold, auto_backend):
     channels = shape[0]
     generator = torch.Generator().manual_seed(2)
-    gamma = (torch.rand(channels, generator=generator) + 0.5).to(bn_dtype).cuda()
-    var = (torch.rand(channels, generator=generator) * 2).to(bn_dtype).cuda()
+    gamma = torch.rand(channels, generator=generator) + 0.5
+    var = torch.rand(channels, generator=generator) * 2
+    if divide_by_fold:
+        # q(w f) / f divides by f: negative factors, and gamma == 0 (the last channel), where f is taken as 1.
+        gamma[::2] *= -1
+        if channels > 1:
+            gamma[-1] = 0.0
+    gamma, var = gamma.to(bn_dtype).cuda(), var.to(bn_dtype).cuda()
     scale, zero_point = _qparams(channels)
     for name, w in layouts(special_values(shape, 0.05, dtype)):
-        out, mask = torch.ops.fakequant.bn_fold_fake_quant_weight(w, gamma, var, 1e-5, scale, zero_point, -128, 127)
-        expected = _ops.bn_fold_fake_quant_weight_default(w, gamma, var, 1e-5, scale, zero_point, -128, 127)
+        args = (w, gamma, var, 1e-5, scale, zero_point, -128, 127, True, divide_by_fold)
+        out, mask = torch.ops.fakequant.bn_fold_fake_quant_weight(*args)
+        expected = _ops.bn_fold_fake_quant_weight_default(*args)
         assert out.stride() == torch.empty_like(w).stride(), name
         assert_bitwise_equal(out, expected[0])
         assert_bitwise_equal(mask, expected[1])
@@ -511,18 +525,39 @@ def test_backward_matches_reference_autograd(dtype, auto_backend):
 @needs_gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(8, 16, 3, 3), (5, 7), (6,), (1, 4, 3, 3), (3, 0, 2)])
-def test_bn_fold_backward_matches_reference(dtype, shape, auto_backend):
+@pytest.mark.parametrize("divide_by_fold", [False, True])
+def test_bn_fold_backward_matches_reference(dtype, shape, divide_by_fold, auto_backend):
     torch.manual_seed(4)
     channels = shape[0]
     scale, zero_point = _qparams(channels, quant_min=-8, quant_max=7)
     for _name, w in layouts(special_values(shape, 0.05, dtype).nan_to_num(0.0, 1.0, -1.0)):
         w = w.detach().requires_grad_()
-        gamma = (torch.rand(channels, device="cuda") + 0.5).requires_grad_()
+        gamma = torch.rand(channels, device="cuda") + 0.5
+        if divide_by_fold and channels > 1:
+            gamma[-1] = 0.0  # f == 0: quantized with f = 1, no gradient to gamma or var
+        gamma = gamma.requires_grad_()
         var = (torch.rand(channels, device="cuda") * 2).requires_grad_()
         grad_out = torch.randn(shape, device="cuda").to(dtype)
         args = (w, gamma, var, 1e-5, scale, zero_point, -8, 7)
-        got = torch.autograd.grad(torch.ops.fakequant.bn_fold_fake_quant_weight(*args)[0], (w, gamma, var), grad_out)
-        want = torch.autograd.grad(reference.bn_fold_fake_quant_weight(*args), (w, gamma, var), grad_out)
+        if divide_by_fold:
+            out, _ = torch.ops.fakequant.bn_fold_fake_quant_weight(*args, True, True)
+            got = torch.autograd.grad(out, (w, gamma, var), grad_out)
+            # Against the reference's backward formula: autograd through the reference's q(w f) / f rounds
+            # grad / f * f, and its grad_f is the difference of two large sums, so it matches neither bit for
+            # bit nor to a tight tolerance.
+            detached = (w.detach(), gamma.detach(), var.detach())
+            ref_out, ref_mask = reference.bn_fold_fake_quant_weight_forward(*detached, *args[3:], True, True)
+            assert_bitwise_equal(out.detach(), ref_out)
+            want = reference.bn_fold_fake_quant_weight_backward(
+                grad_out, detached[0], ref_mask, *detached[1:], 1e-5, ref_out
+            )
+            if channels > 1:
+                assert got[1][-1].item() == 0.0 and got[2][-1].item() == 0.0
+        else:
+            got = torch.autograd.grad(
+                torch.ops.fakequant.bn_fold_fake_quant_weight(*args)[0], (w, gamma, var), grad_out
+            )
+            want = torch.autograd.grad(reference.bn_fold_fake_quant_weight(*args), (w, gamma, var), grad_out)
         assert_bitwise_equal(got[0], want[0])
         # The per-channel sums run in another order than torch.sum's: equal to fp32 rounding.
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
@@ -530,14 +565,17 @@ def test_bn_fold_backward_matches_reference(dtype, shape, auto_backend):
 
 
 @needs_gpu
-def test_bn_fold_backward_mixed_dtypes_and_layouts(auto_backend):
+@pytest.mark.parametrize("divided", [False, True])
+def test_bn_fold_backward_mixed_dtypes_and_layouts(divided, auto_backend):
     weight = torch.randn(8, 4, 3, 3, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(8, 4, 3, 3, device="cuda")  # fp32 gradient of an fp16 weight, another layout
     mask = (torch.rand(8, 4, 3, 3, device="cuda") < 0.7).transpose(1, 2).contiguous().transpose(1, 2)
     gamma = torch.rand(8, device="cuda", dtype=torch.bfloat16) + 0.5
     var = torch.rand(16, device="cuda")[::2]
-    got = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, 1e-3)
-    want = reference.bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, 1e-3)
+    # The forward's output in the weight's dtype, laid out unlike the weight (one copy, then fp32 with the rest).
+    divided_out = (weight * 0.9).transpose(0, 1).contiguous().transpose(0, 1) if divided else None
+    got = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, 1e-3, divided_out)
+    want = reference.bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, 1e-3, divided_out)
     assert got[0].stride() == torch.empty_like(weight).stride()
     assert_bitwise_equal(got[0], want[0])
     for g, w in zip(got[1:], want[1:], strict=True):
@@ -614,6 +652,18 @@ def test_opcheck_on_cuda(name, auto_backend):
     torch.library.opcheck(getattr(torch.ops.fakequant, name), tuple(args))
     x = args[0].detach().contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(getattr(torch.ops.fakequant, name), (x, *args[1:]))
+
+
+@needs_gpu
+def test_opcheck_bn_fold_divided_on_cuda(auto_backend):
+    x, gamma, var, eps, scales, zps, quant_min, quant_max, _ = _sample_inputs()["bn_fold_fake_quant_weight"]
+    gamma = gamma.clone()
+    gamma[1] = 0.0
+    args = (x.clone().requires_grad_(), gamma, var, eps, scales, zps, quant_min, quant_max, True, True)
+    torch.library.opcheck(torch.ops.fakequant.bn_fold_fake_quant_weight, args)
+    out, mask = torch.ops.fakequant.bn_fold_fake_quant_weight(*args)
+    backward_args = (torch.randn_like(x), x, mask, gamma, var, eps, out.detach())
+    torch.library.opcheck(torch.ops.fakequant.bn_fold_fake_quant_weight_backward, backward_args)
 
 
 @needs_gpu

@@ -254,12 +254,18 @@ def test_empty_inputs():
     out, _ = triton_kernels.fake_quant_per_channel(x, *qparams([0.1, 0.2, 0.3], [0, 0, 0]), 0, -8, 7)
     assert out.shape == x.shape
     gamma, var = torch.ones(3, device=DEVICE), torch.ones(3, device=DEVICE)
-    out, _ = triton_kernels.bn_fold_fake_quant_weight(x, gamma, var, 1e-5, *qparams([0.1] * 3, [0] * 3), -8, 7)
-    assert out.shape == x.shape
-    grads = triton_kernels.bn_fold_fake_quant_weight_backward(x, x, x.bool(), gamma, var, 1e-5)
-    expected = reference.bn_fold_fake_quant_weight_backward(x, x, x.bool(), gamma, var, 1e-5)
-    for got, want in zip(grads, expected, strict=True):
-        assert_bits_equal(got, want)
+    for divide_by_fold in (False, True):
+        out, _ = triton_kernels.bn_fold_fake_quant_weight(
+            x, gamma, var, 1e-5, *qparams([0.1] * 3, [0] * 3), -8, 7, True, divide_by_fold
+        )
+        assert out.shape == x.shape
+    # Negative and zero gammas: the signs of the zero gradients are the reference's.
+    gamma = torch.tensor([1.0, -2.0, 0.0], device=DEVICE)
+    for divided_out in (None, x):
+        grads = triton_kernels.bn_fold_fake_quant_weight_backward(x, x, x.bool(), gamma, var, 1e-5, divided_out)
+        expected = reference.bn_fold_fake_quant_weight_backward(x, x, x.bool(), gamma, var, 1e-5, divided_out)
+        for got, want in zip(grads, expected, strict=True):
+            assert_bits_equal(got, want)
 
 
 def test_bad_arguments_raise_the_reference_errors():
@@ -272,6 +278,14 @@ def test_bad_arguments_raise_the_reference_errors():
         triton_kernels.fake_quant_per_channel(x, *qparams([0.1] * 3, [0] * 3), 2, -8, 7)
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         triton_kernels.masked_grad(x, torch.ones(4, device=DEVICE, dtype=torch.bool))
+    gamma, var, keep = torch.ones(4, device=DEVICE), torch.ones(4, device=DEVICE), x > 0
+    wrong_output = r"divided_out must be the forward's output, of the weight's shape \(4, 3\), "
+    with pytest.raises(ValueError, match=wrong_output + r".*got shape \(3, 4\)"):
+        triton_kernels.bn_fold_fake_quant_weight_backward(x, x, keep, gamma, var, 1e-5, x.t())
+    with pytest.raises(ValueError, match=wrong_output + r".*got shape \(4, 3\), dtype torch.float16 on"):
+        triton_kernels.bn_fold_fake_quant_weight_backward(x, x, keep, gamma, var, 1e-5, x.half())
+    with pytest.raises(ValueError, match=wrong_output + r".*got shape \(4, 3\), dtype torch.float32 on meta"):
+        triton_kernels.bn_fold_fake_quant_weight_backward(x, x, keep, gamma, var, 1e-5, x.to("meta"))
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="scale must be finite and > 0"):
             triton_kernels.fake_quant_per_tensor(x, *qparams(-1.0, 0), -8, 7)
@@ -375,28 +389,83 @@ def bn_case(shape, gen, dtype=torch.float32, stat_dtype=torch.float32):
     )
 
 
-BN_SHAPES = {"conv": (6, 3, 3, 3), "linear": (5, 7), "linear-tail": (3, 1100), "vector": (9,)}
+BN_SHAPES = {"conv": (6, 3, 3, 3), "linear": (5, 7), "linear-tail": (3, 1100), "vector": (9,), "odd": (7, 1, 5, 3)}
 
 
+@pytest.mark.parametrize("divide_by_fold", [False, True], ids=["folded", "divided"])
 @pytest.mark.parametrize(
     "dtype,stat_dtype", [(torch.float32,) * 2, (torch.float16, torch.float32), (torch.bfloat16,) * 2]
 )
 @pytest.mark.parametrize("shape", list(BN_SHAPES))
-def test_bn_fold_fake_quant_weight(shape, dtype, stat_dtype):
+def test_bn_fold_fake_quant_weight(shape, dtype, stat_dtype, divide_by_fold):
     gen = torch.Generator().manual_seed(6)
     weight, gamma, var, eps, scale, zero_point = bn_case(BN_SHAPES[shape], gen, dtype, stat_dtype)
     weight.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -1e30])
+    gamma[1] = 0.0  # f == 0: divide_by_fold quantizes that channel unfolded (f taken as 1)
     for name, wl in layouts(weight).items():
         for compute_mask in (True, False):
             out, mask = triton_kernels.bn_fold_fake_quant_weight(
-                wl, gamma, var, eps, scale, zero_point, -128, 127, compute_mask
+                wl, gamma, var, eps, scale, zero_point, -128, 127, compute_mask, divide_by_fold
             )
             ref_out, ref_mask = reference.bn_fold_fake_quant_weight_forward(
-                wl, gamma, var, eps, scale, zero_point, -128, 127, compute_mask
+                wl, gamma, var, eps, scale, zero_point, -128, 127, compute_mask, divide_by_fold
             )
             assert_bits_equal(out, ref_out)
             assert_bits_equal(mask, ref_mask)
             assert_layout_of(out, wl), name
+
+
+def special_fold_case(dtype=torch.float32):
+    """One channel per kind of fold factor, each row with exact ties of ``w * f``, NaN, inf and saturation.
+
+    Channels: f > 0, f < 0, gamma +0 and -0 (f == 0, taken as 1), var inf (f == 0 with gamma != 0), gamma NaN
+    (f NaN), eps 0 with var 0 (f inf), a tiny f (1 / f far from 1 / fl(f)), a large f.
+    """
+    gamma = torch.tensor([1.3, -0.7, 0.0, -0.0, 2.0, float("nan"), 0.5, 1e-30, 3e5])
+    var = torch.tensor([0.4, 1.1, 0.9, 0.2, float("inf"), 0.3, 0.0, 0.7, 1.5])
+    eps = 0.0
+    channels = gamma.numel()
+    factor = reference.bn_fold_training_factor(gamma, var, eps)
+    scale = torch.full((channels,), 0.05)
+    zero_point = torch.arange(channels, dtype=torch.int32) % 5 - 2
+    gen = torch.Generator().manual_seed(13)
+    k = torch.randint(-140, 140, (channels, 37), generator=gen).float() + 0.5
+    # Exact ties of the folded value where f is finite and nonzero (w = (k + 0.5) * scale / f, up to rounding).
+    weight = k * scale[:, None] / torch.where(torch.isfinite(factor), factor, 1.0)[:, None]
+    weight[:, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0])
+    weight[:, 4] = -0.0
+    weight[:, 5] = 1e30
+    return weight.to(dtype=dtype, device=DEVICE), gamma.to(DEVICE), var.to(DEVICE), eps, scale.to(DEVICE), (
+        zero_point.to(DEVICE)
+    )
+
+
+# numpy's reduction warns when a channel's inf terms of both signs sum to NaN (the reference's NaN too).
+@pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_bn_fold_divide_by_fold_special_channels(dtype):
+    weight, gamma, var, eps, scale, zero_point = special_fold_case(dtype)
+    for quant_min, quant_max in ((-128, 127), (-8, 7)):
+        out, mask = triton_kernels.bn_fold_fake_quant_weight(
+            weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, True, True
+        )
+        ref_out, ref_mask = reference.bn_fold_fake_quant_weight_forward(
+            weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, True, True
+        )
+        assert_bits_equal(out, ref_out)
+        assert_bits_equal(mask, ref_mask)
+        gen = torch.Generator().manual_seed(14)
+        grad = torch.randn(weight.shape, generator=gen).to(dtype=dtype, device=DEVICE)
+        got = triton_kernels.bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, eps, out)
+        want = reference.bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, eps, ref_out)
+        assert_bits_equal(got[0], want[0])
+        for g, w in zip(got[1:], want[1:], strict=True):
+            assert torch.equal(torch.isnan(g), torch.isnan(w)), (g, w)
+            # f == 0 (gamma +-0, var inf): no gradient through f at all, exactly 0.
+            assert bool((g[2:5] == 0).all()), g
+            finite = torch.isfinite(w)
+            assert torch.equal(torch.isfinite(g), finite), (g, w)
+            assert_statistic_close(g[finite], w[finite])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,22 +497,35 @@ def assert_statistic_close(actual: torch.Tensor, expected: torch.Tensor) -> None
     torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("divide_by_fold", [False, True], ids=["folded", "divided"])
 @pytest.mark.parametrize(
     "dtype,stat_dtype", [(torch.float32,) * 2, (torch.float16, torch.float32), (torch.bfloat16,) * 2]
 )
 @pytest.mark.parametrize("shape", list(BN_SHAPES))
-def test_bn_fold_fake_quant_weight_backward(shape, dtype, stat_dtype):
+def test_bn_fold_fake_quant_weight_backward(shape, dtype, stat_dtype, divide_by_fold):
     gen = torch.Generator().manual_seed(8)
     weight, gamma, var, eps, scale, zero_point = bn_case(BN_SHAPES[shape], gen, dtype, stat_dtype)
     mask = (torch.rand(weight.shape, generator=gen) > 0.3).to(DEVICE)
     grad = torch.randn(weight.shape, generator=gen).to(dtype=dtype, device=DEVICE)
-    grad.view(-1)[-1] = float("nan")  # masked out or not, as the mask says
+    # Without divided_out: masked out or not, as the mask says. With it, the last channel's sum is NaN either
+    # way (a clamped element's out = c / f still depends on f).
+    grad.view(-1)[-1] = float("nan")
+    divided_out = None
+    if divide_by_fold:
+        gamma[1] = 0.0  # f == 0: grad_gamma and grad_var exactly 0
+        # The forward's own output and mask, squeezed to [-8, 7] so that about half the elements are clamped.
+        divided_out, mask = reference.bn_fold_fake_quant_weight_forward(
+            weight, gamma, var, eps, scale, zero_point, -8, 7, True, True
+        )
     for name, wl in layouts(weight).items():
         for grad_name in ("contiguous", name):
             gl = layouts(grad)[grad_name]
             ml = layouts(mask)[name]
-            got = triton_kernels.bn_fold_fake_quant_weight_backward(gl, wl, ml, gamma, var, eps)
-            want = reference.bn_fold_fake_quant_weight_backward(gl, wl, ml, gamma, var, eps)
+            ol = None if divided_out is None else layouts(divided_out)[grad_name]
+            got = triton_kernels.bn_fold_fake_quant_weight_backward(gl, wl, ml, gamma, var, eps, ol)
+            want = reference.bn_fold_fake_quant_weight_backward(gl, wl, ml, gamma, var, eps, ol)
+            if divide_by_fold:
+                assert bool((got[1][1] == 0).all() and (got[2][1] == 0).all()), got
             assert_bits_equal(got[0], want[0])
             assert_layout_of(got[0], wl), name
             assert_statistic_close(got[1].float().nan_to_num(), want[1].float().nan_to_num())
@@ -649,6 +731,35 @@ def test_public_ops_run_triton_forward_and_backward(triton_backend, dtype):
     assert_statistic_close(leaves_a[1].grad, leaves_b[1].grad)
     assert_statistic_close(leaves_a[2].grad, leaves_b[2].grad)
 
+    # divide_by_fold=True: the op saves its output and its backward gets it as divided_out. The reference's
+    # autograd differentiates through both appearances of f, so its weight gradient is (grad / f) * f, which
+    # is not always grad bit for bit: close, and the op's own is exactly the masked grad. Its gamma and var
+    # gradients use q(w f) / f unrounded, the op's the output rounded to the weight's dtype, and w - out is
+    # quantization noise, so in fp16/bf16 they differ by far more than summation order (about 3e-3 and 1e-1
+    # of the largest): there the op's own backward, reference.bn_fold_fake_quant_weight_backward, is the oracle.
+    gamma = gamma.clone()
+    gamma[1] = 0.0
+    leaves_a = [t.clone().requires_grad_() for t in (weight, gamma, var)]
+    leaves_b = [t.clone().requires_grad_() for t in (weight, gamma, var)]
+    out = fakequant.bn_fold_fake_quant_weight(*leaves_a, eps, scale, zero_point, -16, 15, divide_by_fold=True)
+    ref = reference.bn_fold_fake_quant_weight(*leaves_b, eps, scale, zero_point, -16, 15, divide_by_fold=True)
+    assert_bits_equal(out, ref.detach())
+    assert_layout_of(out, weight)
+    out.backward(grad_w)
+    ref.backward(grad_w)
+    _, mask = reference.bn_fold_fake_quant_weight_forward(
+        weight, gamma, var, eps, scale, zero_point, -16, 15, True, True
+    )
+    assert_bits_equal(leaves_a[0].grad, reference.masked_grad(grad_w, mask))
+    torch.testing.assert_close(leaves_a[0].grad, leaves_b[0].grad)
+    want = reference.bn_fold_fake_quant_weight_backward(grad_w, weight, mask, gamma, var, eps, out.detach())
+    assert_statistic_close(leaves_a[1].grad, want[1])
+    assert_statistic_close(leaves_a[2].grad, want[2])
+    if dtype == torch.float32:
+        assert_statistic_close(leaves_a[1].grad, leaves_b[1].grad)
+        assert_statistic_close(leaves_a[2].grad, leaves_b[2].grad)
+    assert leaves_a[1].grad[1] == 0 and leaves_a[2].grad[1] == 0
+
     assert set(triton_backend) == {
         "_fake_quant_per_tensor_kernel",
         "_fake_quant_per_channel_kernel",
@@ -819,7 +930,7 @@ from fakequant import triton_kernels as tk
 
 COMMON = {"out_ptr": "*fp32", "mask_ptr": "*i1", "scale_ptr": "*fp32", "zero_point_ptr": "*i32",
           "n_elements": "i32", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr",
-          "RELU": "constexpr"}
+          "RELU": "constexpr", "DIVIDE_BY_FOLD": "constexpr"}
 KERNELS = {
     "per_tensor": (tk._fake_quant_per_tensor_kernel, {"x_ptr": "*fp32", **COMMON}, {"RELU": False}),
     "per_tensor_relu": (tk._fake_quant_per_tensor_kernel, {"x_ptr": "*fp32", **COMMON}, {"RELU": True}),
@@ -827,7 +938,12 @@ KERNELS = {
                     {"x_ptr": "*fp32", **COMMON, "channel_stride": "i64", "channels": "i64"}, {}),
     "bn_fold": (tk._bn_fold_fake_quant_weight_kernel,
                 {"weight_ptr": "*fp32", "factor_ptr": "*fp32", **COMMON, "channel_stride": "i64", "channels": "i64"},
-                {}),
+                {"DIVIDE_BY_FOLD": False}),
+    # q(w f) / f: the division by f must be div.rn too (Triton's `/` on fp32 is div.full, not IEEE).
+    "bn_fold_divided": (tk._bn_fold_fake_quant_weight_kernel,
+                        {"weight_ptr": "*fp32", "factor_ptr": "*fp32", **COMMON, "channel_stride": "i64",
+                         "channels": "i64"},
+                        {"DIVIDE_BY_FOLD": True}),
 }
 nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 report = {}
@@ -844,6 +960,7 @@ for name, (kernel, types, extra_constexprs) in KERNELS.items():
         "ptx_add_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0f4B000000", ptx)),
         "ptx_sub_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0fCB000000", ptx)),
         "ptx_div_rn": ptx.count("div.rn.f32"),
+        "divide_by_fold": extra_constexprs.get("DIVIDE_BY_FOLD", False),
         "ptx_approx": len(re.findall(r"(div|rcp|sqrt)\\.(approx|full)", ptx)),
         "ptx_min_max": len(re.findall(r"(min|max)(\\.\\w+)*\\.f32", ptx)),
         "ptx_fma": len(re.findall(r"fma\\.\\w+\\.f32", ptx)),
@@ -898,18 +1015,23 @@ def build_all():
     for dtype in ("fp32", "fp16", "bf16"):
         float_args = {"x_ptr": dtype, "out_ptr": dtype, "weight_ptr": dtype, "grad_ptr": dtype,
                       "grad_weight_ptr": dtype, "grad_gamma_ptr": dtype, "grad_var_ptr": dtype}
+        float_args["divided_out_ptr"] = dtype
         types = {**COMMON, "channel_stride": "i64", "channels": "i64", "factor_ptr": "*fp32", "std_ptr": "*fp32",
                  "gamma_ptr": "*fp32", "channel_size": "i64", **{k: "*" + v for k, v in float_args.items()}}
         for kernel in (tk._fake_quant_per_tensor_kernel, tk._fake_quant_per_channel_kernel, tk._binarize_kernel,
                        tk._bn_fold_fake_quant_weight_kernel, tk._masked_grad_kernel,
                        tk._bn_fold_fake_quant_weight_backward_kernel):
             signature = {p: types[p] for p in kernel.arg_names}
-            constexprs = {
-                p: v for p, v in (("WRITE_MASK", True), ("BLOCK", 1024), ("RELU", False)) if p in kernel.arg_names
-            }
-            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            triton.compile(source, target=GPUTarget("cuda", 90, 32))
-            built.append(f"{kernel.fn.__name__}:{dtype}")
+            # The BN-fold kernels in both modes (divide_by_fold / divided_out or not).
+            for divide in (False, True) if "DIVIDE_BY_FOLD" in kernel.arg_names else (False,):
+                constexprs = {
+                    p: v
+                    for p, v in (("WRITE_MASK", True), ("BLOCK", 1024), ("RELU", False), ("DIVIDE_BY_FOLD", divide))
+                    if p in kernel.arg_names
+                }
+                source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+                triton.compile(source, target=GPUTarget("cuda", 90, 32))
+                built.append(f"{kernel.fn.__name__}:{dtype}" + (":divided" if divide else ""))
         # observe_range: x, the range and the scale in this dtype (model.half()), an int64 zero point.
         types = {**OBSERVE_TYPES, "x_ptr": "*" + dtype, "tracked_ptr": "*" + dtype, "scale_ptr": "*" + dtype,
                  "zero_point_ptr": "*i64"}
@@ -938,7 +1060,8 @@ def test_gpu_build_keeps_exact_arithmetic():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert len(report.pop("built_for_sm_90")) == 8 * 3
+    # 6 element-wise/backward kernels, the two BN-fold ones in both modes, and observe_range's two; 3 dtypes.
+    assert len(report.pop("built_for_sm_90")) == 10 * 3
     observe = report.pop("observe_range")
     assert observe.pop("partial")["ptx_offsets_64"] > 0, observe
     for mode, counts in observe.items():
@@ -953,6 +1076,8 @@ def test_gpu_build_keeps_exact_arithmetic():
         assert counts["sass_add_abs_2_23"] == counts["ptx_add_2_23"], (name, counts)
         assert counts["sass_sub_2_23"] == counts["ptx_sub_2_23"], (name, counts)
         assert counts["ptx_div_rn"] > 0 and counts["ptx_approx"] == 0, (name, counts)
+        if counts["divide_by_fold"]:  # 1 / scale and out / f
+            assert counts["ptx_div_rn"] >= 2, (name, counts)
         assert counts["ptx_min_max"] == 0 and counts["ptx_fma"] == 0, (name, counts)
         # n_elements is i32 here, so a 64-bit compare shows the offsets themselves are 64-bit (pid cast first).
         assert counts["ptx_offsets_64"] > 0, (name, counts)
@@ -1007,6 +1132,18 @@ def test_opcheck_triton_ops_on_cuda():
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.fakequant, f"_triton_{name}").default, args)
+    # divide_by_fold=True and the backward of its output.
+    divided_out, divided_mask = torch.ops.fakequant._triton_bn_fold_fake_quant_weight(
+        x, gamma, var, 1e-5, channel_scale, channel_zp, -8, 7, True, True
+    )
+    torch.library.opcheck(
+        torch.ops.fakequant._triton_bn_fold_fake_quant_weight.default,
+        (x, gamma, var, 1e-5, channel_scale, channel_zp, -8, 7, True, True),
+    )
+    torch.library.opcheck(
+        torch.ops.fakequant._triton_bn_fold_fake_quant_weight_backward.default,
+        (x, x, divided_mask, gamma, var, 1e-5, divided_out),
+    )
 
 
 @needs_cuda

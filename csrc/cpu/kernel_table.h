@@ -21,6 +21,7 @@ struct ChannelParams {
   const float* inv_scale = nullptr;
   const float* zero_point = nullptr;
   const float* fold = nullptr;  // BN fold factor per entry, or nullptr (plain per-channel fake quant)
+  bool divide_by_fold = false;  // with fold: q(x * fold) / fold (fold already bn_fold_training_factor's)
   int64_t run = 1;
   int64_t channels = 1;
   int64_t period = 0;
@@ -40,9 +41,12 @@ struct KernelTable {
   // out = mask ? grad : 0, for 2- and 4-byte element types.
   void (*masked_grad)(c10::ScalarType dtype, const void* grad, const bool* mask, void* out, int64_t n);
   // grad_weight = (mask ? grad : 0) * fold[c]; sums[c] = sum over channel c of (mask ? grad : 0) * weight,
-  // in fp32. `params` is in runs mode with `fold` set; sums has params.channels entries.
+  // in fp32. With divided_out (divide_by_fold's output, in the weight's dtype and layout): grad_weight =
+  // (mask ? grad : 0) and sums[c] = sum of grad * ((mask ? weight : 0) - divided_out). `params` is in runs
+  // mode with `fold` set; sums has params.channels entries.
   void (*bn_fold_backward)(c10::ScalarType dtype, const void* grad, const void* weight, const bool* mask,
-                           void* grad_weight, int64_t n, const ChannelParams& params, float* sums);
+                           const void* divided_out, void* grad_weight, int64_t n, const ChannelParams& params,
+                           float* sums);
   // lo[c] / hi[c] = min / max (fp32, NaN-propagating) over the elements of channel c, where storage offset
   // o belongs to channel (o / run) % channels (channels = 1, run = n: the whole tensor). n >= 1.
   void (*minmax)(c10::ScalarType dtype, const void* x, int64_t n, int64_t run, int64_t channels, float* lo,

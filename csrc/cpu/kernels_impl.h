@@ -156,9 +156,11 @@ struct VecQuant {
 };
 
 // A run of elements sharing one set of parameters (the whole tensor for per-tensor). kRelu: fake-quantize
-// relu(x), and the mask also requires x > 0 (ReLU's gradient); at::vec::maximum keeps NaN.
-template <typename T, bool kMask, bool kFold, bool kRelu = false>
+// relu(x), and the mask also requires x > 0 (ReLU's gradient); at::vec::maximum keeps NaN. kDivide (with
+// kFold): q(x * fold) / fold, BN folding's divide_by_fold.
+template <typename T, bool kMask, bool kFold, bool kRelu = false, bool kDivide = false>
 void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantParams& p, float fold) {
+  static_assert(kFold || !kDivide, "kDivide divides by the fold factor");
   const VecQuant vq{Vec(p.scale), Vec(p.inv_scale), Vec(p.zero_point), Vec(p.quant_min), Vec(p.quant_max)};
   const Vec fold_v(fold);
   const Vec zero(0.0f);
@@ -174,6 +176,7 @@ void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantPara
         v[k] = at::vec::maximum(v[k], zero);
       }
       v[k] = vq.apply<kMask>(v[k], m[k]);
+      if constexpr (kDivide) v[k] = v[k] / fold_v;
       if constexpr (kRelu && kMask) m[k] = m[k] & positive;
     }
     BlockIO<T>::store(out + i, v);
@@ -181,10 +184,15 @@ void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantPara
   }
   for (; i < len; ++i) {
     float xf = static_cast<float>(x[i]);
+    bool in_range;
+    if constexpr (kDivide) {
+      out[i] = static_cast<T>(bn_fold_divided_value(xf, fold, p, in_range));
+      if constexpr (kMask) mask[i] = in_range;
+      continue;
+    }
     if constexpr (kFold) xf = xf * fold;
     const bool positive = !kRelu || xf > 0.0f;
     if constexpr (kRelu) xf = relu_value(xf);
-    bool in_range;
     out[i] = static_cast<T>(fake_quant_value(xf, p, in_range));
     if constexpr (kMask) mask[i] = in_range && positive;
   }
@@ -219,7 +227,7 @@ inline void for_each_chunk_channel_run(int64_t n, int64_t chunks, int64_t run, i
 }
 
 // A stretch of a per-channel pattern: element i uses parameter entry pos + i.
-template <typename T, bool kMask, bool kFold>
+template <typename T, bool kMask, bool kFold, bool kDivide>
 void fake_quant_pattern(const T* x, T* out, bool* mask, int64_t len, const ChannelParams& cp, int64_t pos) {
   const Vec qmin(cp.quant_min), qmax(cp.quant_max);
   const float* scale = cp.scale + pos;
@@ -232,24 +240,33 @@ void fake_quant_pattern(const T* x, T* out, bool* mask, int64_t len, const Chann
     BlockIO<T>::load(x + i, v);
     for (int k = 0; k < 4; ++k) {
       const int64_t j = i + k * kVec;
-      if constexpr (kFold) v[k] = v[k] * Vec::loadu(fold + j);
+      Vec fold_v;
+      if constexpr (kFold) {
+        fold_v = Vec::loadu(fold + j);
+        v[k] = v[k] * fold_v;
+      }
       const VecQuant vq{Vec::loadu(scale + j), Vec::loadu(inv + j), Vec::loadu(zp + j), qmin, qmax};
       v[k] = vq.apply<kMask>(v[k], m[k]);
+      if constexpr (kDivide) v[k] = v[k] / fold_v;
     }
     BlockIO<T>::store(out + i, v);
     if constexpr (kMask) store_mask(mask + i, m);
   }
   for (; i < len; ++i) {
     float xf = static_cast<float>(x[i]);
-    if constexpr (kFold) xf = xf * fold[i];
     const QuantParams p{scale[i], inv[i], zp[i], cp.quant_min, cp.quant_max};
     bool in_range;
-    out[i] = static_cast<T>(fake_quant_value(xf, p, in_range));
+    if constexpr (kDivide) {
+      out[i] = static_cast<T>(bn_fold_divided_value(xf, fold[i], p, in_range));
+    } else {
+      if constexpr (kFold) xf = xf * fold[i];
+      out[i] = static_cast<T>(fake_quant_value(xf, p, in_range));
+    }
     if constexpr (kMask) mask[i] = in_range;
   }
 }
 
-template <typename T, bool kMask, bool kFold>
+template <typename T, bool kMask, bool kFold, bool kDivide>
 void fake_quant_channel_range(const T* x, T* out, bool* mask, int64_t begin, int64_t end,
                               const ChannelParams& cp) {
   if (cp.period > 0) {
@@ -257,7 +274,7 @@ void fake_quant_channel_range(const T* x, T* out, bool* mask, int64_t begin, int
     int64_t pos = begin % cp.period;
     while (o < end) {
       const int64_t len = std::min(cp.period - pos, end - o);
-      fake_quant_pattern<T, kMask, kFold>(x + o, out + o, kMask ? mask + o : nullptr, len, cp, pos);
+      fake_quant_pattern<T, kMask, kFold, kDivide>(x + o, out + o, kMask ? mask + o : nullptr, len, cp, pos);
       o += len;
       pos = 0;
     }
@@ -265,7 +282,7 @@ void fake_quant_channel_range(const T* x, T* out, bool* mask, int64_t begin, int
     for_each_channel_run(begin, end, cp.run, cp.channels, [&](int64_t o, int64_t len, int64_t c) {
       const QuantParams p{cp.scale[c], cp.inv_scale[c], cp.zero_point[c], cp.quant_min, cp.quant_max};
       const float fold = kFold ? cp.fold[c] : 1.0f;
-      fake_quant_run<T, kMask, kFold>(x + o, out + o, kMask ? mask + o : nullptr, len, p, fold);
+      fake_quant_run<T, kMask, kFold, false, kDivide>(x + o, out + o, kMask ? mask + o : nullptr, len, p, fold);
     });
   }
 }
@@ -302,16 +319,20 @@ void fake_quant_per_channel(c10::ScalarType dtype, const void* x, void* out, boo
     T* op = static_cast<T*>(out);
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       if (mask != nullptr) {
-        if (cp.fold != nullptr) {
-          fake_quant_channel_range<T, true, true>(xp, op, mask, begin, end, cp);
+        if (cp.fold == nullptr) {
+          fake_quant_channel_range<T, true, false, false>(xp, op, mask, begin, end, cp);
+        } else if (cp.divide_by_fold) {
+          fake_quant_channel_range<T, true, true, true>(xp, op, mask, begin, end, cp);
         } else {
-          fake_quant_channel_range<T, true, false>(xp, op, mask, begin, end, cp);
+          fake_quant_channel_range<T, true, true, false>(xp, op, mask, begin, end, cp);
         }
       } else {
-        if (cp.fold != nullptr) {
-          fake_quant_channel_range<T, false, true>(xp, op, nullptr, begin, end, cp);
+        if (cp.fold == nullptr) {
+          fake_quant_channel_range<T, false, false, false>(xp, op, nullptr, begin, end, cp);
+        } else if (cp.divide_by_fold) {
+          fake_quant_channel_range<T, false, true, true>(xp, op, nullptr, begin, end, cp);
         } else {
-          fake_quant_channel_range<T, false, false>(xp, op, nullptr, begin, end, cp);
+          fake_quant_channel_range<T, false, true, false>(xp, op, nullptr, begin, end, cp);
         }
       }
     });
@@ -408,21 +429,28 @@ void masked_grad(c10::ScalarType dtype, const void* grad, const bool* mask, void
 // BN-fold backward: grad_weight and the per-channel sums of masked grad * weight.
 // ----------------------------------------------------------------------------------------------
 
-// One run of a single channel; returns its sum.
-template <typename T>
-float bn_fold_backward_run(const T* g, const T* w, const bool* m, T* gw, int64_t len, float fold) {
+// One run of a single channel; returns its sum. kDivided (divide_by_fold's output `out` given): grad_weight is
+// the masked grad and the sum is that of grad * bn_fold_divided_slope(w, out, mask).
+template <typename T, bool kDivided>
+float bn_fold_backward_run(const T* g, const T* w, const bool* m, const T* out, T* gw, int64_t len, float fold) {
   const Vec fold_v(fold);
   Vec acc[4] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
-    Vec gv[4], wv[4], mv[4];
+    Vec gv[4], wv[4], mv[4], ov[4];
     BlockIO<T>::load(g + i, gv);
     BlockIO<T>::load(w + i, wv);
+    if constexpr (kDivided) BlockIO<T>::load(out + i, ov);
     load_mask(m + i, mv);
     for (int k = 0; k < 4; ++k) {
-      gv[k] = gv[k] & mv[k];
-      acc[k] = acc[k] + gv[k] * wv[k];
-      gv[k] = gv[k] * fold_v;
+      if constexpr (kDivided) {
+        acc[k] = acc[k] + gv[k] * ((wv[k] & mv[k]) - ov[k]);
+        gv[k] = gv[k] & mv[k];
+      } else {
+        gv[k] = gv[k] & mv[k];
+        acc[k] = acc[k] + gv[k] * wv[k];
+        gv[k] = gv[k] * fold_v;
+      }
     }
     BlockIO<T>::store(gw + i, gv);
   }
@@ -433,6 +461,11 @@ float bn_fold_backward_run(const T* g, const T* w, const bool* m, T* gw, int64_t
     for (int64_t j = 0; j < kBlock; ++j) sum += lanes[j];
   }
   for (; i < len; ++i) {
+    if constexpr (kDivided) {
+      sum += static_cast<float>(g[i]) * bn_fold_divided_slope(static_cast<float>(w[i]), static_cast<float>(out[i]), m[i]);
+      gw[i] = m[i] ? g[i] : T(0.0f);
+      continue;
+    }
     const float gf = m[i] ? static_cast<float>(g[i]) : 0.0f;
     gw[i] = static_cast<T>(gf * fold);
     sum += gf * static_cast<float>(w[i]);
@@ -441,7 +474,7 @@ float bn_fold_backward_run(const T* g, const T* w, const bool* m, T* gw, int64_t
 }
 
 void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weight, const bool* mask,
-                      void* grad_weight, int64_t n, const ChannelParams& cp, float* sums) {
+                      const void* divided_out, void* grad_weight, int64_t n, const ChannelParams& cp, float* sums) {
   TORCH_INTERNAL_ASSERT(cp.period == 0 && cp.run >= 1 && cp.channels >= 1 && cp.fold != nullptr);
   const int64_t channels = cp.channels;
   std::fill(sums, sums + channels, 0.0f);
@@ -452,9 +485,13 @@ void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weigh
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* gp = static_cast<const T*>(grad);
     const T* wp = static_cast<const T*>(weight);
+    const T* outp = static_cast<const T*>(divided_out);
     T* gwp = static_cast<T*>(grad_weight);
     for_each_chunk_channel_run(n, chunks, cp.run, channels, [&](int64_t chunk, int64_t o, int64_t len, int64_t c) {
-      partial[chunk * channels + c] += bn_fold_backward_run<T>(gp + o, wp + o, mask + o, gwp + o, len, cp.fold[c]);
+      partial[chunk * channels + c] +=
+          outp != nullptr
+              ? bn_fold_backward_run<T, true>(gp + o, wp + o, mask + o, outp + o, gwp + o, len, cp.fold[c])
+              : bn_fold_backward_run<T, false>(gp + o, wp + o, mask + o, nullptr, gwp + o, len, cp.fold[c]);
     });
   });
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {

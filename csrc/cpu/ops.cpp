@@ -281,6 +281,13 @@ std::vector<float> bn_fold_factors(const at::Tensor& gamma, const at::Tensor& va
   return to_float_vector(gamma.to(at::kFloat) / bn_std(var, eps));
 }
 
+// The factors of divide_by_fold=True: 1 where the fold factor is 0.
+std::vector<float> bn_fold_training_factors(const at::Tensor& gamma, const at::Tensor& var, double eps) {
+  std::vector<float> fold = bn_fold_factors(gamma, var, eps);
+  for (float& f : fold) f = bn_fold_training_factor(f);
+  return fold;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Ops.
 // ----------------------------------------------------------------------------------------------
@@ -359,13 +366,16 @@ std::tuple<at::Tensor, at::Tensor> bn_fold_fake_quant_weight_cpu(const at::Tenso
                                                                  const at::Tensor& var, double eps,
                                                                  const at::Tensor& scale,
                                                                  const at::Tensor& zero_point, int64_t quant_min,
-                                                                 int64_t quant_max, bool compute_mask) {
+                                                                 int64_t quant_max, bool compute_mask,
+                                                                 bool divide_by_fold) {
   check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
   const at::Tensor wd = dense(weight);
   auto [out, mask] = allocate_outputs(wd, compute_mask);
   if (wd.numel() > 0) {
-    const std::vector<float> fold = bn_fold_factors(gamma, var, eps);
-    const ChannelArrays arrays(wd, 0, scale, zero_point, &fold, quant_min, quant_max);
+    const std::vector<float> fold =
+        divide_by_fold ? bn_fold_training_factors(gamma, var, eps) : bn_fold_factors(gamma, var, eps);
+    ChannelArrays arrays(wd, 0, scale, zero_point, &fold, quant_min, quant_max);
+    arrays.params.divide_by_fold = divide_by_fold;
     kernels().fake_quant_per_channel(wd.scalar_type(), wd.const_data_ptr(), out.mutable_data_ptr(),
                                      compute_mask ? mask.mutable_data_ptr<bool>() : nullptr, wd.numel(),
                                      arrays.params);
@@ -417,7 +427,7 @@ at::Tensor masked_grad_cpu(const at::Tensor& grad, const at::Tensor& mask) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backward_cpu(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& gamma,
-    const at::Tensor& var, double eps) {
+    const at::Tensor& var, double eps, const std::optional<at::Tensor>& divided_out) {
   check_mask(grad, mask);
   check_x(weight, "weight");
   TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), "fakequant: grad must have the weight's shape ",
@@ -433,8 +443,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backwar
   // converted to fp32 exactly as the reference does (masked grad in fp32).
   const at::Tensor gd = with_layout_of(grad.scalar_type() == weight.scalar_type() ? grad : grad.to(at::kFloat), wd);
   const at::Tensor md = with_layout_of(mask, wd);
+  const bool divided = divided_out.has_value();
+  if (divided) checks::check_divided_out(*divided_out, weight);
+  const at::Tensor od = divided ? with_layout_of(*divided_out, wd) : at::Tensor();
   const std::vector<float> gamma_f = to_float_vector(gamma);
   const std::vector<float> std_dev = to_float_vector(bn_std(var, eps));
+  // The factor that multiplies the gradient (1 for the divided output, whose gradient is the masked grad).
   std::vector<float> fold = bn_fold_factors(gamma, var, eps);
   at::Tensor grad_weight = at::empty_like(wd);
   std::vector<float> sums(channels, 0.0f);
@@ -445,20 +459,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backwar
       params.channels = channels;
       params.run = channels == 1 ? wd.numel() : wd.stride(0);
       kernels().bn_fold_backward(wd.scalar_type(), gd.const_data_ptr(), wd.const_data_ptr(),
-                                 md.const_data_ptr<bool>(), grad_weight.mutable_data_ptr(), wd.numel(), params,
-                                 sums.data());
+                                 md.const_data_ptr<bool>(), divided ? od.const_data_ptr() : nullptr,
+                                 grad_weight.mutable_data_ptr(), wd.numel(), params, sums.data());
     } else {
       // Mixed dtypes: the reference composition in ATen ops.
-      const at::Tensor g = at::where(md, gd, at::zeros({}, gd.options()));
-      const at::Tensor fold_t = at::from_blob(fold.data(), {channels}, at::kFloat);
+      const at::Tensor zero = at::zeros({}, gd.options().dtype(at::kFloat));
+      const at::Tensor g = at::where(md, gd.to(at::kFloat), zero);
       std::vector<int64_t> view(weight.dim(), 1);
       view[0] = channels;
-      grad_weight.copy_(g * fold_t.view(view));
+      const at::Tensor fold_t = at::from_blob(fold.data(), {channels}, at::kFloat).view(view);
+      grad_weight.copy_(divided ? g : g * fold_t);
+      const at::Tensor terms = divided ? gd.to(at::kFloat) * (at::where(md, wd.to(at::kFloat), zero) - od.to(at::kFloat))
+                                       : g * wd.to(at::kFloat);
       std::vector<int64_t> reduce_dims;
       for (int64_t d = 1; d < weight.dim(); ++d) reduce_dims.push_back(d);
-      const at::Tensor s = reduce_dims.empty() ? g * wd.to(at::kFloat) : (g * wd.to(at::kFloat)).sum(reduce_dims);
+      const at::Tensor s = reduce_dims.empty() ? terms : terms.sum(reduce_dims);
       std::memcpy(sums.data(), s.contiguous().const_data_ptr<float>(), sizeof(float) * channels);
     }
+  }
+  if (divided) {
+    // grad_f = sum / f, 0 where f was taken as 1.
+    for (int64_t c = 0; c < channels; ++c) sums[c] = fold[c] == 0.0f ? 0.0f : sums[c] / fold[c];
   }
   at::Tensor grad_gamma_f = at::empty({channels}, at::kFloat);
   at::Tensor grad_var_f = at::empty({channels}, at::kFloat);

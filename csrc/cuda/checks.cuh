@@ -205,6 +205,16 @@ inline void check_mask(const at::Tensor& grad, const at::Tensor& mask) {
 
 // observe_range: everything but values (fold, the tracked range and the qparams are written or read by
 // the kernel). Normalizes `axis` in place.
+// The forward output that bn_fold_fake_quant_weight_backward differentiates with after divide_by_fold=True.
+inline void check_divided_out(const at::Tensor& divided_out, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(divided_out.sizes() == weight.sizes() && divided_out.scalar_type() == weight.scalar_type() &&
+                        divided_out.device() == weight.device(),
+                    "fakequant: divided_out must be the forward's output, of the weight's shape ",
+                    python_shape(weight.sizes()), ", dtype ", python_dtype(weight.scalar_type()), " and device ",
+                    weight.device().str(), "; got shape ", python_shape(divided_out.sizes()), ", dtype ",
+                    python_dtype(divided_out.scalar_type()), " on ", divided_out.device().str());
+}
+
 inline void check_observe_range_args(const at::Tensor& x, const at::Tensor& tracked_range, const at::Tensor& scale,
                               const at::Tensor& zero_point, std::optional<int64_t>& axis, double averaging_constant,
                               int64_t quant_min, int64_t quant_max, const std::optional<at::Tensor>& fold) {

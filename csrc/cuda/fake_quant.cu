@@ -44,6 +44,12 @@ struct PerTensorOp {
   }
 };
 
+// One element of a per-channel fake quantization (plain, BN-folded, or BN-folded and divided back).
+__device__ __forceinline__ float channel_value(float x, const ChannelParams& p, bool& in_range) {
+  return p.divide ? bn_fold_divided_value(x, p.fold, p.quant, in_range)
+                  : fake_quant_value(x * p.fold, p.quant, in_range);
+}
+
 struct PerChannelOp {
   const ChannelParams* params;
   AxisLayout layout;
@@ -58,12 +64,12 @@ struct PerChannelOp {
     if (N == 1 || channel_per_vector) {
       const ChannelParams p = params[channel_of(offset, layout)];
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = fake_quant_value(x[j] * p.fold, p.quant, in[j]);
+      for (int j = 0; j < N; ++j) out[j] = channel_value(x[j], p, in[j]);
     } else {
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const ChannelParams p = params[channel_of(offset + j, layout)];
-        out[j] = fake_quant_value(x[j] * p.fold, p.quant, in[j]);
+        out[j] = channel_value(x[j], p, in[j]);
       }
     }
   }
@@ -123,11 +129,15 @@ __global__ void __launch_bounds__(kThreads)
 // allowed dtypes and strides, so that the elementwise pass reads one fp32 record per channel.
 __global__ void __launch_bounds__(kThreads)
     channel_params_kernel(ChannelParams* __restrict__ params, int64_t channels, Vector1d scale, Vector1d zero_point,
-                          float quant_min, float quant_max, bool fold_bn, Vector1d gamma, Vector1d var, float eps) {
+                          float quant_min, float quant_max, bool fold_bn, Vector1d gamma, Vector1d var, float eps,
+                          bool divide) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
   params[c].quant = make_quant_params(load(scale, c), load(zero_point, c), quant_min, quant_max);
-  params[c].fold = fold_bn ? bn_fold_factor(load(gamma, c), load(var, c), eps) : 1.0f;
+  const float fold = fold_bn ? bn_fold_factor(load(gamma, c), load(var, c), eps) : 1.0f;
+  // q(x f) / f has no value where f == 0 (gamma == 0): such a channel is quantized unfolded (f = 1).
+  params[c].fold = divide ? bn_fold_training_factor(fold) : fold;
+  params[c].divide = divide;
 }
 
 template <typename scalar_t>
@@ -171,13 +181,14 @@ cudaError_t launch_fake_quant_per_tensor(const ElementwiseArgs& args, const floa
 
 cudaError_t launch_channel_params(ChannelParams* params, int64_t channels, Vector1d scale, Vector1d zero_point,
                                   float quant_min, float quant_max, const Vector1d* gamma, const Vector1d* var,
-                                  float eps, cudaStream_t stream) {
+                                  float eps, bool divide_by_fold, cudaStream_t stream) {
   if (channels == 0) return cudaSuccess;
   const bool fold_bn = gamma != nullptr;
   const Vector1d none{nullptr, 0, Vector1d::Type::kFloat};
   const auto blocks = static_cast<unsigned int>((channels + kThreads - 1) / kThreads);
   channel_params_kernel<<<blocks, kThreads, 0, stream>>>(params, channels, scale, zero_point, quant_min, quant_max,
-                                                         fold_bn, fold_bn ? *gamma : none, fold_bn ? *var : none, eps);
+                                                         fold_bn, fold_bn ? *gamma : none, fold_bn ? *var : none, eps,
+                                                         fold_bn && divide_by_fold);
   return cudaGetLastError();
 }
 

@@ -34,6 +34,10 @@ __global__ void __launch_bounds__(kThreads)
 //   g = where(mask, grad, 0) in fp32, std = sqrt(var + eps), factor = gamma / std
 //   grad_weight = g * factor,  s[c] = sum over channel c of g * weight (fp32)
 //   grad_gamma = s / std,      grad_var = -0.5 * s * gamma / (std * std * std)
+// With divided_out (the forward ran with divide_by_fold=True, out = q(w f) / f), the gradients of out:
+//   grad_weight = g,  s[c] replaced by sum over channel c of grad * ((mask ? w : 0) - out), divided by factor
+// The sum takes the unmasked grad: out depends on f outside the range too (there out = q_end / f). Where
+// factor == 0 the forward quantized with f = 1 instead, an out that does not depend on gamma or var: 0.
 // grad_weight is bit-exact with the reference; s is summed in another order than torch.sum's, so
 // grad_gamma and grad_var agree to fp32 rounding, not bit for bit. The sum is deterministic: a fixed
 // per-thread order and a fixed tree across the block, no atomics.
@@ -56,10 +60,12 @@ __device__ __forceinline__ float block_sum(float value, float* shared) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     bn_fold_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ weight,
-                            const bool* __restrict__ mask, scalar_t* __restrict__ grad_weight, AxisLayout layout,
-                            int64_t per_channel, Vector1d gamma, Vector1d var, float eps, Vector1d grad_gamma,
-                            Vector1d grad_var) {
+                            const bool* __restrict__ mask, const scalar_t* __restrict__ divided_out,
+                            scalar_t* __restrict__ grad_weight, AxisLayout layout, int64_t per_channel,
+                            Vector1d gamma, Vector1d var, float eps, Vector1d grad_gamma, Vector1d grad_var) {
   __shared__ float shared[kThreads / 32];
+  // Uniform over the grid: the branches on it never diverge.
+  const bool divided = divided_out != nullptr;
   for (int64_t c = blockIdx.x; c < layout.channels; c += gridDim.x) {
     const float gamma_c = load(gamma, c);
     const float var_c = load(var, c);
@@ -69,14 +75,23 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k = threadIdx.x; k < per_channel; k += blockDim.x) {
       const int64_t o = divide(k, layout.inner);
       const int64_t offset = (o * layout.channels + c) * layout.inner + (k - o * layout.inner);
-      const float g = mask[offset] ? static_cast<float>(grad[offset]) : 0.0f;
-      grad_weight[offset] = static_cast<scalar_t>(g * factor);
-      partial += g * static_cast<float>(weight[offset]);
+      const bool in_range = mask[offset];
+      const float grad_k = static_cast<float>(grad[offset]);
+      const float g = in_range ? grad_k : 0.0f;
+      const float w = static_cast<float>(weight[offset]);
+      if (divided) {
+        grad_weight[offset] = static_cast<scalar_t>(g);
+        partial += grad_k * bn_fold_divided_slope(w, static_cast<float>(divided_out[offset]), in_range);
+      } else {
+        grad_weight[offset] = static_cast<scalar_t>(g * factor);
+        partial += g * w;
+      }
     }
     const float s = block_sum(partial, shared);
     if (threadIdx.x == 0) {
-      store(grad_gamma, c, s / std_c);
-      store(grad_var, c, -0.5f * s * gamma_c / (std_c * std_c * std_c));
+      const float grad_factor = !divided ? s : (factor == 0.0f ? 0.0f : s / factor);
+      store(grad_gamma, c, grad_factor / std_c);
+      store(grad_var, c, -0.5f * grad_factor * gamma_c / (std_c * std_c * std_c));
     }
   }
 }
@@ -102,9 +117,9 @@ cudaError_t launch_masked_grad(FloatType type, const void* grad, const bool* mas
 }
 
 cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void* weight, const bool* mask,
-                                    void* grad_weight, AxisLayout layout, int64_t per_channel, Vector1d gamma,
-                                    Vector1d var, float eps, Vector1d grad_gamma, Vector1d grad_var,
-                                    cudaStream_t stream) {
+                                    const void* divided_out, void* grad_weight, AxisLayout layout,
+                                    int64_t per_channel, Vector1d gamma, Vector1d var, float eps,
+                                    Vector1d grad_gamma, Vector1d grad_var, cudaStream_t stream) {
   if (layout.channels == 0) return cudaSuccess;
   // Up to 65535 blocks; more channels than that are looped over by the grid-stride loop.
   const auto blocks = static_cast<unsigned int>(layout.channels < 65535 ? layout.channels : 65535);
@@ -112,7 +127,8 @@ cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void
     using scalar_t = decltype(tag);
     bn_fold_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(weight), mask,
-        static_cast<scalar_t*>(grad_weight), layout, per_channel, gamma, var, eps, grad_gamma, grad_var);
+        static_cast<const scalar_t*>(divided_out), static_cast<scalar_t*>(grad_weight), layout, per_channel, gamma,
+        var, eps, grad_gamma, grad_var);
   });
   return cudaGetLastError();
 }

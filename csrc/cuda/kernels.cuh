@@ -47,10 +47,13 @@ struct AxisLayout {
 
 // One channel's parameters, prepared on the device. `fold` multiplies x before the fake quantization:
 // gamma / sqrt(var + eps) for bn_fold_fake_quant_weight, exactly 1 otherwise (x * 1.0f == x for every
-// float, NaN and infinities included).
+// float, NaN and infinities included). `divide`: bn_fold_fake_quant_weight's divide_by_fold, whose output
+// is q(x * fold) / fold, with fold already bn_fold_training_factor's (never 0). The same for every
+// channel of a call, so the branch on it never diverges within a warp.
 struct ChannelParams {
   QuantParams quant;
   float fold;
+  bool divide;
 };
 
 // One elementwise forward pass over the storage of a dense input: out[k], mask[k] from x[k].
@@ -69,10 +72,10 @@ struct ElementwiseArgs {
 // relu: fake-quantize relu(x); the mask also requires x > 0.
 cudaError_t launch_fake_quant_per_tensor(const ElementwiseArgs& args, const float* scale, Vector1d zero_point,
                                          float quant_min, float quant_max, bool relu);
-// gamma and var are nullptr for a plain per-channel fake quantization (fold = 1).
+// gamma and var are nullptr for a plain per-channel fake quantization (fold = 1, divide_by_fold false).
 cudaError_t launch_channel_params(ChannelParams* params, int64_t channels, Vector1d scale, Vector1d zero_point,
                                   float quant_min, float quant_max, const Vector1d* gamma, const Vector1d* var,
-                                  float eps, cudaStream_t stream);
+                                  float eps, bool divide_by_fold, cudaStream_t stream);
 cudaError_t launch_fake_quant_per_channel(const ElementwiseArgs& args, const ChannelParams* params,
                                           AxisLayout layout);
 cudaError_t launch_binarize(const ElementwiseArgs& args);
@@ -80,11 +83,12 @@ cudaError_t launch_binarize(const ElementwiseArgs& args);
 cudaError_t launch_masked_grad(FloatType type, const void* grad, const bool* mask, void* out, int64_t numel,
                                int max_blocks, cudaStream_t stream);
 // One block per channel (grid-stride over channels); the elements of channel c sit at storage offsets
-// (o * channels + c) * inner + i, o < per_channel / inner, i < inner.
+// (o * channels + c) * inner + i, o < per_channel / inner, i < inner. divided_out: nullptr, or the output
+// of the divide_by_fold=True forward, in the layout and dtype of weight.
 cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void* weight, const bool* mask,
-                                    void* grad_weight, AxisLayout layout, int64_t per_channel, Vector1d gamma,
-                                    Vector1d var, float eps, Vector1d grad_gamma, Vector1d grad_var,
-                                    cudaStream_t stream);
+                                    const void* divided_out, void* grad_weight, AxisLayout layout,
+                                    int64_t per_channel, Vector1d gamma, Vector1d var, float eps,
+                                    Vector1d grad_gamma, Vector1d grad_var, cudaStream_t stream);
 
 // observe_range over the storage of a dense x: per-channel min/max partials (layout.channels = 1 with
 // layout.inner = numel for the whole tensor; `splits` blocks per channel), then `entries` outputs (one per

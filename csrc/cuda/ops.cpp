@@ -130,10 +130,12 @@ std::tuple<Tensor, Tensor> fake_quant_per_tensor_cuda(const Tensor& x, const Ten
   return {f.out, f.mask};
 }
 
-// Per-channel fake quantization of `x` along `axis`, optionally of x * gamma / sqrt(var + eps) (BN folding).
+// Per-channel fake quantization of `x` along `axis`, optionally of x * gamma / sqrt(var + eps) (BN folding),
+// optionally divided by that factor again (divide_by_fold, BN folding only).
 std::tuple<Tensor, Tensor> run_per_channel(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
                                            int64_t axis, int64_t quant_min, int64_t quant_max, bool compute_mask,
-                                           const Tensor* gamma, const Tensor* var, double eps) {
+                                           const Tensor* gamma, const Tensor* var, double eps, bool divide_by_fold) {
+  TORCH_INTERNAL_ASSERT(!divide_by_fold || gamma != nullptr);
   const Forward f = make_forward(x, compute_mask);
   if (x.numel() == 0) return {f.out, f.mask};
   const int64_t channels = x.size(axis);
@@ -149,7 +151,7 @@ std::tuple<Tensor, Tensor> run_per_channel(const Tensor& x, const Tensor& scale,
   C10_CUDA_CHECK(launch_channel_params(params_data, channels, vector1d(scale), vector1d(zero_point),
                                        static_cast<float>(quant_min), static_cast<float>(quant_max),
                                        gamma_vector ? &*gamma_vector : nullptr, var_vector ? &*var_vector : nullptr,
-                                       static_cast<float>(eps), stream));
+                                       static_cast<float>(eps), divide_by_fold, stream));
   C10_CUDA_CHECK(launch_fake_quant_per_channel(elementwise_args(f), params_data, axis_layout(f.input, axis)));
   return {f.out, f.mask};
 }
@@ -159,17 +161,20 @@ std::tuple<Tensor, Tensor> fake_quant_per_channel_cuda(const Tensor& x, const Te
                                                        int64_t quant_max, bool compute_mask) {
   const int64_t dim = checks::check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis);
   const c10::cuda::CUDAGuard guard(x.device());
-  return run_per_channel(x, scale, zero_point, dim, quant_min, quant_max, compute_mask, nullptr, nullptr, 0.0);
+  return run_per_channel(x, scale, zero_point, dim, quant_min, quant_max, compute_mask, nullptr, nullptr, 0.0,
+                         false);
 }
 
 std::tuple<Tensor, Tensor> bn_fold_fake_quant_weight_cuda(const Tensor& weight, const Tensor& gamma,
                                                           const Tensor& var, double eps, const Tensor& scale,
                                                           const Tensor& zero_point, int64_t quant_min,
-                                                          int64_t quant_max, bool compute_mask) {
+                                                          int64_t quant_max, bool compute_mask,
+                                                          bool divide_by_fold) {
   checks::check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
   const c10::cuda::CUDAGuard guard(weight.device());
   // var + eps in fp32, as the reference's var.float() + eps computes it.
-  return run_per_channel(weight, scale, zero_point, 0, quant_min, quant_max, compute_mask, &gamma, &var, eps);
+  return run_per_channel(weight, scale, zero_point, 0, quant_min, quant_max, compute_mask, &gamma, &var, eps,
+                         divide_by_fold);
 }
 
 std::tuple<Tensor, Tensor> binarize_cuda(const Tensor& x, bool clipped_ste, bool compute_mask) {
@@ -196,7 +201,8 @@ Tensor masked_grad_cuda(const Tensor& grad, const Tensor& mask) {
 
 std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(const Tensor& grad, const Tensor& weight,
                                                                            const Tensor& mask, const Tensor& gamma,
-                                                                           const Tensor& var, double eps) {
+                                                                           const Tensor& var, double eps,
+                                                                           const std::optional<Tensor>& divided_out) {
   checks::check_weight(weight);
   checks::check_same_device(grad, "grad", weight, "weight");
   checks::check_float_input(grad, "grad");
@@ -207,6 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(const
   checks::check_bn_param(var, "var", weight);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "fakequant: eps must be finite and >= 0, got ",
                     checks::python_float(eps));
+  if (divided_out.has_value()) checks::check_divided_out(*divided_out, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
 
   Tensor grad_weight = at::empty_like(weight);
@@ -215,15 +222,20 @@ std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(const
   Tensor dense_weight = dense_input(weight);
   Tensor dense_grad = with_layout_of(grad, dense_weight);
   const Tensor dense_mask = with_layout_of(mask, dense_weight);
+  // The forward's output is laid out as at::empty_like(weight): usually no copy.
+  Tensor dense_out = divided_out.has_value() ? with_layout_of(*divided_out, dense_weight) : Tensor();
   Tensor result = grad_weight;
   if (grad.scalar_type() != weight.scalar_type()) {
-    // Mixed dtypes (rare): both widen to fp32 exactly, and the fp32 grad_weight rounds to weight's
+    // Mixed dtypes (rare): all widen to fp32 exactly, and the fp32 grad_weight rounds to weight's
     // dtype once, as the reference's .to(weight.dtype) does. This keeps one kernel per dtype.
     dense_weight = dense_weight.to(at::kFloat);
     dense_grad = dense_grad.to(at::kFloat);
+    if (dense_out.defined()) dense_out = dense_out.to(at::kFloat);
     result = at::empty_like(dense_weight);
   }
   TORCH_INTERNAL_ASSERT(result.strides() == dense_weight.strides() && dense_grad.strides() == dense_weight.strides());
+  TORCH_INTERNAL_ASSERT(!dense_out.defined() || (dense_out.strides() == dense_weight.strides() &&
+                                                 dense_out.scalar_type() == dense_weight.scalar_type()));
   const int64_t channels = weight.size(0);
   if (channels == 0) return {grad_weight, grad_gamma, grad_var};
   const int64_t per_channel = weight.numel() / channels;
@@ -232,6 +244,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(const
   if (layout.channels == 1) layout = AxisLayout{std::max<int64_t>(per_channel, 1), 1};
   C10_CUDA_CHECK(launch_bn_fold_backward(float_type(dense_weight), dense_grad.const_data_ptr(),
                                          dense_weight.const_data_ptr(), dense_mask.const_data_ptr<bool>(),
+                                         dense_out.defined() ? dense_out.const_data_ptr() : nullptr,
                                          result.data_ptr(), layout, per_channel, vector1d(gamma), vector1d(var),
                                          static_cast<float>(eps), vector1d(grad_gamma), vector1d(grad_var),
                                          c10::cuda::getCurrentCUDAStream()));
