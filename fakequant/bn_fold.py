@@ -360,12 +360,11 @@ class ConvBnQAT(nn.Module):
         shape[1] = -1  # activations are (N, C, ...)
         return t.reshape(shape)
 
-    @torch.no_grad()
     def _update_qparams(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of ``w * factor`` per channel (or per tensor), stored in the buffers."""
         spec = self.weight_spec
         torch.ops.fakequant.observe_range(
-            self.conv.weight, self.weight_range, self.weight_scale, self.weight_zero_point,
+            self.conv.weight.detach(), self.weight_range, self.weight_scale, self.weight_zero_point,
             0 if self.per_channel else None, 1.0, spec.quant_min, spec.quant_max, spec.symmetric,
             factor.detach().float(),
         )
@@ -408,25 +407,24 @@ class ConvBnQAT(nn.Module):
         return self.conv._conv_forward(x, *self.inference_weight_and_bias())
 
     def _folded_training(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
         gamma, _ = self._gamma_beta()
         # The copy is needed: bn() below updates running_var in place, and the op saves var for backward.
-        var = self.bn.running_var.clone()
+        var = bn.running_var.clone()
         spec = self.weight_spec
-        weight = self.conv.weight
+        weight = conv.weight
         # conv(x, q(w f)) / f per output channel equals conv(x, q(w f) / f) up to fp32 rounding. The division
         # (and its backward) runs over whichever is smaller: the weight, C_out * C_in/groups * k elements, inside
         # the fused op (divide_by_fold), or the output, C_out * N * spatial (bounded by the input's spatial size).
         # Small batches of small images with wide layers (ResNet-50's later stages) divide the output: a
         # 512x512x3x3 weight is 9.4 MB, its output on an 8x512x4x4 input at most 0.26 MB.
-        if x.dim() != weight.dim() or x.numel() // x.size(1) >= weight[0].numel():
+        if x.dim() != weight.dim() or x.numel() // x.size(1) >= weight.numel() // weight.size(0):
             with torch.no_grad():
-                factor = reference.bn_fold_training_factor(gamma, var, self.bn.eps)
-            scale, zero_point = self._update_qparams(factor)
+                scale, zero_point = self._update_qparams(reference.bn_fold_training_factor(gamma, var, bn.eps))
             weight = functional.bn_fold_fake_quant_weight(
-                weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max,
-                divide_by_fold=True,
+                weight, gamma, var, bn.eps, scale, zero_point, spec.quant_min, spec.quant_max, divide_by_fold=True
             )
-            return self.bn(self.conv._conv_forward(x, weight, self.conv.bias))
+            return bn(conv._conv_forward(x, weight, conv.bias))
         std = torch.sqrt(var.float() + self.bn.eps)
         gamma = torch.where(gamma == 0, std.to(gamma.dtype), gamma)  # f = 1 where gamma == 0 (see class doc)
         factor = gamma.float() / std  # reference.bn_fold_factor(gamma, var, eps), reusing std

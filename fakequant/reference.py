@@ -299,7 +299,7 @@ def bn_fold_training_factor(gamma: torch.Tensor, var: torch.Tensor, eps: float) 
     residual BN multiplies their conv output by 0 anyway).
     """
     factor = bn_fold_factor(gamma, var, eps)
-    return torch.where(factor == 0, torch.ones((), dtype=factor.dtype, device=factor.device), factor)
+    return factor.masked_fill_(factor == 0, 1.0)
 
 
 def bn_fold_fake_quant_weight_forward(
