@@ -56,9 +56,9 @@ C10_HOST_DEVICE inline float fake_quant_value(float x, const QuantParams& p, boo
   return dequantize_level(q, p);
 }
 
-// relu(x) for the fused ReLU + fake quantization; NaN stays NaN (as torch.relu). The sign of a zero result
-// does not matter: fake quantization maps both zeros to +0.
-C10_HOST_DEVICE inline float relu_value(float x) { return x > 0.0f || x != x ? x : 0.0f; }
+// relu(x) as torch.relu computes it on the CPU: NaN stays NaN (comparisons with NaN are false) and -0 stays -0,
+// so that a range observed through ReLU is the reference's bit for bit (fake quantization maps both zeros to +0).
+C10_HOST_DEVICE inline float relu_value(float x) { return x < 0.0f ? 0.0f : x; }
 
 // +1 for x >= 0 (zero included), -1 below, NaN stays NaN.
 C10_HOST_DEVICE inline float binarize_value(float x) {

@@ -31,9 +31,10 @@ compute_mask=True, divide_by_fold=False) -> (out, mask)``
 grad_var)``
     ``divided_out``: the forward's output when it ran with ``divide_by_fold=True`` (its gradient needs it).
 ``observe_range(x, tracked_range!, scale!, zero_point!, axis, averaging_constant, quant_min, quant_max, symmetric,
-fold=None) -> ()``
+fold=None, relu=False) -> ()``
     Updates the tracked ``[min, max]`` with ``x``'s range (replaced when ``averaging_constant == 1``, else
     moved towards it) and sets ``scale``/``zero_point`` from it, all in place (``reference.observe_range``).
+    ``fold`` observes ``x * fold`` along axis 0 (a BN-folded weight), ``relu`` observes ``relu(x)``.
     One call instead of the ~15 small tensor ops a quantizer spends per layer and step on its ranges.
 """
 
@@ -68,7 +69,8 @@ SCHEMAS = {
     ),
     "observe_range": (
         "(Tensor x, Tensor(a!) tracked_range, Tensor(b!) scale, Tensor(c!) zero_point, int? axis, "
-        "float averaging_constant, int quant_min, int quant_max, bool symmetric, Tensor? fold=None) -> ()"
+        "float averaging_constant, int quant_min, int quant_max, bool symmetric, Tensor? fold=None, "
+        "bool relu=False) -> ()"
     ),
 }
 
@@ -136,10 +138,11 @@ def bn_fold_fake_quant_weight_backward_default(grad, weight, mask, gamma, var, e
 
 
 def observe_range_default(
-    x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold=None
+    x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold=None,
+    relu=False,
 ):
     reference.observe_range(
-        x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold
+        x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold, relu
     )
 
 
@@ -205,7 +208,10 @@ def _(grad, weight, mask, gamma, var, eps, divided_out=None):
 
 
 @torch.library.register_fake(f"{LIBRARY}::observe_range", lib=_lib)
-def _(x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold=None):
+def _(
+    x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, symmetric, fold=None,
+    relu=False,
+):
     reference.check_observe_range_args(
         x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, fold
     )

@@ -234,11 +234,11 @@ def _export_form(quantizer: Quantizer, plans: dict[str, dict[str, OnnxQDQ | None
 
     quantize_output = activation("output")
 
-    def quantize_relu_output(layer, relu_input: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return quantize_output(layer, y)  # the export form quantizes the ReLU's output itself
+    def quantize_relu_input(layer, relu_input: torch.Tensor) -> None:
+        return None  # the export form runs the ReLU and quantizes its output
 
     overrides = {"quantize_weight": quantize_weight, "quantize_input": activation("input"),
-                 "quantize_output": quantize_output, "quantize_relu_output": quantize_relu_output}
+                 "quantize_output": quantize_output, "quantize_relu_input": quantize_relu_input}
     attached: list[tuple[nn.Module, str]] = []
     try:
         for attr, function in overrides.items():

@@ -453,15 +453,22 @@ def check_observe_range_args(
 
 
 def batch_range(
-    x: torch.Tensor, axis: int | None = None, fold: torch.Tensor | None = None
+    x: torch.Tensor, axis: int | None = None, fold: torch.Tensor | None = None, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 ``(min, max)`` of ``x`` (per tensor, or per slice along ``axis``); NaN propagates.
 
     With ``fold`` (1-D, ``x.size(0)`` entries) it is the range of ``x * fold`` broadcast along axis 0,
     computed from the per-channel range of ``x``: rounding is monotonic, so ``min(x) * f`` is exactly
-    ``min(x * f)`` for ``f >= 0``, and a negative ``f`` swaps min and max.
+    ``min(x * f)`` for ``f >= 0``, and a negative ``f`` swaps min and max. ``relu=True`` gives the range of
+    ``relu(x)`` (or ``relu(x * fold)``): ReLU is monotonic too, so that is ``(relu(min), relu(max))``.
     """
-    x = x.detach()
+    low, high = _batch_range(x.detach(), axis, fold)
+    return (torch.relu(low), torch.relu(high)) if relu else (low, high)
+
+
+def _batch_range(
+    x: torch.Tensor, axis: int | None, fold: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if fold is None and axis is None:
         return x.amin().float(), x.amax().float()
     channel_axis = 0 if axis is None else axis
@@ -488,8 +495,12 @@ def observe_range(
     quant_max: int,
     symmetric: bool,
     fold: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> None:
     """Observes ``x``'s range into ``tracked_range`` and sets ``scale``/``zero_point`` from it, in place.
+
+    ``relu=True`` observes the range of ``relu(x)`` without forming it (a quantized ReLU output computed from
+    the ReLU's input by ``fake_quant_per_tensor(..., relu=True)``).
 
     ``tracked_range`` is ``[min, max]`` (shape ``(2,)``, or ``(2, C)`` per channel along ``axis``). With
     ``averaging_constant == 1`` the batch range replaces it (a first observation, or weights, whose range is
@@ -501,7 +512,7 @@ def observe_range(
         x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, fold
     )
     with torch.no_grad():
-        batch = torch.stack(batch_range(x, axis, fold))
+        batch = torch.stack(batch_range(x, axis, fold, relu))
         if averaging_constant == 1.0:
             tracked = batch
         else:

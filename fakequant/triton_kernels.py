@@ -858,11 +858,13 @@ def _observe_range_finalize_kernel(
     SYMMETRIC: tl.constexpr,
     HAS_FOLD: tl.constexpr,
     REDUCE_CHANNELS: tl.constexpr,
+    RELU: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     # One lane per output entry (a channel, or the whole tensor). REDUCE_CHANNELS (the per-tensor range of a
-    # folded weight): one program folds every channel's range, then reduces them to entry 0.
+    # folded weight): one program folds every channel's range, then reduces them to entry 0. RELU: the range
+    # of relu(x) (or relu(x * fold)), ReLU applied to each end of the batch range before the moving average.
     e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_in = e < entries
     if REDUCE_CHANNELS:
@@ -881,6 +883,12 @@ def _observe_range_finalize_kernel(
         hi = tl.broadcast_to(tensor_hi, [BLOCK_E])
     else:
         lo, hi = _channel_ranges(partial_ptr, fold_ptr, e, e_in, channels, splits, HAS_FOLD, BLOCK_E, BLOCK_S)
+    if RELU:
+        # ReLU is monotonic, so relu(min) and relu(max) are the ends of relu(x)'s range. As torch.relu (the
+        # reference's): negatives and -inf become +0, NaN stays NaN and -0.0 stays -0.0 (a comparison, not
+        # tl.maximum, which may drop NaN on a GPU).
+        lo = tl.where(lo < 0.0, 0.0, lo)
+        hi = tl.where(hi < 0.0, 0.0, hi)
 
     min_ptr = tracked_ptr + e * tracked_entry_stride
     max_ptr = min_ptr + tracked_row_stride
@@ -942,12 +950,13 @@ def observe_range(
     quant_max: int,
     symmetric: bool,
     fold: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> None:
     """Triton ``fakequant::observe_range``: updates ``tracked_range``, ``scale`` and ``zero_point`` in place.
 
     Two launches: per-channel min/max partials of the dense ``x`` read in memory order, then one lane per
-    entry that combines them, applies ``fold``, the moving average and ``choose_qparams``, and stores in the
-    state tensors' own dtypes and strides.
+    entry that combines them, applies ``fold`` (and, with ``relu``, ReLU to both ends of the range), the
+    moving average and ``choose_qparams``, and stores in the state tensors' own dtypes and strides.
     """
     axis = reference.check_observe_range_args(
         x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, fold
@@ -1009,6 +1018,7 @@ def observe_range(
             SYMMETRIC=symmetric,
             HAS_FOLD=fold is not None,
             REDUCE_CHANNELS=reduce_channels,
+            RELU=relu,
             BLOCK_E=block_e,
             BLOCK_S=block_s,
             num_warps=NUM_WARPS,

@@ -10,6 +10,7 @@ runs a kernel needs a GPU and is skipped here with the reason "no CUDA device".
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 import shutil
@@ -615,7 +616,7 @@ def _sample_inputs(dtype=torch.float32):
 
 def _call(op, inputs):
     """The op's outputs; for observe_range, which returns nothing, the state it writes (on copies)."""
-    if op is torch.ops.fakequant.observe_range:
+    if op is torch.ops.fakequant.observe_range or op is _ops.observe_range_default:
         state = [t.clone() for t in inputs[1:4]]
         op(inputs[0], *state, *inputs[4:])
         return tuple(state)
@@ -623,24 +624,69 @@ def _call(op, inputs):
     return result if isinstance(result, tuple) else (result,)
 
 
+# (axis, averaging_constant, fold): per tensor, per channel, and a folded weight's range per channel and
+# per tensor (combined over the channels).
+OBSERVE_CASES = [(None, 1.0, False), (None, 0.01, False), (1, 1.0, False), (0, 0.01, True), (None, 1.0, True)]
+
+
+def _observe_state(x, axis, generator, device="cuda"):
+    per_channel = axis is not None
+    tracked = torch.randn((2, x.size(axis)) if per_channel else (2,), generator=generator).to(device)
+    scale = torch.ones(x.size(axis) if per_channel else (), device=device)
+    zero_point = torch.zeros(x.size(axis) if per_channel else (), dtype=torch.int32, device=device)
+    return tracked, scale, zero_point
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("axis, constant, fold", [(None, 1.0, False), (None, 0.01, False), (1, 1.0, False),
-                                                  (0, 0.01, True), (None, 1.0, True)])
-def test_observe_range_matches_reference(dtype, axis, constant, fold, auto_backend):
+@pytest.mark.parametrize("axis, constant, fold", OBSERVE_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_observe_range_matches_reference(dtype, axis, constant, fold, relu, auto_backend):
     generator = torch.Generator().manual_seed(4)
     x = (torch.randn(5, 7, 300, generator=generator) * 3).to(dtype).cuda()
-    per_channel = axis is not None
-    tracked = torch.randn((2, x.size(axis)) if per_channel else (2,), generator=generator).cuda()
-    scale = torch.ones(x.size(axis) if per_channel else (), device="cuda")
-    zero_point = torch.zeros(x.size(axis) if per_channel else (), dtype=torch.int32, device="cuda")
+    state = _observe_state(x, axis, generator)
     folds = torch.randn(5, generator=generator).cuda() if fold else None
     for quant_range in [(-128, 127, True), (0, 255, False)]:
-        inputs = (x, tracked, scale, zero_point, axis, constant, *quant_range, folds)
+        inputs = (x, *state, axis, constant, *quant_range, folds, relu)
         got = _call(torch.ops.fakequant.observe_range, inputs)
         want = _call(_ops.observe_range_default, inputs)
         for g, w in zip(got, want, strict=True):
             assert_bitwise_equal(g, w)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("axis, constant, fold", OBSERVE_CASES)
+def test_observe_range_relu_all_negative_and_nan(dtype, axis, constant, fold, auto_backend):
+    generator = torch.Generator().manual_seed(5)
+    negative = -(torch.rand(5, 7, 300, generator=generator) * 3 + 0.5)
+    with_nan = torch.randn(5, 7, 300, generator=generator) * 3
+    with_nan[1, 2, 17] = float("nan")  # channel 1 along axis 0 (the fold's), channel 2 along axis 1
+    # Positive factors keep x * fold negative; mixed signs make some of it positive, which a ReLU applied
+    # before the fold instead of after it would miss.
+    positive_folds = torch.rand(5, generator=generator) + 0.5
+    mixed_folds = torch.randn(5, generator=generator)
+    mixed_folds[1] = -mixed_folds[1].abs()
+    cases = [(negative, positive_folds, True), (negative, mixed_folds, False), (with_nan, mixed_folds, False)]
+    if not fold:
+        cases = [(negative, None, True), (with_nan, None, False)]
+    state = _observe_state(negative, axis, generator, device="cpu")
+    for (x, folds, zero_range), quant_range in itertools.product(cases, [(-128, 127, True), (0, 255, False)]):
+        # The reference runs on CPU: a NaN range's zero point is its float-to-int32 conversion, INT32_MIN on
+        # x86, which the kernels reproduce (observe.cu's store_zero_point); the GPU's conversion gives 0.
+        inputs = (x.to(dtype), *state, axis, constant, *quant_range, folds, True)
+        want = _call(_ops.observe_range_default, inputs)
+        got = _call(torch.ops.fakequant.observe_range, tuple(_to_cuda(a) for a in inputs))
+        for g, w in zip(got, want, strict=True):
+            assert_bitwise_equal(g.cpu(), w)
+        if zero_range and constant == 1.0:
+            assert torch.equal(got[0], torch.zeros_like(got[0]))  # relu(x)'s range: [0, 0]
+        if x is with_nan:
+            assert bool(got[0].isnan().any())
+
+
+def _to_cuda(a):
+    return a.cuda() if isinstance(a, torch.Tensor) else a
 
 
 @needs_gpu

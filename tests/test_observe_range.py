@@ -28,9 +28,10 @@ def _state(x, axis, tracked=None, state_dtype=torch.float32, zp_dtype=torch.int3
     return tracked.to(state_dtype).clone(), scale.to(state_dtype), zero_point
 
 
-def _observe(fn, x, axis, constant, qrange, fold=None, tracked=None, state_dtype=torch.float32, zp_dtype=torch.int32):
+def _observe(fn, x, axis, constant, qrange, fold=None, tracked=None, state_dtype=torch.float32, zp_dtype=torch.int32,
+             relu=False):
     state = _state(x, axis, tracked, state_dtype, zp_dtype)
-    fn(x, *state, axis, constant, *qrange, fold)
+    fn(x, *state, axis, constant, *qrange, fold, relu)
     return state
 
 
@@ -82,6 +83,32 @@ def test_folded_range_matches_reference(backend, axis):
         low = folded.amin() if axis is None else folded.amin((1, 2, 3))
         high = folded.amax() if axis is None else folded.amax((1, 2, 3))
         assert torch.equal(actual[0][0], low) and torch.equal(actual[0][1], high)
+
+
+@pytest.mark.parametrize("constant", [1.0, 0.01])
+def test_relu_range_matches_reference_and_relu_of_x(backend, constant):
+    """relu=True observes relu(x) (or relu(x * fold)) without forming it."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(12, 5, 3, 3, generator=generator)
+    fold = torch.randn(12, generator=generator)
+    with_nan = torch.randn(3, 40, generator=generator)
+    with_nan[1, 7] = float("nan")
+    cases = [(x, axis, None) for x in _inputs(generator) for axis in (None, x.dim() - 1)]
+    cases += [(-torch.rand(3, 40, generator=generator) - 0.1, None, None),  # all negative: [0, 0]
+              (with_nan, None, None), (with_nan, 0, None), (weight, None, fold), (weight, 0, fold)]
+    for x, axis, case_fold in cases:
+        channels = 1 if axis is None else x.size(axis)
+        tracked = torch.rand((2,) if axis is None else (2, channels), generator=generator)
+        for qrange in RANGES[:3]:
+            args = (x, axis, constant, qrange, case_fold, tracked)
+            actual = _observe(torch.ops.fakequant.observe_range, *args, relu=True)
+            _assert_same(actual, _observe(reference.observe_range, *args, relu=True))
+            # the same as observing relu(x) itself
+            formed = torch.relu(x if case_fold is None else x * case_fold.reshape(-1, 1, 1, 1))
+            _assert_same(actual, _observe(reference.observe_range, formed, axis, constant, qrange, None, tracked))
+    x = -torch.rand(3, 40, generator=generator) - 0.1
+    tracked = _observe(torch.ops.fakequant.observe_range, x, None, 1.0, (0, 255, False), relu=True)[0]
+    assert tracked.tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])

@@ -753,3 +753,74 @@ def test_relu_output_fused_path_drops_relu_from_the_graph():
     out = model[2](model[1](model[0](torch.randn(2, 3, 8, 8))))
     assert out.grad_fn is not None and "Relu" not in type(out.grad_fn).__name__
     assert "Relu" not in str([type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None])
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops run on non-empty tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.numel() > 0 for t in tensors):
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_relu_output_fused_path_skips_the_relu_itself():
+    """The quantized output of an nn.ReLU comes from its input; the ReLU runs on an empty placeholder only."""
+    model = _relu_step_results(nn.ReLU, steps=1)[2]
+    x = torch.randn(2, 3, 8, 8)
+    for training in (True, False):
+        model.train(training)
+        with _OpCounter() as counter:
+            model(x)
+        assert not {"relu", "clamp_min", "threshold"} & set(counter.ops), counter.ops
+        assert "fake_quant_per_tensor" in counter.ops
+
+
+def test_relu_output_range_is_that_of_relu_of_the_input():
+    model = _relu_step_results(nn.ReLU, steps=1)[2].train()
+    relu = model[2]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        relu_input = model[1](model[0](x))
+        before = relu.fakequant_output_range.clone()
+        model(x)
+    batch = torch.relu(torch.stack(torch.aminmax(relu_input)))
+    torch.testing.assert_close(relu.fakequant_output_range, before + (batch - before) * 0.01, rtol=0, atol=0)
+
+
+def test_relu_with_other_hooks_sees_the_real_tensors():
+    """Another hook on the ReLU turns the placeholder off: it sees the real input and the quantized output."""
+    fused = _relu_step_results(nn.ReLU, steps=1)[2]
+    watched = _relu_step_results(nn.ReLU, steps=1)[2]
+    seen = {}
+    watched[2].register_forward_pre_hook(lambda module, args: seen.update(input=args[0]))
+    watched[2].register_forward_hook(lambda module, args, output: seen.update(output=output))
+    x = torch.randn(2, 3, 8, 8)
+    for model in (fused, watched):
+        model.train()
+    out_fused, out_watched = fused(x), watched(x)
+    assert torch.equal(out_fused, out_watched)
+    assert seen["input"].shape == (2, 8, 6, 6) and (seen["input"] < 0).any()  # the ReLU's real input
+    relu = watched[2]
+    levels = seen["output"] / relu.fakequant_output_scale + relu.fakequant_output_zero_point
+    assert (seen["output"] >= 0).all() and (levels - levels.round()).abs().max() < 1e-3  # the quantized output
+
+
+def test_relu_before_quant_start_step_is_the_float_relu():
+    model = _relu_net(nn.ReLU)
+    reference_model = _relu_net(nn.ReLU)
+    config = [{"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"], "quant_start_step": 5}]
+    fakequant.QAT_Quantizer(model, config, bn_folding=False).compress()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = model.train()(x)
+    expected = reference_model.train()(x)
+    assert torch.equal(out, expected)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    assert torch.equal(grad, expected_grad)
+    assert model[2].fakequant_output_observed.item() == 1

@@ -558,12 +558,12 @@ def assert_same_state(actual, expected):
 
 
 def check_observe(x, axis, constant, qrange, fold=None, tracked=None, state_dtype=torch.float32,
-                  zp_dtype=torch.int32):
+                  zp_dtype=torch.int32, relu=False):
     """The Triton kernel and the reference on copies of the same state, bit for bit; returns the kernel's."""
     got = observe_state(x, axis, tracked, state_dtype, zp_dtype)
     want = tuple(t.clone() for t in got)
-    triton_kernels.observe_range(x, *got, axis, constant, *qrange, fold)
-    reference.observe_range(x, *want, axis, constant, *qrange, fold)
+    triton_kernels.observe_range(x, *got, axis, constant, *qrange, fold, relu)
+    reference.observe_range(x, *want, axis, constant, *qrange, fold, relu)
     assert_same_state(got, want)
     return got
 
@@ -635,6 +635,95 @@ def test_observe_range_fold(small_observe_blocks):
     assert low != low and high == float("inf")
     low, high = check_observe(weight, None, 1.0, (0, 255, False), only_high_nan)[0].tolist()
     assert low == float("-inf") and high != high
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_observe_range_relu(dtype, small_observe_blocks):
+    """relu=True: the range of relu(x), per tensor and per channel of every axis, in every layout, with NaN,
+    +-inf, all-negative channels (range [0, 0]) and channels whose minimum only is negative."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(4, 6, 5, 7, generator=gen) * 3 + 0.5
+    x[2] = -x[2].abs() - 0.25  # all negative along axis 0: [0, 0]
+    x[:, :, 3] = -x[:, :, 3].abs() - 0.25  # and along axis 2
+    x[0, 1, 1, 1], x[3, 4, 0, 2], x[1, 5, 4, 6] = float("nan"), float("inf"), float("-inf")
+    x = x.to(dtype=dtype, device=DEVICE)
+    for i, xl in enumerate(layouts(x).values()):
+        for j, axis in enumerate((None, 0, 1, 2, 3)):
+            constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
+            tracked = torch.randn((2,) if axis is None else (2, x.size(axis)), generator=gen)
+            state = check_observe(xl, axis, constant, qrange, tracked=tracked, relu=True)
+            if constant == 1.0 and axis in (0, 2):
+                assert state[0][:, 2 if axis == 0 else 3].tolist() == [0.0, 0.0], state[0]
+    # All negative (-inf included): [0, 0], replaced or moved towards; without relu the range is negative.
+    negative = -(torch.rand(3, 5, generator=gen) + 0.5)
+    negative[1, 2] = float("-inf")
+    negative = negative.to(dtype=dtype, device=DEVICE)
+    for axis in (None, 0, 1):
+        for constant, qrange in OBSERVE_MODES:
+            tracked = torch.randn((2,) if axis is None else (2, negative.size(axis)), generator=gen)
+            state = check_observe(negative, axis, constant, qrange, tracked=tracked, relu=True)
+            if constant == 1.0:
+                assert not bool(state[0].any()) and not bool(state[0].signbit().any()), state[0]
+        assert bool((check_observe(negative, axis, 1.0, (0, 255, False))[0] < 0).all())
+    # NaN per tensor: both ends NaN (relu keeps NaN), the zero point INT32_MIN, as without relu.
+    state = check_observe(x, None, 0.01, (0, 255, False), relu=True)
+    assert bool(state[0].isnan().all()) and state[2].item() == -(2**31)
+
+
+def test_observe_range_relu_signed_zeros(small_observe_blocks):
+    """-0.0 ends: torch.relu (the reference) keeps -0.0, and so must the kernel, bit for bit."""
+    x = torch.tensor([[-0.0, -0.0, -0.0], [-1.0, -0.0, -2.0], [-0.0, 0.0, 3.0]], device=DEVICE)
+    for axis in (None, 0, 1):
+        for constant, qrange in OBSERVE_MODES:
+            check_observe(x, axis, constant, qrange, relu=True)
+    state = check_observe(x, 0, 1.0, (0, 255, False), relu=True)
+    assert state[0][:, 0].signbit().tolist() == [True, True] and state[0][1, 1].signbit()
+
+
+def test_observe_range_relu_fold(small_observe_blocks):
+    """relu=True with a fold factor, per channel and per tensor: ReLU after the fold (a negative factor turns a
+    positive channel negative, so to [0, 0]) and after the per-tensor range is combined over channels; inf * 0
+    NaN stays NaN at either end."""
+    gen = torch.Generator().manual_seed(18)
+    weight = torch.randn(40, 3, 3, generator=gen)
+    weight[5] = weight[5].abs()
+    weight[5, 1, 1] = 0.0  # min 0: times an infinite fold factor, a NaN minimum
+    weight[9] = -weight[9].abs()
+    weight[9, 2, 0] = 0.0  # max 0: the same for the maximum
+    weight[11, 0, 2] = float("inf")
+    weight[20] = weight[20].abs() + 0.5  # positive: [0, 0] after a negative factor
+    weight[21] = -weight[21].abs() - 0.5  # negative: positive after a negative factor, [0, 0] after a positive
+    fold = torch.randn(40, generator=gen)
+    fold[3], fold[4], fold[11] = 0.0, -0.0, 0.0  # inf * 0: NaN
+    fold[20], fold[21] = -1.5, 0.75
+    weight, fold = weight.to(DEVICE), fold.to(DEVICE)
+    plain = fold.clone()
+    plain[11] = 2.0
+    only_low_nan, only_high_nan = plain.clone(), plain.clone()
+    only_low_nan[5] = float("inf")
+    only_high_nan[9] = float("inf")
+    all_negative = -(fold.abs() + 0.5)  # with a positive weight: every folded value negative
+    for i, wl in enumerate(layouts(weight).values()):
+        for j, f in enumerate((plain, fold, only_low_nan, only_high_nan)):
+            for axis in (None, 0):
+                constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
+                tracked = torch.randn((2,) if axis is None else (2, 40), generator=gen)
+                state = check_observe(wl, axis, constant, qrange, f, tracked, relu=True)
+                if constant == 1.0 and axis == 0:
+                    assert state[0][:, 20].tolist() == [0.0, 0.0] and state[0][:, 21].tolist() == [0.0, 0.0]
+    # Per tensor: relu(NaN) is NaN at the end that has it, the other end as relu's.
+    low, high = check_observe(weight, None, 1.0, (0, 255, False), only_low_nan, relu=True)[0].tolist()
+    assert low != low and high == float("inf")
+    low, high = check_observe(weight, None, 1.0, (0, 255, False), only_high_nan, relu=True)[0].tolist()
+    assert low == 0.0 and high != high
+    # A positive weight times negative factors: every folded value negative, [0, 0] per tensor and per channel.
+    positive = weight.abs() + 0.25
+    for axis in (None, 0):
+        for constant, qrange in OBSERVE_MODES:
+            tracked = torch.randn((2,) if axis is None else (2, 40), generator=gen)
+            state = check_observe(positive, axis, constant, qrange, all_negative, tracked, relu=True)
+            if constant == 1.0:
+                assert not bool(state[0].any()), state[0]
 
 
 def test_observe_range_state_dtypes_and_strides(small_observe_blocks):
@@ -775,7 +864,9 @@ def test_observe_range_runs_triton(triton_backend):
     state = observe_state(x, None)
     torch.ops.fakequant.observe_range(x, *state, None, 1.0, -128, 127, True)
     assert state[0].tolist() == [x.min().item(), x.max().item()]
-    assert triton_backend == ["_observe_range_partial_kernel", "_observe_range_finalize_kernel"]
+    torch.ops.fakequant.observe_range(x, *state, None, 1.0, -128, 127, True, relu=True)
+    assert state[0].tolist() == [0.0, x.max().item()]
+    assert triton_backend == ["_observe_range_partial_kernel", "_observe_range_finalize_kernel"] * 2
 
 
 def test_torch_ops_run_triton(triton_backend):
@@ -977,17 +1068,19 @@ OBSERVE_TYPES = {"partial_ptr": "*fp32", "fold_ptr": "*fp32", "tracked_ptr": "*f
                  "zero_point_stride": "i32", "averaging_constant": "fp32", "divisor": "fp32",
                  "quant_min": "fp32", "quant_max": "fp32", "symmetric_zero_point": "fp32", "x_ptr": "*fp32",
                  "per_channel": "i32", "run": "i32", "split_size": "i32"}
-OBSERVE_MODES = {  # (REPLACE, SYMMETRIC, HAS_FOLD, REDUCE_CHANNELS)
-    "average_affine_fold_per_tensor": (False, False, True, True),
-    "average_symmetric_fold": (False, True, True, False),
-    "replace_affine": (True, False, False, False),
-    "average_affine": (False, False, False, False),
+OBSERVE_MODES = {  # (REPLACE, SYMMETRIC, HAS_FOLD, REDUCE_CHANNELS, RELU)
+    "average_affine_fold_per_tensor": (False, False, True, True, False),
+    "average_symmetric_fold": (False, True, True, False, False),
+    "replace_affine": (True, False, False, False, False),
+    "average_affine": (False, False, False, False, False),
+    "average_affine_relu": (False, False, False, False, True),
+    "average_affine_fold_per_tensor_relu": (False, False, True, True, True),
 }
-def observe_constexprs(kernel, modes=(False, False, False, False)):
-    values = dict(zip(("REPLACE", "SYMMETRIC", "HAS_FOLD", "REDUCE_CHANNELS"), modes),
+def observe_constexprs(kernel, modes=(False, False, False, False, False)):
+    values = dict(zip(("REPLACE", "SYMMETRIC", "HAS_FOLD", "REDUCE_CHANNELS", "RELU"), modes),
                   BLOCK_E=256, BLOCK_S=4, BLOCK_C=4, BLOCK_K=256)
     return {p: v for p, v in values.items() if p in kernel.arg_names}
-def observe_source(kernel, types, modes=(False, False, False, False)):
+def observe_source(kernel, types, modes=(False, False, False, False, False)):
     signature = {p: types.get(p, "constexpr") for p in kernel.arg_names}
     return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=observe_constexprs(kernel, modes))
 observe = {}
@@ -1132,6 +1225,7 @@ def test_opcheck_triton_ops_on_cuda():
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.fakequant, f"_triton_{name}").default, args)
+    torch.library.opcheck(torch.ops.fakequant._triton_observe_range.default, (*cases["observe_range"], True))
     # divide_by_fold=True and the backward of its output.
     divided_out, divided_mask = torch.ops.fakequant._triton_bn_fold_fake_quant_weight(
         x, gamma, var, 1e-5, channel_scale, channel_zp, -8, 7, True, True

@@ -522,7 +522,8 @@ void store_zero_points(const at::Tensor& target, const std::vector<float>& value
 
 void observe_range_cpu(const at::Tensor& x, const at::Tensor& tracked_range, const at::Tensor& scale,
                        const at::Tensor& zero_point, std::optional<int64_t> axis, double averaging_constant,
-                       int64_t quant_min, int64_t quant_max, bool symmetric, const std::optional<at::Tensor>& fold) {
+                       int64_t quant_min, int64_t quant_max, bool symmetric, const std::optional<at::Tensor>& fold,
+                       bool relu) {
   checks::check_observe_range_args(x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max,
                            fold);
   const at::Tensor xd = dense(x);
@@ -547,6 +548,13 @@ void observe_range_cpu(const at::Tensor& x, const at::Tensor& tracked_range, con
       }
       lo.resize(1);
       hi.resize(1);
+    }
+  }
+  if (relu) {
+    // ReLU is monotonic: the range of relu(x) is that of x through ReLU.
+    for (size_t i = 0; i < lo.size(); ++i) {
+      lo[i] = relu_value(lo[i]);
+      hi[i] = relu_value(hi[i]);
     }
   }
   const size_t count = lo.size();

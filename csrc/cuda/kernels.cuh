@@ -94,6 +94,7 @@ cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void
 // layout.inner = numel for the whole tensor; `splits` blocks per channel), then `entries` outputs (one per
 // channel, or one over all channels when a folded weight's range is per tensor) written to the tracked
 // range rows, scale and zero point. `partial` holds 2 * layout.channels * splits floats of scratch.
+// relu: the range of relu(x) (relu(x * fold) with a fold), from x's without forming it.
 struct ObserveArgs {
   const void* x;
   FloatType type;
@@ -102,6 +103,7 @@ struct ObserveArgs {
   int64_t splits;
   float* partial;
   const float* fold;  // nullptr, or layout.channels fp32 factors
+  bool relu;
   Vector1d tracked_min, tracked_max, scale, zero_point;
   float averaging_constant;
   bool replace;  // averaging_constant == 1: the batch range replaces the tracked one

@@ -1,6 +1,6 @@
 // CUDA kernels of observe_range: per-channel min/max partials of a dense tensor, then one thread per
-// output entry that combines them, applies the BN fold factor, the moving average and choose_qparams
-// (fakequant_math.h, the functions the CPU op runs). Host side: ops.cpp.
+// output entry that combines them, applies the BN fold factor, the ReLU, the moving average and
+// choose_qparams (fakequant_math.h, the functions the CPU op runs). Host side: ops.cpp.
 #include <cmath>
 
 #include "device_utils.cuh"
@@ -98,6 +98,12 @@ __global__ void __launch_bounds__(kThreads) observe_finalize_kernel(ObserveArgs 
       }
       lo = nan_min(lo, channel_lo);
       hi = nan_max(hi, channel_hi);
+    }
+    if (args.relu) {
+      // ReLU is monotonic, so relu(x)'s range is the relu of x's ends; after the fold, since the ReLU
+      // takes x * fold. The batch range only: the moving average moves the tracked range towards it.
+      lo = relu_value(lo);
+      hi = relu_value(hi);
     }
     if (!args.replace) {
       lo = moving_average(load(args.tracked_min, i), lo, args.averaging_constant);

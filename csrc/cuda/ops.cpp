@@ -259,7 +259,7 @@ Vector1d range_row(const Tensor& tracked_range, int64_t row) {
 
 void observe_range_cuda(const Tensor& x, const Tensor& tracked_range, const Tensor& scale, const Tensor& zero_point,
                         std::optional<int64_t> axis, double averaging_constant, int64_t quant_min,
-                        int64_t quant_max, bool symmetric, const std::optional<Tensor>& fold) {
+                        int64_t quant_max, bool symmetric, const std::optional<Tensor>& fold, bool relu) {
   checks::check_observe_range_args(x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min,
                                    quant_max, fold);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -280,6 +280,7 @@ void observe_range_cuda(const Tensor& x, const Tensor& tracked_range, const Tens
                          splits,
                          partial.data_ptr<float>(),
                          fold.has_value() ? fold_values.const_data_ptr<float>() : nullptr,
+                         relu,
                          range_row(tracked_range, 0),
                          range_row(tracked_range, 1),
                          vector1d(scale),

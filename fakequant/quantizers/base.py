@@ -32,6 +32,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules import module as module_hooks
 from torch.nn.utils import parametrize
 
 from fakequant.onnx_export import OnnxQDQ, onnx_qdq_range
@@ -76,6 +77,7 @@ class QuantizedLayer:
         self.config = config
         self.observed: dict[str, bool] = {}  # mirrors of the fakequant_<type>_observed buffers
         self._handles: list = []
+        self._relu_output: torch.Tensor | None = None  # from the ReLU pre-hook to the output hook
         self._buffer_names: list[str] = []
 
     # -- state ------------------------------------------------------------------------------------
@@ -108,6 +110,8 @@ class QuantizedLayer:
         if "input" in quant_types:
             self._handles.append(self.module.register_forward_pre_hook(self._input_hook))
         if "output" in quant_types:
+            if type(self.module) is nn.ReLU and not self.module.inplace:
+                self._handles.append(self.module.register_forward_pre_hook(self._relu_pre_hook))
             self._handles.append(self.module.register_forward_hook(self._output_hook))
 
     def add_hook_handle(self, handle) -> None:
@@ -118,6 +122,7 @@ class QuantizedLayer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._relu_output = None
         if parametrize.is_parametrized(self.module, "weight"):
             parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=False)
         for name in self._buffer_names:
@@ -132,16 +137,36 @@ class QuantizedLayer:
             )
         return (self.quantizer.quantize_input(self, args[0]), *args[1:])
 
+    def _only_own_hooks(self, module: nn.Module) -> bool:
+        own = {handle.id for handle in self._handles}
+        return (
+            own.issuperset(module._forward_pre_hooks) and own.issuperset(module._forward_hooks)
+            and not module_hooks._global_forward_pre_hooks and not module_hooks._global_forward_hooks
+        )
+
+    def _relu_pre_hook(self, module: nn.Module, args: tuple):
+        # An out-of-place nn.ReLU whose output is quantized: the quantizer may compute that output from the
+        # input alone (QAT: the fused ReLU + fake quant op, one pass forward and one masked pass backward). The
+        # ReLU then runs on an empty placeholder, and the output hook returns the quantized output. Not done when
+        # other hooks watch the module, which would see the placeholder.
+        self._relu_output = None
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or not self._only_own_hooks(module):
+            return None
+        output = self.quantizer.quantize_relu_input(self, args[0])
+        if output is None:
+            return None
+        self._relu_output = output
+        return (args[0].new_empty(0),)
+
     def _output_hook(self, module: nn.Module, args: tuple, output):
+        if self._relu_output is not None:
+            output, self._relu_output = self._relu_output, None
+            return output
         if not isinstance(output, torch.Tensor):
             raise ValueError(
                 f"fakequant: module {self.name!r} has 'output' quantization but returned "
                 f"{type(output).__name__}; allowed: modules that return one tensor"
             )
-        # An out-of-place nn.ReLU's output can be computed again from its input by the fused ReLU + fake
-        # quant op, which takes the ReLU out of the autograd graph: one masked backward pass instead of two.
-        if type(module) is nn.ReLU and not module.inplace and args and isinstance(args[0], torch.Tensor):
-            return self.quantizer.quantize_relu_output(self, args[0], output)
         return self.quantizer.quantize_output(self, output)
 
     # -- per step and export ----------------------------------------------------------------------
@@ -297,10 +322,10 @@ class Quantizer:
     def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def quantize_relu_output(self, layer: QuantizedLayer, relu_input: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The quantized output of an ``nn.ReLU``, ``y = relu(relu_input)``; by default :meth:`quantize_output`
-        of ``y``. A subclass may compute it from ``relu_input`` with the fused op instead."""
-        return self.quantize_output(layer, y)
+    def quantize_relu_input(self, layer: QuantizedLayer, relu_input: torch.Tensor) -> torch.Tensor | None:
+        """The quantized output of an out-of-place ``nn.ReLU`` computed from its input, or None (the default) to
+        let the ReLU run and quantize its output with :meth:`quantize_output`."""
+        return None
 
     def _layer_calibration(self, layer: QuantizedLayer) -> dict:
         raise NotImplementedError
@@ -486,16 +511,16 @@ class EmaRangeQuantizer(Quantizer):
         layer.add_buffer(quant_type + "_observed", torch.zeros((), dtype=torch.int64))
         layer.observed[quant_type] = False
 
-    def _observe(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor) -> None:
-        """Moves the tracked range towards this batch's min and max (all-reduced under DDP), then sets the
-        scale and zero point from it."""
+    def _observe(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor, relu: bool = False) -> None:
+        """Moves the tracked range towards this batch's min and max (of ``relu(x)`` with ``relu``; all-reduced
+        under DDP), then sets the scale and zero point from it."""
         spec = layer.config.specs[quant_type]
         tracked = layer.buffer(quant_type + "_range")
         scale, zero_point = layer.buffer(quant_type + "_scale"), layer.buffer(quant_type + "_zero_point")
         first = not layer.observed[quant_type]
         torch.ops.fakequant.observe_range(
             x, tracked, scale, zero_point, None, 1.0 if first else 1.0 - self.ema_decay,
-            spec.quant_min, spec.quant_max, spec.symmetric,
+            spec.quant_min, spec.quant_max, spec.symmetric, None, relu,
         )
         if self.sync_ranges and _ddp_initialized():
             # The update tracked + c * (batch - tracked) is monotonic in the batch range (each rounded
@@ -514,25 +539,25 @@ class EmaRangeQuantizer(Quantizer):
             layer.observed[quant_type] = True
 
     def _fake_quant_activation(
-        self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor, relu_input: torch.Tensor | None = None
+        self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor, relu: bool = False
     ) -> torch.Tensor:
         """Ranges tracked in training mode from step 0; fake quantization from ``quant_start_step`` once a
-        range has been observed (an eval pass before any training batch runs in float). With ``relu_input``
-        (``x = relu(relu_input)``), the fused op quantizes ``relu(relu_input)``: the same values, with ReLU's
-        gradient in its mask."""
+        range has been observed (an eval pass before any training batch runs in float). With ``relu``, the
+        activation is ``relu(x)``, observed and fake-quantized without forming it (the fused op's mask holds
+        ReLU's gradient too)."""
         from fakequant import functional
 
         if layer.module.training:
             with torch.no_grad():
-                self._observe(layer, quant_type, x)
+                self._observe(layer, quant_type, x, relu)
         if not (layer.active() and layer.observed[quant_type]):
-            return x
+            return torch.relu(x) if relu else x
         spec = layer.config.specs[quant_type]
         return functional.fake_quant_per_tensor(
-            x if relu_input is None else relu_input,
+            x,
             # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
             layer.buffer(quant_type + "_scale").float(), layer.buffer(quant_type + "_zero_point"),
-            spec.quant_min, spec.quant_max, relu=relu_input is not None,
+            spec.quant_min, spec.quant_max, relu=relu,
         )
 
     def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:

@@ -235,8 +235,8 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
     def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
         return self._fake_quant_activation(layer, "output", y)
 
-    def quantize_relu_output(self, layer: QuantizedLayer, relu_input: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._fake_quant_activation(layer, "output", y, relu_input=relu_input)
+    def quantize_relu_input(self, layer: QuantizedLayer, relu_input: torch.Tensor) -> torch.Tensor:
+        return self._fake_quant_activation(layer, "output", relu_input, relu=True)
 
     def _layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {"op_type": layer.config.op_type}
