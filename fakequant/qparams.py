@@ -146,7 +146,8 @@ class QuantSpec:
     granularity: PerTensor | PerChannel = PerTensor()
 
     def __post_init__(self) -> None:
-        quant_range(self.bits, self.signed, self.narrow_range)  # validates bits and the flags
+        # Validates bits and the flags; kept because the quantizers read both ends on every forward.
+        object.__setattr__(self, "_levels", quant_range(self.bits, self.signed, self.narrow_range))
         if not isinstance(self.granularity, (PerTensor, PerChannel)):
             raise ValueError(
                 f"QuantSpec: granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}"
@@ -154,8 +155,8 @@ class QuantSpec:
 
     @property
     def quant_min(self) -> int:
-        return quant_range(self.bits, self.signed, self.narrow_range)[0]
+        return self._levels[0]
 
     @property
     def quant_max(self) -> int:
-        return quant_range(self.bits, self.signed, self.narrow_range)[1]
+        return self._levels[1]

@@ -364,14 +364,16 @@ class Quantizer:
         # The op's scratch for the range: recomputed on every forward, so not part of the state_dict.
         layer.add_buffer("weight_range", torch.zeros((2,) if channels is None else (2, channels)), persistent=False)
 
-    def _observe_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> None:
-        """Sets the weight's scale and zero point buffers from the range of ``weight`` (one fused op)."""
+    def _observe_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sets the weight's scale and zero point buffers from the range of ``weight`` (one fused op) and
+        returns them."""
         spec = layer.config.specs["weight"]
-        with torch.no_grad():
-            torch.ops.fakequant.observe_range(
-                weight, layer.buffer("weight_range"), layer.buffer("weight_scale"), layer.buffer("weight_zero_point"),
-                self._weight_axis(layer), 1.0, spec.quant_min, spec.quant_max, spec.symmetric,
-            )
+        scale, zero_point = layer.buffer("weight_scale"), layer.buffer("weight_zero_point")
+        torch.ops.fakequant.observe_range(
+            weight.detach(), layer.buffer("weight_range"), scale, zero_point, self._weight_axis(layer), 1.0,
+            spec.quant_min, spec.quant_max, spec.symmetric,
+        )
+        return scale, zero_point
 
     def _minmax_fake_quant_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
         """Weight ranges taken from the current weight on every forward (tracked from step 0), fake
@@ -379,11 +381,11 @@ class Quantizer:
         from fakequant import functional
 
         spec = layer.config.specs["weight"]
-        self._observe_weight(layer, weight)
+        scale, zero_point = self._observe_weight(layer, weight)
         if not layer.active():
             return weight
         # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
-        scale, zero_point = layer.buffer("weight_scale").float(), layer.buffer("weight_zero_point")
+        scale = scale.float()
         axis = self._weight_axis(layer)
         if axis is not None:
             return functional.fake_quant_per_channel(weight, scale, zero_point, axis, spec.quant_min, spec.quant_max)
