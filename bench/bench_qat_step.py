@@ -14,24 +14,25 @@ or, for one interleaved table with the ratios (less sensitive to a machine whose
 
     python bench/bench_qat_step.py [rounds]        # FAKEQUANT_BENCH_THREADS=1 for one thread
 
-Measured 2026-11-22 08:56 UTC on the 2-core VM while it was otherwise idle, ``python bench/bench_qat_step.py 30``
-(and ``15`` rounds at 1 thread), medians of interleaved rounds, compiled CPU kernels:
+Measured 2026-11-30 23:00 UTC on the 2-core AMD EPYC VM while it was otherwise idle, ``python
+bench/bench_qat_step.py 30`` twice (and ``15`` rounds at 1 thread), medians of interleaved rounds, compiled CPU
+kernels:
 
-=======================  ==================  ==================
-variant                  2 threads           1 thread
-=======================  ==================  ==================
-fp32                     47.4 ms             84.6 ms
-qat (BN folded)          60.0 ms  1.27x      101.8 ms  1.20x
-qat-reference            96.8 ms  2.04x      157.4 ms  1.86x
-qat-nofold               55.3 ms  1.17x      96.0 ms  1.13x
-qat-fold-frozen          47.7 ms  1.01x      80.0 ms  0.95x
-=======================  ==================  ==================
+=======================  ========================  ==================
+variant                  2 threads (two runs)      1 thread
+=======================  ========================  ==================
+fp32                     25.4 ms, 26.2 ms          47.2 ms
+qat (BN folded)          1.136x, 1.146x            1.104x
+qat-reference            2.05x, 2.16x              1.99x
+qat-nofold               1.093x, 1.109x            1.088x
+qat-fold-frozen          0.92x, 0.93x              0.88x
+=======================  ========================  ==================
 
-At the start of the day (before the observe_range op, the C++ autograd and the fused ReLU output) the same
-2-thread run gave qat 1.40x, qat-nofold 1.31x and qat-fold-frozen 1.18x. Neither target is met yet. What
-remains is mostly memory traffic of the activations (range observation, fake quant forward and masked
-backward: three passes over each quantized ReLU output) and, with folding, the per-pair small ops of the
-training-time fold (factor, division by it and their backward).
+At the start of that day two such runs gave qat 1.230x and 1.231x, qat-nofold 1.071x and 1.134x (on 2026-11-22,
+on an Intel VM: 1.40x and 1.31x). The two targets sit within the run-to-run spread of these measurements. What remains is
+split about evenly between the weights (three small ops and the parametrization's Python per layer and step)
+and the activations (one range pass and the mask of the quantized ReLU outputs), plus BN's own cost in the
+folded variant.
 """
 
 from __future__ import annotations
