@@ -29,7 +29,10 @@ compute_mask=True, divide_by_fold=False) -> (out, mask)``
     The straight-through backward: ``grad`` where ``mask``, 0 elsewhere.
 ``bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, eps, divided_out=None) -> (grad_weight, grad_gamma,
 grad_var)``
-    ``divided_out``: the forward's output when it ran with ``divide_by_fold=True`` (its gradient needs it).
+    ``divided_out``: the forward's output when it ran with ``divide_by_fold=True`` (its gradient needs it). The
+    gamma/var gradients then sum ``grad * (mask * w - out)``, the quantization error; with a float16/bfloat16
+    weight ``out`` is the rounded half output, so those two gradients are only as exact as that rounding
+    (a few percent of their size in fp16), while the weight's gradient is exact.
 ``observe_range(x, tracked_range!, scale!, zero_point!, axis, averaging_constant, quant_min, quant_max, symmetric,
 fold=None, relu=False) -> ()``
     Updates the tracked ``[min, max]`` with ``x``'s range (replaced when ``averaging_constant == 1``, else
