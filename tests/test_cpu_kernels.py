@@ -184,6 +184,12 @@ def test_per_tensor_every_length_up_to_70(dtype):
             out, mask = assert_same_as_reference("fake_quant_per_tensor", x, scale, zp, -128, 127, compute_mask)
             if not compute_mask:
                 assert mask.shape == (0,) and mask.dtype == torch.bool
+            # relu=True's vector body assumes zero_point >= quant_min: at the bottom, inside and at the top
+            for relu_zp, quant_min, quant_max in ((0, 0, 255), (3, -128, 127), (7, -8, 7)):
+                relu_zero_point = torch.tensor(relu_zp, dtype=torch.int32)
+                assert_same_as_reference(
+                    "fake_quant_per_tensor", x, scale, relu_zero_point, quant_min, quant_max, compute_mask, True
+                )
 
 
 def test_per_tensor_offset_views_start_mid_vector():

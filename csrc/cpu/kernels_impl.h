@@ -153,6 +153,17 @@ struct VecQuant {
     if constexpr (kMask) mask = (q >= qmin) & (q <= qmax);
     return (at::vec::clamp(q, qmin, qmax) - zp) * scale;
   }
+  // The same for v >= 0 or NaN (a ReLU output): the zero point is at least quant_min (checked by the ops), so
+  // q >= quant_min and only the top of the range can clip or clear the mask. Five vector operations fewer
+  // than apply() with its ReLU, which made the fused ReLU + fake quant forward with mask compute-bound in
+  // cache: measured 52.7 against 37.0 us without the mask and 21.4 us for torch.relu on 32x16x32x32 fp32,
+  // 2 threads.
+  template <bool kMask>
+  inline Vec apply_nonnegative(Vec v, Vec& mask) const {
+    const Vec q = (v * inv).round() + zp;
+    if constexpr (kMask) mask = q <= qmax;
+    return (at::vec::clamp_max(q, qmax) - zp) * scale;
+  }
 };
 
 // A run of elements sharing one set of parameters (the whole tensor for per-tensor). kRelu: fake-quantize
@@ -170,14 +181,16 @@ void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantPara
     BlockIO<T>::load(x + i, v);
     for (int k = 0; k < 4; ++k) {
       if constexpr (kFold) v[k] = v[k] * fold_v;
-      Vec positive;
       if constexpr (kRelu) {
-        positive = v[k] > zero;
-        v[k] = at::vec::maximum(v[k], zero);
+        // clamp_min keeps NaN and -0, as relu_value does.
+        if constexpr (kMask) m[k] = v[k] > zero;
+        Vec in_range;
+        v[k] = vq.apply_nonnegative<kMask>(at::vec::clamp_min(v[k], zero), in_range);
+        if constexpr (kMask) m[k] = m[k] & in_range;
+      } else {
+        v[k] = vq.apply<kMask>(v[k], m[k]);
       }
-      v[k] = vq.apply<kMask>(v[k], m[k]);
       if constexpr (kDivide) v[k] = v[k] / fold_v;
-      if constexpr (kRelu && kMask) m[k] = m[k] & positive;
     }
     BlockIO<T>::store(out + i, v);
     if constexpr (kMask) store_mask(mask + i, m);
