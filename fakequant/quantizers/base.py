@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.utils import parametrize
 
+from fakequant import functional
 from fakequant.onnx_export import OnnxQDQ, onnx_qdq_range
 from fakequant.qparams import PerChannel, QuantSpec, choose_qparams
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig, resolve_config_list
@@ -78,6 +79,7 @@ class QuantizedLayer:
         self.observed: dict[str, bool] = {}  # mirrors of the fakequant_<type>_observed buffers
         self._handles: list = []
         self._relu_output: torch.Tensor | None = None  # from the ReLU pre-hook to the output hook
+        self._own_hook_ids: set[int] = set()
         self._buffer_names: list[str] = []
 
     # -- state ------------------------------------------------------------------------------------
@@ -113,15 +115,18 @@ class QuantizedLayer:
             if type(self.module) is nn.ReLU and not self.module.inplace:
                 self._handles.append(self.module.register_forward_pre_hook(self._relu_pre_hook))
             self._handles.append(self.module.register_forward_hook(self._output_hook))
+        self._own_hook_ids = {handle.id for handle in self._handles}
 
     def add_hook_handle(self, handle) -> None:
         self._handles.append(handle)
+        self._own_hook_ids.add(handle.id)
 
     def detach(self) -> None:
         """Removes the hooks, the parametrization and the buffers; the module is a plain float module again."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._own_hook_ids.clear()
         self._relu_output = None
         if parametrize.is_parametrized(self.module, "weight"):
             parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=False)
@@ -138,7 +143,7 @@ class QuantizedLayer:
         return (self.quantizer.quantize_input(self, args[0]), *args[1:])
 
     def _only_own_hooks(self, module: nn.Module) -> bool:
-        own = {handle.id for handle in self._handles}
+        own = self._own_hook_ids
         return (
             own.issuperset(module._forward_pre_hooks) and own.issuperset(module._forward_hooks)
             and not module_hooks._global_forward_pre_hooks and not module_hooks._global_forward_hooks
@@ -378,8 +383,6 @@ class Quantizer:
     def _minmax_fake_quant_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
         """Weight ranges taken from the current weight on every forward (tracked from step 0), fake
         quantization from ``quant_start_step``."""
-        from fakequant import functional
-
         spec = layer.config.specs["weight"]
         scale, zero_point = self._observe_weight(layer, weight)
         if not layer.active():
@@ -547,8 +550,6 @@ class EmaRangeQuantizer(Quantizer):
         range has been observed (an eval pass before any training batch runs in float). With ``relu``, the
         activation is ``relu(x)``, observed and fake-quantized without forming it (the fused op's mask holds
         ReLU's gradient too)."""
-        from fakequant import functional
-
         if layer.module.training:
             with torch.no_grad():
                 self._observe(layer, quant_type, x, relu)
