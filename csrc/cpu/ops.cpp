@@ -11,7 +11,6 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -31,103 +30,9 @@ namespace fakequant::cpu {
 namespace {
 
 // ----------------------------------------------------------------------------------------------
-// Formatting values as Python prints them, so that messages match the reference's f-strings.
+// Argument checks: cuda/checks.cuh (shared with the CUDA ops, worded as the reference's), plus the value
+// checks that only a CPU kernel can afford.
 // ----------------------------------------------------------------------------------------------
-
-std::string dtype_repr(c10::ScalarType dtype) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return "torch.float32";
-    case c10::ScalarType::Double: return "torch.float64";
-    case c10::ScalarType::Half: return "torch.float16";
-    case c10::ScalarType::BFloat16: return "torch.bfloat16";
-    case c10::ScalarType::Byte: return "torch.uint8";
-    case c10::ScalarType::Char: return "torch.int8";
-    case c10::ScalarType::Short: return "torch.int16";
-    case c10::ScalarType::Int: return "torch.int32";
-    case c10::ScalarType::Long: return "torch.int64";
-    case c10::ScalarType::Bool: return "torch.bool";
-    case c10::ScalarType::ComplexHalf: return "torch.complex32";
-    case c10::ScalarType::ComplexFloat: return "torch.complex64";
-    case c10::ScalarType::ComplexDouble: return "torch.complex128";
-    default: return std::string("torch.") + c10::toString(dtype);
-  }
-}
-
-std::string shape_repr(c10::IntArrayRef shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i > 0) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  if (shape.size() == 1) s += ",";
-  return s + ")";
-}
-
-// Python's repr(float): the shortest round-trip digits, fixed notation for exponents -4..15 (always with
-// a fractional part), scientific with a two-digit signed exponent otherwise.
-std::string float_repr(double v) {
-  if (std::isnan(v)) return "nan";
-  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-  char buf[64];
-  const auto res = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
-  std::string s(buf, res.ptr);
-  std::string sign;
-  if (s[0] == '-') {
-    sign = "-";
-    s.erase(0, 1);
-  }
-  const size_t e_pos = s.find('e');
-  const int exponent = std::atoi(s.c_str() + e_pos + 1);
-  std::string digits;
-  for (size_t i = 0; i < e_pos; ++i) {
-    if (s[i] != '.') digits += s[i];
-  }
-  std::string out;
-  if (exponent < -4 || exponent >= 16) {
-    out = digits.substr(0, 1);
-    if (digits.size() > 1) out += "." + digits.substr(1);
-    char e_buf[16];
-    std::snprintf(e_buf, sizeof(e_buf), "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
-    out += e_buf;
-  } else if (exponent < 0) {
-    out = "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
-  } else if (static_cast<int>(digits.size()) <= exponent + 1) {
-    out = digits + std::string(static_cast<size_t>(exponent + 1) - digits.size(), '0') + ".0";
-  } else {
-    out = digits.substr(0, exponent + 1) + "." + digits.substr(exponent + 1);
-  }
-  return sign + out;
-}
-
-// ----------------------------------------------------------------------------------------------
-// Argument checks, in the reference's order and wording.
-// ----------------------------------------------------------------------------------------------
-
-constexpr int64_t kQuantLimit = int64_t{1} << 24;
-
-bool is_float_dtype(c10::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-}
-
-void check_x(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(is_float_dtype(x.scalar_type()), "fakequant: ", name, " has dtype ",
-                    dtype_repr(x.scalar_type()), "; allowed: float32, float16, bfloat16");
-}
-
-void check_range(int64_t quant_min, int64_t quant_max) {
-  TORCH_CHECK_VALUE(quant_min <= quant_max, "fakequant: quant_min (", quant_min, ") must be <= quant_max (",
-                    quant_max, ")");
-  TORCH_CHECK_VALUE(quant_min >= -kQuantLimit && quant_max <= kQuantLimit, "fakequant: quant range [",
-                    quant_min, ", ", quant_max,
-                    "] must lie within [-2^24, 2^24] so that every level is exact in fp32");
-}
-
-int64_t normalize_axis(int64_t axis, int64_t ndim) {
-  TORCH_CHECK_VALUE(-ndim <= axis && axis < ndim, "fakequant: axis ", axis,
-                    " is out of range for a tensor with ", ndim, " dimensions (allowed: ", -ndim, " to ",
-                    ndim - 1, ")");
-  return axis < 0 ? axis + ndim : axis;
-}
 
 // Element i (in logical order) of a CPU tensor that has one element or is 1-D, read in place.
 template <typename T>
@@ -140,16 +45,16 @@ int64_t zero_point_at(const at::Tensor& zero_point, int64_t i) {
   return zero_point.scalar_type() == at::kInt ? scalar_at<int32_t>(zero_point, i) : scalar_at<int64_t>(zero_point, i);
 }
 
-// channels < 0: per-tensor.
-void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                   int64_t quant_min, int64_t quant_max, int64_t channels) {
-  checks::check_qparams(x, scale, zero_point, channels);
-  // The values: free to check here, since these are CPU tensors. Read in place (no copies: this runs on
-  // every call, and a contiguous()/to() pair cost ~7 us of the ~10 us that a 16-element call took).
+// The values of scale and zero point (after checks::check_qparams): free to check here, since these are CPU
+// tensors. Read in place (no copies: this runs on every call, and a contiguous()/to() pair cost ~7 us of the
+// ~10 us that a 16-element call took).
+void check_qparam_values(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
+                         int64_t quant_max) {
   const int64_t scale_count = scale.numel();
   for (int64_t i = 0; i < scale_count; ++i) {
     const float s = scalar_at<float>(scale, i);
-    TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f, "fakequant: scale must be finite and > 0, got ", float_repr(s));
+    TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f, "fakequant: scale must be finite and > 0, got ",
+                      checks::python_float(s));
   }
   const int64_t zp_count = zero_point.numel();
   for (int64_t i = 0; i < zp_count; ++i) {
@@ -157,12 +62,6 @@ void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at::Tenso
     TORCH_CHECK_VALUE(quant_min <= z && z <= quant_max, "fakequant: zero_point ", z,
                       " is outside [quant_min, quant_max] = [", quant_min, ", ", quant_max, "]");
   }
-}
-
-void check_mask(const at::Tensor& grad, const at::Tensor& mask) {
-  TORCH_CHECK_VALUE(mask.sizes() == grad.sizes() && mask.scalar_type() == at::kBool,
-                    "fakequant: mask must be a bool tensor of the gradient's shape ", shape_repr(grad.sizes()),
-                    ", got ", dtype_repr(mask.scalar_type()), " of shape ", shape_repr(mask.sizes()));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -295,9 +194,8 @@ std::vector<float> bn_fold_training_factors(const at::Tensor& gamma, const at::T
 std::tuple<at::Tensor, at::Tensor> fake_quant_per_tensor_cpu(const at::Tensor& x, const at::Tensor& scale,
                                                              const at::Tensor& zero_point, int64_t quant_min,
                                                              int64_t quant_max, bool compute_mask, bool relu) {
-  check_x(x, "x");
-  check_range(quant_min, quant_max);
-  check_qparams(x, scale, zero_point, quant_min, quant_max, -1);
+  checks::check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, std::nullopt);
+  check_qparam_values(scale, zero_point, quant_min, quant_max);
   const at::Tensor xd = dense(x);
   auto [out, mask] = allocate_outputs(xd, compute_mask);
   if (xd.numel() > 0) {
@@ -313,10 +211,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_per_channel_cpu(const at::Tensor& 
                                                               const at::Tensor& zero_point, int64_t axis,
                                                               int64_t quant_min, int64_t quant_max,
                                                               bool compute_mask) {
-  check_x(x, "x");
-  check_range(quant_min, quant_max);
-  axis = normalize_axis(axis, x.dim());
-  check_qparams(x, scale, zero_point, quant_min, quant_max, x.size(axis));
+  axis = checks::check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis);
+  check_qparam_values(scale, zero_point, quant_min, quant_max);
   const at::Tensor xd = dense(x);
   auto [out, mask] = allocate_outputs(xd, compute_mask);
   if (xd.numel() > 0) {
@@ -329,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_per_channel_cpu(const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor> binarize_cpu(const at::Tensor& x, bool clipped_ste, bool compute_mask) {
-  check_x(x, "x");
+  checks::check_float_input(x, "x");
   const bool with_mask = clipped_ste && compute_mask;
   const at::Tensor xd = dense(x);
   auto [out, mask] = allocate_outputs(xd, with_mask);
@@ -340,35 +236,14 @@ std::tuple<at::Tensor, at::Tensor> binarize_cpu(const at::Tensor& x, bool clippe
   return {out, mask};
 }
 
-void check_bn_fold_args(const at::Tensor& weight, const at::Tensor& gamma, const at::Tensor& var, double eps,
-                        const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
-                        int64_t quant_max) {
-  check_x(weight, "weight");
-  TORCH_CHECK_VALUE(weight.dim() >= 1,
-                    "fakequant: weight must have at least one dimension (output channels first)");
-  const int64_t channels = weight.size(0);
-  const std::pair<const char*, const at::Tensor*> bn[] = {{"gamma", &gamma}, {"var", &var}};
-  for (const auto& [name, t] : bn) {
-    TORCH_CHECK_VALUE(t->device() == weight.device(), "fakequant: ", name, " is on ", t->device().str(),
-                      " but weight is on ", weight.device().str(), "; they must be on the same device");
-    TORCH_CHECK_VALUE(is_float_dtype(t->scalar_type()), "fakequant: ", name, " has dtype ",
-                      dtype_repr(t->scalar_type()), "; allowed: float32, float16, bfloat16");
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == channels, "fakequant: ", name, " must be 1-D with ",
-                      channels, " elements (weight.size(0)), got shape ", shape_repr(t->sizes()));
-  }
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "fakequant: eps must be finite and >= 0, got ",
-                    float_repr(eps));
-  check_range(quant_min, quant_max);
-  check_qparams(weight, scale, zero_point, quant_min, quant_max, channels);
-}
-
 std::tuple<at::Tensor, at::Tensor> bn_fold_fake_quant_weight_cpu(const at::Tensor& weight, const at::Tensor& gamma,
                                                                  const at::Tensor& var, double eps,
                                                                  const at::Tensor& scale,
                                                                  const at::Tensor& zero_point, int64_t quant_min,
                                                                  int64_t quant_max, bool compute_mask,
                                                                  bool divide_by_fold) {
-  check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
+  checks::check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
+  check_qparam_values(scale, zero_point, quant_min, quant_max);
   const at::Tensor wd = dense(weight);
   auto [out, mask] = allocate_outputs(wd, compute_mask);
   if (wd.numel() > 0) {
@@ -410,7 +285,7 @@ void masked_grad_strided(const at::Tensor& out, const at::Tensor& grad, const at
 }
 
 at::Tensor masked_grad_cpu(const at::Tensor& grad, const at::Tensor& mask) {
-  check_mask(grad, mask);
+  checks::check_mask(grad, mask);
   at::Tensor out = at::empty_like(grad);
   if (grad.numel() == 0) return out;
   const size_t width = grad.element_size();
@@ -428,23 +303,14 @@ at::Tensor masked_grad_cpu(const at::Tensor& grad, const at::Tensor& mask) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backward_cpu(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& gamma,
     const at::Tensor& var, double eps, const std::optional<at::Tensor>& divided_out) {
-  check_mask(grad, mask);
-  check_x(weight, "weight");
-  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), "fakequant: grad must have the weight's shape ",
-                    shape_repr(weight.sizes()), ", got shape ", shape_repr(grad.sizes()));
-  TORCH_CHECK_VALUE(weight.dim() >= 1,
-                    "fakequant: weight must have at least one dimension (output channels first)");
+  checks::check_bn_fold_backward_args(grad, weight, mask, gamma, var, eps, divided_out);
   const int64_t channels = weight.size(0);
-  TORCH_CHECK_VALUE(gamma.numel() == channels && var.numel() == channels, "fakequant: gamma and var must have ",
-                    channels, " elements (weight.size(0)), got shapes ", shape_repr(gamma.sizes()), " and ",
-                    shape_repr(var.sizes()));
   const at::Tensor wd = dense(weight);
   // The fused kernel reads grad in weight's dtype; autograd always supplies that, anything else is
   // converted to fp32 exactly as the reference does (masked grad in fp32).
   const at::Tensor gd = with_layout_of(grad.scalar_type() == weight.scalar_type() ? grad : grad.to(at::kFloat), wd);
   const at::Tensor md = with_layout_of(mask, wd);
   const bool divided = divided_out.has_value();
-  if (divided) checks::check_divided_out(*divided_out, weight);
   const at::Tensor od = divided ? with_layout_of(*divided_out, wd) : at::Tensor();
   const std::vector<float> gamma_f = to_float_vector(gamma);
   const std::vector<float> std_dev = to_float_vector(bn_std(var, eps));

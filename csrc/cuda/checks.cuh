@@ -203,8 +203,6 @@ inline void check_mask(const at::Tensor& grad, const at::Tensor& mask) {
   check_same_device(mask, "mask", grad, "grad");
 }
 
-// observe_range: everything but values (fold, the tracked range and the qparams are written or read by
-// the kernel). Normalizes `axis` in place.
 // The forward output that bn_fold_fake_quant_weight_backward differentiates with after divide_by_fold=True.
 inline void check_divided_out(const at::Tensor& divided_out, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(divided_out.sizes() == weight.sizes() && divided_out.scalar_type() == weight.scalar_type() &&
@@ -215,6 +213,27 @@ inline void check_divided_out(const at::Tensor& divided_out, const at::Tensor& w
                     python_dtype(divided_out.scalar_type()), " on ", divided_out.device().str());
 }
 
+// bn_fold_fake_quant_weight_backward: the reference checks only the mask (masked_grad) and divided_out; the
+// rest (devices, dtypes, shapes that torch would broadcast) is checked here so that no kernel reads out of
+// bounds, each message saying what is allowed.
+inline void check_bn_fold_backward_args(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& mask,
+                                        const at::Tensor& gamma, const at::Tensor& var, double eps,
+                                        const std::optional<at::Tensor>& divided_out) {
+  check_weight(weight);
+  check_same_device(grad, "grad", weight, "weight");
+  check_float_input(grad, "grad");
+  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), "fakequant: grad must have the weight's shape ",
+                    python_shape(weight.sizes()), ", got shape ", python_shape(grad.sizes()));
+  check_mask(grad, mask);
+  check_bn_param(gamma, "gamma", weight);
+  check_bn_param(var, "var", weight);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "fakequant: eps must be finite and >= 0, got ",
+                    python_float(eps));
+  if (divided_out.has_value()) check_divided_out(*divided_out, weight);
+}
+
+// observe_range: everything but values (fold, the tracked range and the qparams are written or read by
+// the kernel). Normalizes `axis` in place.
 inline void check_observe_range_args(const at::Tensor& x, const at::Tensor& tracked_range, const at::Tensor& scale,
                               const at::Tensor& zero_point, std::optional<int64_t>& axis, double averaging_constant,
                               int64_t quant_min, int64_t quant_max, const std::optional<at::Tensor>& fold) {

@@ -203,17 +203,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(const
                                                                            const Tensor& mask, const Tensor& gamma,
                                                                            const Tensor& var, double eps,
                                                                            const std::optional<Tensor>& divided_out) {
-  checks::check_weight(weight);
-  checks::check_same_device(grad, "grad", weight, "weight");
-  checks::check_float_input(grad, "grad");
-  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), "fakequant: grad must have the weight's shape ",
-                    checks::python_shape(weight.sizes()), ", got shape ", checks::python_shape(grad.sizes()));
-  checks::check_mask(grad, mask);
-  checks::check_bn_param(gamma, "gamma", weight);
-  checks::check_bn_param(var, "var", weight);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "fakequant: eps must be finite and >= 0, got ",
-                    checks::python_float(eps));
-  if (divided_out.has_value()) checks::check_divided_out(*divided_out, weight);
+  checks::check_bn_fold_backward_args(grad, weight, mask, gamma, var, eps, divided_out);
   const c10::cuda::CUDAGuard guard(weight.device());
 
   Tensor grad_weight = at::empty_like(weight);
