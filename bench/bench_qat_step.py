@@ -14,7 +14,7 @@ or, for one interleaved table with the ratios (less sensitive to a machine whose
 
     python bench/bench_qat_step.py [rounds]        # FAKEQUANT_BENCH_THREADS=1 for one thread
 
-Measured 2026-11-30 23:25 UTC on the 2-core AMD EPYC VM while it was otherwise idle, ``python
+Measured 2026-11-30 23:09 UTC on the 2-core AMD EPYC VM while it was otherwise idle, ``python
 bench/bench_qat_step.py 40`` three times (and ``20`` rounds at 1 thread), compiled CPU kernels; each cell is the
 median of the per-round ratios to the FP32 step of the same round (the ratio of the medians differs by up to
 0.016):
