@@ -811,6 +811,18 @@ def test_relu_with_other_hooks_sees_the_real_tensors():
     assert (seen["output"] >= 0).all() and (levels - levels.round()).abs().max() < 1e-3  # the quantized output
 
 
+def test_relu_with_a_backward_hook_keeps_its_tensors():
+    fused = _relu_step_results(nn.ReLU, steps=1)[2].train()
+    watched = _relu_step_results(nn.ReLU, steps=1)[2].train()
+    grads = []
+    watched[2].register_full_backward_hook(lambda module, grad_input, grad_output: grads.append(grad_input[0]))
+    x = torch.randn(2, 3, 8, 8)
+    out_fused, out_watched = fused(x), watched(x)
+    assert torch.equal(out_fused, out_watched)
+    out_watched.square().sum().backward()
+    assert len(grads) == 1 and grads[0].shape == (2, 8, 6, 6)
+
+
 def test_relu_before_quant_start_step_is_the_float_relu():
     model = _relu_net(nn.ReLU)
     reference_model = _relu_net(nn.ReLU)

@@ -146,14 +146,16 @@ class QuantizedLayer:
         own = self._own_hook_ids
         return (
             own.issuperset(module._forward_pre_hooks) and own.issuperset(module._forward_hooks)
+            and not module._backward_hooks and not module._backward_pre_hooks
             and not module_hooks._global_forward_pre_hooks and not module_hooks._global_forward_hooks
+            and not module_hooks._global_backward_hooks and not module_hooks._global_backward_pre_hooks
         )
 
     def _relu_pre_hook(self, module: nn.Module, args: tuple):
         # An out-of-place nn.ReLU whose output is quantized: the quantizer may compute that output from the
         # input alone (QAT: the fused ReLU + fake quant op, one pass forward and one masked pass backward). The
         # ReLU then runs on an empty placeholder, and the output hook returns the quantized output. Not done when
-        # other hooks watch the module, which would see the placeholder.
+        # other hooks (forward or backward, on the module or global) watch it: they would see the placeholder.
         self._relu_output = None
         if len(args) != 1 or not isinstance(args[0], torch.Tensor) or not self._only_own_hooks(module):
             return None
