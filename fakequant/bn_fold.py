@@ -413,11 +413,14 @@ class ConvBnQAT(nn.Module):
         var = bn.running_var.clone()
         spec = self.weight_spec
         weight = conv.weight
-        # conv(x, q(w f)) / f per output channel equals conv(x, q(w f) / f) up to fp32 rounding. The division
-        # (and its backward) runs over whichever is smaller: the weight, C_out * C_in/groups * k elements, inside
-        # the fused op (divide_by_fold), or the output, C_out * N * spatial (bounded by the input's spatial size).
-        # Small batches of small images with wide layers (ResNet-50's later stages) divide the output: a
-        # 512x512x3x3 weight is 9.4 MB, its output on an 8x512x4x4 input at most 0.26 MB.
+        # conv(x, q(w f)) / f per output channel equals conv(x, q(w f) / f) up to fp32 rounding. Dividing the
+        # weight inside the fused op (divide_by_fold) costs one more read of its output in the backward; dividing
+        # the conv output costs a few passes over the output and a few small ops with their autograd. The output
+        # is divided when it is the smaller tensor, C_out * N * spatial (bounded by the input's spatial size)
+        # against C_out * C_in/groups * k: small batches of small images through wide layers (ResNet-50's later
+        # stages; a 512x512x3x3 weight is 9.4 MB, its output on an 8x512x4x4 input at most 0.26 MB). Measured on
+        # ResNet-50 (64x64, batch 8, 2 threads): divide_by_fold for every pair gave 1.34x to 1.40x the FP32 step,
+        # this split 1.33x.
         if x.dim() != weight.dim() or x.numel() // x.size(1) >= weight.numel() // weight.size(0):
             with torch.no_grad():
                 scale, zero_point = self._update_qparams(reference.bn_fold_training_factor(gamma, var, bn.eps))
@@ -425,15 +428,15 @@ class ConvBnQAT(nn.Module):
                 weight, gamma, var, bn.eps, scale, zero_point, spec.quant_min, spec.quant_max, divide_by_fold=True
             )
             return bn(conv._conv_forward(x, weight, conv.bias))
-        std = torch.sqrt(var.float() + self.bn.eps)
+        std = torch.sqrt(var.float() + bn.eps)
         gamma = torch.where(gamma == 0, std.to(gamma.dtype), gamma)  # f = 1 where gamma == 0 (see class doc)
         factor = gamma.float() / std  # reference.bn_fold_factor(gamma, var, eps), reusing std
         scale, zero_point = self._update_qparams(factor)
         weight = functional.bn_fold_fake_quant_weight(
-            weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
+            weight, gamma, var, bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
         )
-        y = self.conv._conv_forward(x, weight, None) / self._channel_view(factor).to(weight.dtype)
-        return self.bn(y if self.conv.bias is None else y + self._channel_view(self.conv.bias))
+        y = conv._conv_forward(x, weight, None) / self._channel_view(factor).to(weight.dtype)
+        return bn(y if conv.bias is None else y + self._channel_view(conv.bias))
 
     def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
