@@ -29,12 +29,14 @@ qat-nofold               1.081x, 1.104x, 1.098x       1.082x
 qat-fold-frozen          0.92x, 0.93x, 0.92x          0.87x
 =======================  ===========================  ==================
 
-At the start of that day two runs (30 rounds, ratios of medians) gave qat 1.230x and 1.231x, qat-nofold 1.071x
-and 1.134x (on 2026-11-22, on an Intel VM: 1.40x and 1.31x). Issue 5's target (1.15x with folding) is met in
-every run above; issue 4's (1.10x without) sits within the run-to-run spread. What remains is split about
-evenly between the weights (three small ops and the parametrization's Python per layer and step) and the
-activations (one range pass and the mask of the quantized ReLU outputs), plus BN's own cost in the folded
-variant.
+Half an hour after these (23:37-23:40, 60 and 100 rounds, seven runs, two of them on a build of the 23:09
+commit alternating with the current one) the same measurement gave 1.142x to 1.155x with folding and 1.086x to
+1.109x without, for both commits: the machine moved, not the code, and both targets (1.15x with folding, issue 5;
+1.10x without, issue 4) sit within the run-to-run spread of this VM. At the start of that day two runs (30
+rounds, ratios of medians) gave 1.230x and 1.231x with folding, 1.071x and 1.134x without (on 2026-11-22, on an
+Intel VM: 1.40x and 1.31x). What remains is split about evenly between the weights (three small ops and the
+parametrization's Python per layer and step) and the activations (one range pass and the mask of the quantized
+ReLU outputs), plus BN's own cost in the folded variant.
 """
 
 from __future__ import annotations
