@@ -79,9 +79,12 @@ def composition_differentiable(i):
     return common.straight_through(out, mask, _folded(i.x, i.gamma, i.var))
 
 
+# (256, n / 256) weights for the sweep, and ResNet-50's conv weights.
+CASES = common.flat_cases(FLAT_CHANNELS) + [c for c in common.resnet50_weight_cases() if len(c.shape) == 4]
+
 SPEC = common.OpBench(
     op="bn_fold",
-    cases=common.flat_cases(FLAT_CHANNELS) + [c for c in common.resnet50_weight_cases() if len(c.shape) == 4],
+    cases=CASES,
     make_inputs=make_inputs,
     fused_forward=fused_forward,
     fused_differentiable=fused_differentiable,

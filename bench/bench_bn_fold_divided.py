@@ -15,7 +15,7 @@ import torch
 
 import fakequant
 from bench import common
-from bench.bench_bn_fold import EPS, FLAT_CHANNELS, QUANT_MAX, QUANT_MIN, make_inputs
+from bench.bench_bn_fold import CASES, EPS, QUANT_MAX, QUANT_MIN, make_inputs
 from fakequant import reference
 
 
@@ -78,7 +78,7 @@ def composition_differentiable(i):
 
 SPEC = common.OpBench(
     op="bn_fold_divided",
-    cases=common.flat_cases(FLAT_CHANNELS) + [c for c in common.resnet50_weight_cases() if len(c.shape) == 4],
+    cases=CASES,
     make_inputs=make_inputs,
     fused_forward=fused_forward,
     fused_differentiable=fused_differentiable,

@@ -90,6 +90,12 @@ C10_HOST_DEVICE inline float bn_fold_divided_slope(float w, float out, bool in_r
   return (in_range ? w : 0.0f) - out;
 }
 
+// grad_f of divide_by_fold from a channel's sum of grad * bn_fold_divided_slope and its unadjusted fold factor:
+// the sum over f, and 0 where f is 0 (that channel was quantized with f = 1, an output that f does not move).
+C10_HOST_DEVICE inline float bn_fold_divided_grad_factor(float slope_sum, float fold) {
+  return fold == 0.0f ? 0.0f : slope_sum / fold;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Range observation and quantization parameters (the observe_range op). NaN propagates everywhere, as
 // in torch's min/max reductions and clamps, so a NaN in an observed tensor makes its scale NaN and the

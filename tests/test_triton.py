@@ -581,6 +581,18 @@ def small_observe_blocks(monkeypatch):
 OBSERVE_MODES = [(1.0, (-128, 127, True)), (0.01, (0, 255, False)), (0.25, (-8, 7, False))]
 
 
+def check_observe_every_layout_and_axis(x, gen, relu=False):
+    """check_observe for every layout of x, per tensor and along every axis, cycling through OBSERVE_MODES with a
+    random tracked range; returns (axis, averaging constant, the kernel's state) of each call."""
+    results = []
+    for i, xl in enumerate(layouts(x).values()):
+        for j, axis in enumerate((None, *range(x.dim()))):
+            constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
+            tracked = torch.randn((2,) if axis is None else (2, x.size(axis)), generator=gen)
+            results.append((axis, constant, check_observe(xl, axis, constant, qrange, tracked=tracked, relu=relu)))
+    return results
+
+
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("special", [False, True], ids=["finite", "nan-inf"])
 def test_observe_range_layouts(dtype, special, small_observe_blocks):
@@ -590,11 +602,7 @@ def test_observe_range_layouts(dtype, special, small_observe_blocks):
         # One channel of each axis gets a NaN, others inf and -inf: per-channel ranges keep them apart.
         x[1, 2, 3, 4], x[2, 0, 0, 0], x[3, 5, 4, 6] = float("nan"), float("inf"), float("-inf")
     x = x.to(dtype=dtype, device=DEVICE)
-    for i, xl in enumerate(layouts(x).values()):
-        for j, axis in enumerate((None, 0, 1, 2, 3)):
-            constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
-            tracked = torch.randn((2,) if axis is None else (2, x.size(axis)), generator=gen)
-            check_observe(xl, axis, constant, qrange, tracked=tracked)
+    check_observe_every_layout_and_axis(x, gen)
 
 
 def test_observe_range_several_default_blocks():
@@ -647,13 +655,9 @@ def test_observe_range_relu(dtype, small_observe_blocks):
     x[:, :, 3] = -x[:, :, 3].abs() - 0.25  # and along axis 2
     x[0, 1, 1, 1], x[3, 4, 0, 2], x[1, 5, 4, 6] = float("nan"), float("inf"), float("-inf")
     x = x.to(dtype=dtype, device=DEVICE)
-    for i, xl in enumerate(layouts(x).values()):
-        for j, axis in enumerate((None, 0, 1, 2, 3)):
-            constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
-            tracked = torch.randn((2,) if axis is None else (2, x.size(axis)), generator=gen)
-            state = check_observe(xl, axis, constant, qrange, tracked=tracked, relu=True)
-            if constant == 1.0 and axis in (0, 2):
-                assert state[0][:, 2 if axis == 0 else 3].tolist() == [0.0, 0.0], state[0]
+    for axis, constant, state in check_observe_every_layout_and_axis(x, gen, relu=True):
+        if constant == 1.0 and axis in (0, 2):
+            assert state[0][:, 2 if axis == 0 else 3].tolist() == [0.0, 0.0], state[0]
     # All negative (-inf included): [0, 0], replaced or moved towards; without relu the range is negative.
     negative = -(torch.rand(3, 5, generator=gen) + 0.5)
     negative[1, 2] = float("-inf")

@@ -167,8 +167,8 @@ struct VecQuant {
 };
 
 // A run of elements sharing one set of parameters (the whole tensor for per-tensor). kRelu: fake-quantize
-// relu(x), and the mask also requires x > 0 (ReLU's gradient); at::vec::maximum keeps NaN. kDivide (with
-// kFold): q(x * fold) / fold, BN folding's divide_by_fold.
+// relu(x), and the mask also requires x > 0 (ReLU's gradient). kDivide (with kFold): q(x * fold) / fold, BN
+// folding's divide_by_fold.
 template <typename T, bool kMask, bool kFold, bool kRelu = false, bool kDivide = false>
 void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantParams& p, float fold) {
   static_assert(kFold || !kDivide, "kDivide divides by the fold factor");

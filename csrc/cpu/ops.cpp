@@ -322,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backwar
   const at::Tensor od = divided ? with_layout_of(*divided_out, wd) : at::Tensor();
   const std::vector<float> gamma_f = to_float_vector(gamma);
   const std::vector<float> std_dev = to_float_vector(bn_std(var, eps));
-  // The factor that multiplies the gradient (1 for the divided output, whose gradient is the masked grad).
+  // The fold factors: they multiply the gradient of q(w f), and divide the sums of the divided output's.
   std::vector<float> fold = bn_fold_factors(gamma_f, std_dev);
   at::Tensor grad_weight = at::empty_like(wd);
   std::vector<float> sums(channels, 0.0f);
@@ -352,8 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backwar
     }
   }
   if (divided) {
-    // grad_f = sum / f, 0 where f was taken as 1.
-    for (int64_t c = 0; c < channels; ++c) sums[c] = fold[c] == 0.0f ? 0.0f : sums[c] / fold[c];
+    for (int64_t c = 0; c < channels; ++c) sums[c] = bn_fold_divided_grad_factor(sums[c], fold[c]);
   }
   at::Tensor grad_gamma_f = at::empty({channels}, at::kFloat);
   at::Tensor grad_var_f = at::empty({channels}, at::kFloat);

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const float s = block_sum(partial, shared);
     if (threadIdx.x == 0) {
-      const float grad_factor = !divided ? s : (factor == 0.0f ? 0.0f : s / factor);
+      const float grad_factor = divided ? bn_fold_divided_grad_factor(s, factor) : s;
       store(grad_gamma, c, grad_factor / std_c);
       store(grad_var, c, -0.5f * grad_factor * gamma_c / (std_c * std_c * std_c));
     }
