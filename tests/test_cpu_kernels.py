@@ -118,6 +118,13 @@ BASELINE_SCRIPT = textwrap.dedent(
                 check("fake_quant_per_tensor", xd, s, z, -128, 127, cm)
                 check("binarize", xd, True, cm)
             check("masked_grad", xd, xd > 0)
+            if n:
+                for relu in (False, True):
+                    state = [(torch.zeros(2), torch.ones(()), torch.zeros((), dtype=torch.int32)) for _ in "ab"]
+                    torch.ops.fakequant.observe_range(xd, *state[0], None, 1.0, -128, 127, False, None, relu)
+                    _ops.DEFAULT_KERNELS["observe_range"](xd, *state[1], None, 1.0, -128, 127, False, None, relu)
+                    for a, b in zip(*state):
+                        same(a, b)
     x = torch.randn(4, 6, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
     for axis in range(4):
         c = x.size(axis)
@@ -190,6 +197,40 @@ def test_per_tensor_every_length_up_to_70(dtype):
                 assert_same_as_reference(
                     "fake_quant_per_tensor", x, scale, relu_zero_point, quant_min, quant_max, compute_mask, True
                 )
+
+
+def observe_same_as_reference(x: torch.Tensor, axis: int | None, relu: bool = False) -> None:
+    """observe_range on fresh state, compiled against the reference: the same range, scale and zero point."""
+    channels = 1 if axis is None else x.size(axis)
+    results = []
+    for op in (cpu_op("observe_range"), reference_op("observe_range")):
+        shape = (2,) if axis is None else (2, channels)
+        state = (torch.zeros(shape), torch.ones(shape[1:]), torch.zeros(shape[1:], dtype=torch.int32))
+        op(x, *state, axis, 1.0, -128, 127, False, None, relu)
+        results.append(state)
+    for got, want in zip(*results, strict=True):
+        assert_identical(got, want)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_observe_range_every_length_and_nan_position(dtype):
+    # The vector body finds NaN on the side of plain min/max: a NaN anywhere (body or tail, either operand of
+    # the pairwise check) must give a NaN range, and infinities must not.
+    g = torch.Generator().manual_seed(11)
+    for n in list(range(1, 71)) + [97, 1001]:
+        x = (torch.randn(n, generator=g) * 5).to(dtype)
+        observe_same_as_reference(x, None)
+        observe_same_as_reference(x, None, relu=True)
+        for position in sorted({0, min(n - 1, 1), n // 2, n - 1, min(n - 1, 33), min(n - 1, 63)}):
+            for value in (float("nan"), float("inf"), -float("inf")):
+                y = x.clone()
+                y[position] = value
+                observe_same_as_reference(y, None)
+    for channels, run in ((3, 70), (5, 33), (2, 1001)):
+        x = (torch.randn(channels, run, generator=g) * 5).to(dtype)
+        x[1, run // 3] = float("nan")
+        observe_same_as_reference(x, 0)
+        observe_same_as_reference(x.t(), 1)  # the same storage, channels last in memory
 
 
 def test_per_tensor_offset_views_start_mid_vector():

@@ -516,23 +516,51 @@ void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weigh
 // Range observation: min and max per channel (or of the whole tensor), NaN-propagating.
 // ----------------------------------------------------------------------------------------------
 
+// min/max of two vectors, lane by lane, where NaN lanes may go either way (span_minmax detects NaN on the
+// side), and the lanes where a or b is NaN.
+#if defined(CPU_CAPABILITY_AVX2)
+inline Vec plain_min(const Vec& a, const Vec& b) { return _mm256_min_ps(a, b); }
+inline Vec plain_max(const Vec& a, const Vec& b) { return _mm256_max_ps(a, b); }
+inline Vec unordered(const Vec& a, const Vec& b) { return _mm256_cmp_ps(a, b, _CMP_UNORD_Q); }
+inline bool any_lane(const Vec& m) { return _mm256_movemask_ps(m) != 0; }
+#else
+inline Vec plain_min(const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }
+inline Vec plain_max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+inline Vec unordered(const Vec& a, const Vec& b) { return a.isnan() | b.isnan(); }
+inline bool any_lane(const Vec& m) {
+  alignas(64) uint32_t bits[kVec];
+  m.store(bits);
+  return std::any_of(bits, bits + kVec, [](uint32_t b) { return b != 0; });
+}
+#endif
+
 template <typename T>
 void span_minmax(const T* x, int64_t len, float& lo, float& hi) {
   int64_t i = 0;
   if (len >= kBlock) {
-    // Four independent accumulator pairs keep the min/max dependency chains off the critical path.
+    // Plain min/max plus one unordered compare per two vectors: 2.5 vector operations per vector against the
+    // 6 of NaN-propagating minimum/maximum; a span holding a NaN has a NaN range. Four independent
+    // accumulator pairs keep the dependency chains off the critical path. Measured 34.1 -> 14.4 us on
+    // 32x16x32x32 fp32, 2 threads (torch.sum: 13.3 us).
+    const float inf = std::numeric_limits<float>::infinity();
     Vec vlo[4], vhi[4];
+    Vec nan_lanes(0.0f);
     for (int k = 0; k < 4; ++k) {
-      vlo[k] = Vec(lo);
-      vhi[k] = Vec(hi);
+      vlo[k] = Vec(inf);
+      vhi[k] = Vec(-inf);
     }
     for (; i + kBlock <= len; i += kBlock) {
       Vec v[4];
       BlockIO<T>::load(x + i, v);
       for (int k = 0; k < 4; ++k) {
-        vlo[k] = at::vec::minimum(vlo[k], v[k]);  // both propagate NaN
-        vhi[k] = at::vec::maximum(vhi[k], v[k]);
+        vlo[k] = plain_min(vlo[k], v[k]);
+        vhi[k] = plain_max(vhi[k], v[k]);
       }
+      nan_lanes = nan_lanes | unordered(v[0], v[1]) | unordered(v[2], v[3]);
+    }
+    if (any_lane(nan_lanes)) {
+      lo = hi = std::numeric_limits<float>::quiet_NaN();
+      return;
     }
     alignas(64) float lanes_lo[kBlock], lanes_hi[kBlock];
     for (int k = 0; k < 4; ++k) {
