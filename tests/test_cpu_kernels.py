@@ -94,7 +94,7 @@ def test_extension_is_built_with_openmp():
     assert "libgomp" in libraries
 
 
-BASELINE_SCRIPT = textwrap.dedent(
+VARIANT_SCRIPT = textwrap.dedent(
     """
     import torch, fakequant
     from fakequant import _ops
@@ -107,7 +107,7 @@ BASELINE_SCRIPT = textwrap.dedent(
         for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             same(a, b)
     s, z = torch.tensor(0.1), torch.tensor(3, dtype=torch.int32)
-    for n in (0, 1, 31, 32, 33, 70, 1000):
+    for n in (0, 1, 31, 32, 33, 63, 64, 65, 70, 135, 1000):
         x = torch.randn(n, generator=g) * 20
         x[::7] = (torch.arange(len(x[::7])) - 5.5) * 0.1
         if n > 3:
@@ -150,7 +150,7 @@ BASELINE_SCRIPT = textwrap.dedent(
     same(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
-    print("baseline ok")
+    print("variant ok")
     """
 )
 
@@ -161,19 +161,47 @@ def run_python(script: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full_env, timeout=300)
 
 
-def test_baseline_build_matches_reference():
-    """The kernels built without AVX2 (chosen with FAKEQUANT_CPU_CAPABILITY=baseline) are exact too."""
-    result = run_python(BASELINE_SCRIPT, FAKEQUANT_CPU_CAPABILITY="baseline")
+def cpu_supports(*features: str) -> bool:
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    return all(feature in flags for feature in features)
+
+
+@pytest.mark.parametrize("capability", ["baseline", "avx2", "avx512"])
+def test_every_kernel_variant_matches_reference(capability):
+    """Each build variant, chosen with FAKEQUANT_CPU_CAPABILITY, is exact; the rest of this file runs the
+    default one (the best the CPU has)."""
+    needs = {"baseline": (), "avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}
+    if not cpu_supports(*needs[capability]):
+        pytest.skip(f"this CPU lacks {', '.join(needs[capability])}")
+    result = run_python(VARIANT_SCRIPT, FAKEQUANT_CPU_CAPABILITY=capability)
     assert result.returncode == 0, result.stderr
-    assert "baseline ok" in result.stdout
+    assert "variant ok" in result.stdout
+
+
+def test_avx2_variant_passes_this_file_on_an_avx512_cpu():
+    """Where the default is the AVX-512 build, the AVX2 build (the default of most other x86 CPUs) still runs
+    every test of this file, in a child pytest."""
+    if not cpu_supports("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"):
+        pytest.skip("the default build here is not AVX-512: this file already runs the AVX2 or baseline build")
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.abspath(__file__),
+               "-k", "not variant and not capability"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FAKEQUANT_CPU_CAPABILITY="avx2",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
 
 
 def test_unknown_cpu_capability_is_an_error():
-    # Proves the variable is read (so the baseline test above really runs the baseline kernels).
+    # Proves the variable is read (so the variant tests above really run the variant they name).
     script = "import torch, fakequant; torch.ops.fakequant.binarize(torch.ones(3))"
     result = run_python(script, FAKEQUANT_CPU_CAPABILITY="sse9")
     assert result.returncode != 0
-    assert "FAKEQUANT_CPU_CAPABILITY is 'sse9'; allowed: avx2, baseline" in result.stderr
+    assert "FAKEQUANT_CPU_CAPABILITY is 'sse9'; allowed: avx512, avx2, baseline" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,10 +210,10 @@ def test_unknown_cpu_capability_is_an_error():
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_per_tensor_every_length_up_to_70(dtype):
+def test_per_tensor_every_length_up_to_135(dtype):
     g = torch.Generator().manual_seed(1)
     scale, zp = qparams(0.05, 3)
-    for n in list(range(71)) + [97, 255, 1001]:
+    for n in list(range(136)) + [255, 1001]:
         x = special_values(n, 0.05, g).to(dtype)
         for compute_mask in (True, False):
             out, mask = assert_same_as_reference("fake_quant_per_tensor", x, scale, zp, -128, 127, compute_mask)
@@ -217,7 +245,7 @@ def test_observe_range_every_length_and_nan_position(dtype):
     # The vector body finds NaN on the side of plain min/max: a NaN anywhere (body or tail, either operand of
     # the pairwise check) must give a NaN range, and infinities must not.
     g = torch.Generator().manual_seed(11)
-    for n in list(range(1, 71)) + [97, 1001]:
+    for n in list(range(1, 136)) + [1001]:
         x = (torch.randn(n, generator=g) * 5).to(dtype)
         observe_same_as_reference(x, None)
         observe_same_as_reference(x, None, relu=True)
@@ -381,7 +409,7 @@ def test_per_channel_ties_per_channel():
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_binarize_every_length_and_layout(dtype):
     g = torch.Generator().manual_seed(8)
-    for n in list(range(71)) + [1001]:
+    for n in list(range(136)) + [1001]:
         x = special_values(n, 0.01, g).to(dtype)
         for clipped_ste in (True, False):
             for compute_mask in (True, False):
@@ -417,7 +445,7 @@ def test_masked_grad_layouts(dtype):
         (grad[:, ::2].transpose(0, 1).contiguous().transpose(0, 1), mask[:, ::2]),  # non-dense mask
         (grad.expand(2, *shape), mask.expand(2, *shape)),
     ]
-    for n in range(71):
+    for n in range(136):
         cases.append((grad.flatten()[:n], mask.flatten()[:n]))
     for grad_case, mask_case in cases:
         out = assert_same_as_reference("masked_grad", grad_case, mask_case)[0]

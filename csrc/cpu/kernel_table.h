@@ -1,5 +1,5 @@
 // The raw-pointer kernels behind the CPU ops, compiled once per instruction set (kernels.cpp: the
-// compiler's baseline; kernels_avx2.cpp: AVX2/FMA/F16C) and chosen at run time by ops.cpp. The kernels
+// compiler's baseline; kernels_avx2.cpp: AVX2/FMA/F16C; kernels_avx512.cpp: AVX-512) and chosen at run time by ops.cpp. The kernels
 // see dense storage only: ops.cpp checks arguments, lays tensors out and prepares fp32 parameters.
 #pragma once
 
@@ -56,5 +56,7 @@ struct KernelTable {
 const KernelTable& baseline_kernels();
 // nullptr when this build has no AVX2 variant (not GCC/clang on x86-64).
 const KernelTable* avx2_kernels();
+// nullptr when this build has no AVX-512 variant.
+const KernelTable* avx512_kernels();
 
 }  // namespace fakequant::cpu

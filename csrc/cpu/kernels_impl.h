@@ -1,12 +1,12 @@
 // The vectorized CPU kernels, written once and compiled once per instruction set: the including .cpp
-// defines FAKEQUANT_CPU_VARIANT (the namespace) and, for AVX2, CPU_CAPABILITY/CPU_CAPABILITY_AVX2 before
-// any include, so that at::vec::Vectorized<float> is the AVX2 specialization there and the generic
-// (compiler-vectorized) one in the baseline build.
+// defines FAKEQUANT_CPU_VARIANT (the namespace) and, for AVX2 and AVX-512, CPU_CAPABILITY and
+// CPU_CAPABILITY_<ISA> before any include, so that at::vec::Vectorized<float> is that ISA's specialization
+// there and the generic (compiler-vectorized) one in the baseline build.
 //
-// Every kernel walks dense storage in blocks of 4 vectors (32 floats with AVX2) and finishes each range
+// Every kernel walks dense storage in blocks of 4 vectors (32 floats with AVX2, 64 with AVX-512) and finishes each range
 // with a scalar tail that calls the fakequant_math.h functions, so the tail is the arithmetic the CUDA
 // kernels run and the vector body must agree with it bit for bit (tests/test_cpu_kernels.py checks the
-// tails against the bodies at every length 0..70).
+// tails against the bodies at every length 0..135, two AVX-512 blocks and a tail of 7).
 #pragma once
 
 #ifndef FAKEQUANT_CPU_VARIANT
@@ -20,7 +20,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -38,8 +38,8 @@ namespace fakequant::cpu::FAKEQUANT_CPU_VARIANT {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
-// One loop iteration handles 4 vectors: 32 floats with AVX2, exactly the 32 mask bytes that one
-// 256-bit store writes.
+// One loop iteration handles 4 vectors: 32 floats with AVX2 (exactly the 32 mask bytes that one 256-bit
+// store writes), 64 with AVX-512.
 constexpr int64_t kBlock = 4 * kVec;
 // Elements per parallel_for task: ATen's own elementwise grain (at::internal::GRAIN_SIZE = 32768). Not
 // re-tuned here: the shared 2-core machine was too loaded for 2-thread timings to separate grain sizes.
@@ -96,6 +96,12 @@ inline void store_mask(bool* p, const Vec m[4]) {
   const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
   const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), ordered);
+#elif defined(CPU_CAPABILITY_AVX512)
+  const __m128i one = _mm_set1_epi8(1);
+  for (int k = 0; k < 4; ++k) {
+    const __mmask16 lanes = _mm512_movepi32_mask(_mm512_castps_si512(m[k]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + k * kVec), _mm_maskz_mov_epi8(lanes, one));
+  }
 #else
   alignas(64) uint32_t bits[kBlock];
   for (int k = 0; k < 4; ++k) m[k].store(bits + k * kVec);
@@ -111,6 +117,12 @@ inline void load_mask(const bool* p, Vec m[4]) {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k * kVec));
     // 0 - 1 = all ones; bool bytes are 0 or 1.
     m[k] = _mm256_castsi256_ps(_mm256_sub_epi32(zero, _mm256_cvtepu8_epi32(bytes)));
+  }
+#elif defined(CPU_CAPABILITY_AVX512)
+  const __m512i zero = _mm512_setzero_si512();
+  for (int k = 0; k < 4; ++k) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k * kVec));
+    m[k] = _mm512_castsi512_ps(_mm512_sub_epi32(zero, _mm512_cvtepu8_epi32(bytes)));
   }
 #else
   alignas(64) uint32_t bits[kBlock];
@@ -419,6 +431,23 @@ void masked_bits_range(const U* g, const bool* m, U* out, int64_t len) {
       }
     }
   }
+#elif defined(CPU_CAPABILITY_AVX512)
+  // A zero-masked load: the mask bytes select the gradient's elements directly.
+  for (; i + 64 <= len; i += 64) {
+    if constexpr (sizeof(U) == 4) {
+      for (int k = 0; k < 4; ++k) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i + 16 * k));
+        const __m512i gv = _mm512_maskz_loadu_epi32(_mm_test_epi8_mask(bytes, bytes), g + i + 16 * k);
+        _mm512_storeu_si512(out + i + 16 * k, gv);
+      }
+    } else {
+      for (int k = 0; k < 2; ++k) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + i + 32 * k));
+        const __m512i gv = _mm512_maskz_loadu_epi16(_mm256_test_epi8_mask(bytes, bytes), g + i + 32 * k);
+        _mm512_storeu_si512(out + i + 32 * k, gv);
+      }
+    }
+  }
 #endif
   // The baseline build relies on the compiler vectorizing this select.
   for (; i < len; ++i) out[i] = m[i] ? g[i] : U{0};
@@ -523,6 +552,13 @@ inline Vec plain_min(const Vec& a, const Vec& b) { return _mm256_min_ps(a, b); }
 inline Vec plain_max(const Vec& a, const Vec& b) { return _mm256_max_ps(a, b); }
 inline Vec unordered(const Vec& a, const Vec& b) { return _mm256_cmp_ps(a, b, _CMP_UNORD_Q); }
 inline bool any_lane(const Vec& m) { return _mm256_movemask_ps(m) != 0; }
+#elif defined(CPU_CAPABILITY_AVX512)
+inline Vec plain_min(const Vec& a, const Vec& b) { return _mm512_min_ps(a, b); }
+inline Vec plain_max(const Vec& a, const Vec& b) { return _mm512_max_ps(a, b); }
+inline Vec unordered(const Vec& a, const Vec& b) {
+  return _mm512_castsi512_ps(_mm512_movm_epi32(_mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q)));
+}
+inline bool any_lane(const Vec& m) { return _mm512_movepi32_mask(_mm512_castps_si512(m)) != 0; }
 #else
 inline Vec plain_min(const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }
 inline Vec plain_max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }

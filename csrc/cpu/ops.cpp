@@ -68,23 +68,30 @@ void check_qparam_values(const at::Tensor& scale, const at::Tensor& zero_point, 
 // Kernel variant, layouts, parameters.
 // ----------------------------------------------------------------------------------------------
 
-// FAKEQUANT_CPU_CAPABILITY: "" (the best the CPU supports), "avx2" or "baseline". (An AVX-512 build of
-// the same kernels was tried and dropped: 16.0 us against AVX2's 15.2 us per 2^16 fp32 elements of the
-// per-tensor forward, in cache, 1 thread; these kernels are bound by memory, not arithmetic.)
+// FAKEQUANT_CPU_CAPABILITY: "" (the best the CPU supports), "avx512", "avx2" or "baseline".
 const KernelTable& kernels() {
   static const KernelTable& table = []() -> const KernelTable& {
     const char* env = std::getenv("FAKEQUANT_CPU_CAPABILITY");
     const std::string wanted = env != nullptr ? env : "";
-    TORCH_CHECK_VALUE(wanted.empty() || wanted == "avx2" || wanted == "baseline",
-                      "fakequant: FAKEQUANT_CPU_CAPABILITY is '", wanted, "'; allowed: avx2, baseline (or unset)");
+    TORCH_CHECK_VALUE(wanted.empty() || wanted == "avx512" || wanted == "avx2" || wanted == "baseline",
+                      "fakequant: FAKEQUANT_CPU_CAPABILITY is '", wanted,
+                      "'; allowed: avx512, avx2, baseline (or unset)");
 #if defined(__x86_64__) && defined(__GNUC__)
     // Every AVX2 CPU also has F16C, which GCC's __builtin_cpu_supports cannot query.
     const bool cpu_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool cpu_has_avx512 = cpu_has_avx2 && __builtin_cpu_supports("avx512f") &&
+                                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                                __builtin_cpu_supports("avx512dq");
 #else
     const bool cpu_has_avx2 = false;
+    const bool cpu_has_avx512 = false;
 #endif
-    // avx2_kernels() itself is compiled for AVX2: call it only on a CPU that has it.
+    // Each variant is compiled for its instruction set: call it only on a CPU that has it.
+    const KernelTable* avx512 = cpu_has_avx512 ? avx512_kernels() : nullptr;
     const KernelTable* avx2 = cpu_has_avx2 ? avx2_kernels() : nullptr;
+    if ((wanted.empty() || wanted == "avx512") && avx512 != nullptr) return *avx512;
+    TORCH_CHECK_VALUE(wanted != "avx512", "fakequant: FAKEQUANT_CPU_CAPABILITY=avx512 but ",
+                      cpu_has_avx512 ? "this build has no AVX-512 kernels" : "this CPU lacks AVX-512 F/BW/VL/DQ");
     if (wanted != "baseline" && avx2 != nullptr) return *avx2;
     TORCH_CHECK_VALUE(wanted != "avx2", "fakequant: FAKEQUANT_CPU_CAPABILITY=avx2 but ",
                       cpu_has_avx2 ? "this build has no AVX2 kernels" : "this CPU lacks AVX2/FMA");
