@@ -4,20 +4,7 @@
 // own namespace, as in ATen's own per-capability builds.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx2,fma,f16c")
-// GCC's target pragma enables the instructions but does not define the feature macros that the ATen and
-// Sleef headers test, so define them here (this translation unit only).
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "cpu/x86_feature_macros.h"  // after the pragma, before any other include
 #define FAKEQUANT_CPU_HAVE_AVX2 1
 #endif  // other compilers build the baseline kernels only
 

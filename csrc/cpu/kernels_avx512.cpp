@@ -7,32 +7,8 @@
 // its 512-bit specializations; CPU_CAPABILITY gives them their own namespace, as in ATen's own builds.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-// GCC's target pragma enables the instructions but does not define the feature macros that the ATen and
-// Sleef headers test, so define them here (this translation unit only).
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#ifndef __AVX512F__
-#define __AVX512F__ 1
-#endif
-#ifndef __AVX512BW__
-#define __AVX512BW__ 1
-#endif
-#ifndef __AVX512VL__
-#define __AVX512VL__ 1
-#endif
-#ifndef __AVX512DQ__
-#define __AVX512DQ__ 1
-#endif
+#define FAKEQUANT_TARGET_AVX512 1
+#include "cpu/x86_feature_macros.h"  // after the pragma, before any other include
 #define FAKEQUANT_CPU_HAVE_AVX512 1
 #endif  // other compilers build the baseline kernels only
 

@@ -1,0 +1,30 @@
+// Included right after a `#pragma GCC target(...)` that enables AVX2 (and, with FAKEQUANT_TARGET_AVX512
+// defined, AVX-512 F/BW/VL/DQ). The pragma enables the instructions but does not define the feature macros
+// that the ATen and Sleef headers test, so this defines them (for the including translation unit only).
+// No include guard: each variant's .cpp includes it once.
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#ifndef __F16C__
+#define __F16C__ 1
+#endif
+#ifdef FAKEQUANT_TARGET_AVX512
+#ifndef __AVX512F__
+#define __AVX512F__ 1
+#endif
+#ifndef __AVX512BW__
+#define __AVX512BW__ 1
+#endif
+#ifndef __AVX512VL__
+#define __AVX512VL__ 1
+#endif
+#ifndef __AVX512DQ__
+#define __AVX512DQ__ 1
+#endif
+#endif
