@@ -29,6 +29,10 @@ qat-nofold               1.081x, 1.104x, 1.098x       1.082x
 qat-fold-frozen          0.92x, 0.93x, 0.92x          0.87x
 =======================  ===========================  ==================
 
+On 2026-12-01, after the faster range observation and the AVX-512 kernels, ten runs of ``60`` rounds between
+00:05 and 01:56 UTC gave 1.121x to 1.148x with folding and 1.064x to 1.105x without (the two 1.105x in the
+last hour, when FP32 itself was 10% slower); one thread (01:56): 1.108x and 1.075x.
+
 Half an hour after these (23:37-23:40, 60 and 100 rounds, seven runs, two of them on a build of the 23:09
 commit alternating with the current one) the same measurement gave 1.142x to 1.155x with folding and 1.086x to
 1.109x without, for both commits: the machine moved, not the code, and both targets (1.15x with folding, issue 5;
