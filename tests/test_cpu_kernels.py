@@ -1,6 +1,6 @@
 """Tests specific to the C++ CPU kernels (csrc/cpu): vector bodies vs scalar tails, every layout branch of
-the per-channel kernels, the mask-free path, mixed layouts in the backward kernels, the baseline (non-AVX2)
-build, argument errors worded as the reference's, and 64-bit indexing.
+the per-channel kernels, the mask-free path, mixed layouts in the backward kernels, every build variant
+(AVX-512, AVX2, baseline), argument errors worded as the reference's, and 64-bit indexing.
 
 The cross-backend suite (opcheck, torch.compile, autograd) is tests/test_ops.py. Here every call goes
 through ``torch.ops.fakequant`` on CPU tensors with the "auto" backend, which is the C++ kernel once
