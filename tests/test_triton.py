@@ -616,8 +616,11 @@ def test_observe_range_several_default_blocks():
             check_observe(xl, axis, 0.01, (-128, 127, False), tracked=tracked)
 
 
-def test_observe_range_fold(small_observe_blocks):
-    gen = torch.Generator().manual_seed(15)
+def fold_weight_cases(gen, adjust=None):
+    """A 40x3x3 weight and fold factors with the special ends of a folded range: a 0 minimum (channel 5) or
+    maximum (9) times an infinite factor, inf times a 0 factor (11), and +-0 factors (3, 4). ``adjust(weight,
+    fold)`` may change more channels before the variants are made. Returns the weight and the factors
+    ``(plain, fold, only_low_nan, only_high_nan)`` on DEVICE: no NaN, NaN from inf * 0, and NaN at only one end."""
     weight = torch.randn(40, 3, 3, generator=gen)
     weight[5] = weight[5].abs()
     weight[5, 1, 1] = 0.0  # min 0: times an infinite fold factor, a NaN minimum and an infinite maximum
@@ -626,18 +629,34 @@ def test_observe_range_fold(small_observe_blocks):
     weight[11, 0, 2] = float("inf")
     fold = torch.randn(40, generator=gen)
     fold[3], fold[4], fold[11] = 0.0, -0.0, 0.0  # inf * 0: NaN
+    if adjust is not None:
+        adjust(weight, fold)
     weight, fold = weight.to(DEVICE), fold.to(DEVICE)
     plain = fold.clone()
     plain[11] = 2.0
     only_low_nan, only_high_nan = plain.clone(), plain.clone()
     only_low_nan[5] = float("inf")
     only_high_nan[9] = float("inf")
+    return weight, (plain, fold, only_low_nan, only_high_nan)
+
+
+def fold_observe_cases(weight, folds, gen):
+    """(weight layout, axis, constant, qrange, fold, tracked) over every layout of ``weight``, every factor of
+    ``folds``, per tensor and per channel, cycling through OBSERVE_MODES."""
     for i, wl in enumerate(layouts(weight).values()):
-        for j, f in enumerate((plain, fold, only_low_nan, only_high_nan)):
+        for j, f in enumerate(folds):
             for axis in (None, 0):
                 constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
-                tracked = torch.randn((2,) if axis is None else (2, 40), generator=gen)
-                check_observe(wl, axis, constant, qrange, f, tracked)
+                tracked = torch.randn((2,) if axis is None else (2, weight.size(0)), generator=gen)
+                yield wl, axis, constant, qrange, f, tracked
+
+
+def test_observe_range_fold(small_observe_blocks):
+    gen = torch.Generator().manual_seed(15)
+    weight, folds = fold_weight_cases(gen)
+    _, _, only_low_nan, only_high_nan = folds
+    for case in fold_observe_cases(weight, folds, gen):
+        check_observe(*case)
     # Per tensor, NaN in one end of one channel's folded range makes only that end NaN.
     low, high = check_observe(weight, None, 1.0, (0, 255, False), only_low_nan)[0].tolist()
     assert low != low and high == float("inf")
@@ -689,32 +708,19 @@ def test_observe_range_relu_fold(small_observe_blocks):
     positive channel negative, so to [0, 0]) and after the per-tensor range is combined over channels; inf * 0
     NaN stays NaN at either end."""
     gen = torch.Generator().manual_seed(18)
-    weight = torch.randn(40, 3, 3, generator=gen)
-    weight[5] = weight[5].abs()
-    weight[5, 1, 1] = 0.0  # min 0: times an infinite fold factor, a NaN minimum
-    weight[9] = -weight[9].abs()
-    weight[9, 2, 0] = 0.0  # max 0: the same for the maximum
-    weight[11, 0, 2] = float("inf")
-    weight[20] = weight[20].abs() + 0.5  # positive: [0, 0] after a negative factor
-    weight[21] = -weight[21].abs() - 0.5  # negative: positive after a negative factor, [0, 0] after a positive
-    fold = torch.randn(40, generator=gen)
-    fold[3], fold[4], fold[11] = 0.0, -0.0, 0.0  # inf * 0: NaN
-    fold[20], fold[21] = -1.5, 0.75
-    weight, fold = weight.to(DEVICE), fold.to(DEVICE)
-    plain = fold.clone()
-    plain[11] = 2.0
-    only_low_nan, only_high_nan = plain.clone(), plain.clone()
-    only_low_nan[5] = float("inf")
-    only_high_nan[9] = float("inf")
+
+    def sign_flips(weight, fold):
+        weight[20] = weight[20].abs() + 0.5  # positive: [0, 0] after a negative factor
+        weight[21] = -weight[21].abs() - 0.5  # negative: positive after a negative factor, [0, 0] after a positive
+        fold[20], fold[21] = -1.5, 0.75
+
+    weight, folds = fold_weight_cases(gen, sign_flips)
+    _, fold, only_low_nan, only_high_nan = folds
     all_negative = -(fold.abs() + 0.5)  # with a positive weight: every folded value negative
-    for i, wl in enumerate(layouts(weight).values()):
-        for j, f in enumerate((plain, fold, only_low_nan, only_high_nan)):
-            for axis in (None, 0):
-                constant, qrange = OBSERVE_MODES[(i + j) % len(OBSERVE_MODES)]
-                tracked = torch.randn((2,) if axis is None else (2, 40), generator=gen)
-                state = check_observe(wl, axis, constant, qrange, f, tracked, relu=True)
-                if constant == 1.0 and axis == 0:
-                    assert state[0][:, 20].tolist() == [0.0, 0.0] and state[0][:, 21].tolist() == [0.0, 0.0]
+    for wl, axis, constant, qrange, f, tracked in fold_observe_cases(weight, folds, gen):
+        state = check_observe(wl, axis, constant, qrange, f, tracked, relu=True)
+        if constant == 1.0 and axis == 0:
+            assert state[0][:, 20].tolist() == [0.0, 0.0] and state[0][:, 21].tolist() == [0.0, 0.0]
     # Per tensor: relu(NaN) is NaN at the end that has it, the other end as relu's.
     low, high = check_observe(weight, None, 1.0, (0, 255, False), only_low_nan, relu=True)[0].tolist()
     assert low != low and high == float("inf")
