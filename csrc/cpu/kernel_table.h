@@ -1,6 +1,7 @@
 // The raw-pointer kernels behind the CPU ops, compiled once per instruction set (kernels.cpp: the
-// compiler's baseline; kernels_avx2.cpp: AVX2/FMA/F16C; kernels_avx512.cpp: AVX-512) and chosen at run time by ops.cpp. The kernels
-// see dense storage only: ops.cpp checks arguments, lays tensors out and prepares fp32 parameters.
+// compiler's baseline; kernels_avx2.cpp: AVX2/FMA/F16C; kernels_avx512.cpp: AVX-512 F/BW/VL/DQ) and chosen at
+// run time by ops.cpp. The kernels see dense storage only: ops.cpp checks arguments, lays tensors out and
+// prepares fp32 parameters.
 #pragma once
 
 #include <c10/core/ScalarType.h>

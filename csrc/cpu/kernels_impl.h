@@ -3,8 +3,8 @@
 // CPU_CAPABILITY_<ISA> before any include, so that at::vec::Vectorized<float> is that ISA's specialization
 // there and the generic (compiler-vectorized) one in the baseline build.
 //
-// Every kernel walks dense storage in blocks of 4 vectors (32 floats with AVX2, 64 with AVX-512) and finishes each range
-// with a scalar tail that calls the fakequant_math.h functions, so the tail is the arithmetic the CUDA
+// Every kernel walks dense storage in blocks of 4 vectors (32 floats with AVX2, 64 with AVX-512) and finishes
+// each range with a scalar tail that calls the fakequant_math.h functions, so the tail is the arithmetic the CUDA
 // kernels run and the vector body must agree with it bit for bit (tests/test_cpu_kernels.py checks the
 // tails against the bodies at every length 0..135, two AVX-512 blocks and a tail of 7).
 #pragma once
