@@ -31,7 +31,7 @@ qat-fold-frozen          0.92x, 0.93x, 0.92x          0.87x
 
 On 2026-12-01, after the faster range observation and the AVX-512 kernels, ten runs of ``60`` rounds between
 00:11 and 02:02 UTC gave 1.121x to 1.141x with folding and 1.074x to 1.105x without (the two 1.105x at 01:55,
-when FP32 itself was 10% slower); one thread (01:56): 1.108x and 1.075x.
+when FP32 itself was slower); one thread (01:56): 1.108x and 1.075x.
 
 Half an hour after these (23:37-23:40, 60 and 100 rounds, seven runs, two of them on a build of the 23:09
 commit alternating with the current one) the same measurement gave 1.142x to 1.155x with folding and 1.086x to
