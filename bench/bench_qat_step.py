@@ -188,8 +188,15 @@ def interleaved(rounds: int = 30) -> dict[str, list[float]]:
 
 
 if __name__ == "__main__":
-    times = interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
-    print(f"extension loaded: {fakequant.extension_loaded()}  threads: {THREADS}  batch: {BATCH}")
+    arguments = sys.argv[1:]
+    default_malloc = "--default-malloc" in arguments
+    arguments = [a for a in arguments if a != "--default-malloc"]
+    # Without it, how often a variant's step page-faults its freed memory back in depends on the other variants
+    # running in the same process (see fakequant.memory); --default-malloc measures with glibc's defaults.
+    retained = not default_malloc and fakequant.retain_freed_memory()
+    times = interleaved(int(arguments[0]) if arguments else 30)
+    print(f"extension loaded: {fakequant.extension_loaded()}  threads: {THREADS}  batch: {BATCH}  "
+          f"freed memory retained: {retained}")
     print(f"{'variant':>15}  {'median':>9}  {'ratio of medians':>16}  {'median of paired ratios':>23}")
     fp32 = statistics.median(times["fp32"])
     for variant, values in times.items():

@@ -15,6 +15,10 @@ It finishes by ``export_model`` of the fakequant QAT model (float folded weights
     python examples/resnet50_qat.py --data ~/imagenet/train --image-size 224 --batch-size 64 \\
         --steps 50 --device cuda                               # a real folder of images on a GPU
 
+On the CPU the script first calls ``fakequant.retain_freed_memory()`` (``--default-malloc`` skips it), so that no
+configuration's steps are slowed by page-faulting its freed memory back in: with glibc's defaults the QAT step pays
+for that several times more than the FP32 step, and how much depends on what else ran in the process.
+
 Activations are quantized as inputs of the weighted layers rather than as outputs of ReLU: torchvision's
 Bottleneck calls one ReLU module three times, and an output hook there would share one range across three
 different tensors.
@@ -219,11 +223,18 @@ def main(argv=None) -> None:
     parser.add_argument("--no-bn-fold", action="store_true", help="quantize conv weights without BN folding")
     parser.add_argument("--skip-reference", action="store_true", help="skip the reference-backend QAT run")
     parser.add_argument("--export-dir", type=Path, help="where export_model writes (default: a temporary dir)")
+    parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="do not call fakequant.retain_freed_memory() (CPU step times then include page faults)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    # Every configuration allocates its activations, gradients and (QAT) folded weights anew on each step; with
+    # glibc's defaults the CPU steps page-fault that memory in again every time (see fakequant.memory).
+    retained = args.device == "cpu" and not args.default_malloc and fakequant.retain_freed_memory()
 
     batches, classes, source = make_loader(args)
     float_model, model_source = make_resnet50(classes)
@@ -231,6 +242,7 @@ def main(argv=None) -> None:
         f"ResNet-50 ({model_source}), data: {source}; {args.image_size}x{args.image_size}, batch {args.batch_size}, "
         f"{args.warmup} warmup + {args.steps} timed steps, device {args.device}"
         + (f", threads: {torch.get_num_threads()}" if args.device == "cpu" else "")
+        + (", freed memory retained (fakequant.retain_freed_memory)" if retained else "")
         + f"; fakequant compiled kernels loaded: {fakequant.extension_loaded()}"
     )
     configurations = [("FP32", False, "auto"), ("QAT (fakequant)", True, "auto")]

@@ -12,6 +12,7 @@ from fakequant.functional import (
     fake_quant_per_tensor,
     fold_bias,
 )
+from fakequant.memory import retain_freed_memory
 from fakequant.qparams import PerChannel, PerTensor, QuantSpec, choose_qparams, quant_range
 from fakequant.quantizers import (
     BNNQuantizer,
@@ -47,5 +48,6 @@ __all__ = [
     "PerTensor",
     "QuantSpec",
     "quant_range",
+    "retain_freed_memory",
     "set_backend",
 ]
