@@ -50,6 +50,13 @@ torch.set_num_threads(THREADS)
 QUICK = os.environ.get("FAKEQUANT_BENCH_QUICK", "") not in ("", "0")
 DEVICE = torch.device(os.environ.get("FAKEQUANT_BENCH_DEVICE", "cpu"))
 DTYPE = torch.float32
+# Every provider allocates its outputs on every call; with glibc's defaults a freed 2^22-element (16 MiB) output
+# is often, and a 2^24 one always, returned to the kernel and page-faulted in again on the next call, which
+# measured 530 us for a 2^22 clone against 187 us retained, and 16.7 ms against 1.4 ms at 2^24 (2026-12-01): the
+# table would time the page faults. FAKEQUANT_BENCH_DEFAULT_MALLOC=1 keeps glibc's defaults.
+FREED_MEMORY_RETAINED = (
+    os.environ.get("FAKEQUANT_BENCH_DEFAULT_MALLOC", "") in ("", "0") and fakequant.retain_freed_memory()
+)
 
 MODES = ("fwd", "fwd+mask", "fwd+bwd")
 COPY_MODE = "copy"

@@ -197,6 +197,7 @@ def machine_metadata(args, started: dt.datetime) -> dict:
         "nni": common.NNI,
         "git": git_commit(),
         "mode": "quick" if args.quick else "full",
+        "freed_memory_retained": common.FREED_MEMORY_RETAINED,
     }
     if hasattr(os, "getloadavg"):
         meta["load_avg_start"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -461,6 +462,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--rounds", type=int, help="rounds of --interleaved (default 10 quick, 30 full)")
     parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="keep glibc's malloc defaults (by default fakequant.retain_freed_memory() is called, so that no "
+        "provider is timed page-faulting its output in)",
+    )
+    parser.add_argument(
         "--stat",
         choices=("median", "min"),
         default="median",
@@ -479,6 +485,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.providers:
         os.environ["FAKEQUANT_BENCH_PROVIDERS"] = ",".join(args.providers)
+    os.environ["FAKEQUANT_BENCH_DEFAULT_MALLOC"] = "1" if args.default_malloc else "0"
 
     started = dt.datetime.now(dt.timezone.utc)
     args.out.mkdir(parents=True, exist_ok=True)
