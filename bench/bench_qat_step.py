@@ -12,7 +12,13 @@ Run with pytest-benchmark::
 
 or, for one interleaved table with the ratios (less sensitive to a machine whose load drifts)::
 
-    python bench/bench_qat_step.py [rounds]        # FAKEQUANT_BENCH_THREADS=1 for one thread
+    python bench/bench_qat_step.py [rounds] [--default-malloc]   # FAKEQUANT_BENCH_THREADS=1 for one thread
+
+The interleaved run calls ``fakequant.retain_freed_memory()`` first (since 2026-12-01; ``--default-malloc``
+skips it): with glibc's defaults, how often each variant page-faults its freed memory back in depends on the
+other variants in the process. 2026-12-01 02:53-02:58 UTC, four runs of ``60`` rounds: folded 1.124x to 1.128x,
+not folded 1.068x to 1.081x; with ``--default-malloc`` (02:53) 1.138x and 1.092x. The numbers below are from
+before, with glibc's defaults.
 
 Measured 2026-11-30 23:09 UTC on the 2-core AMD EPYC VM while it was otherwise idle, ``python
 bench/bench_qat_step.py 40`` three times (and ``20`` rounds at 1 thread), compiled CPU kernels; each cell is the

@@ -4,11 +4,11 @@ PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves large b
 them back to the kernel when they are freed (and trims the top of its heap once enough there is free), so a
 training loop that allocates the same activations, gradients and fake-quantized weights on every step touches
 fresh pages on every step: a page fault per 4 KiB, which the kernel zero-fills. Measured on ResNet-50 (64x64,
-batch 8, 2 threads, 2026-12-01, one process per configuration): about 5,500 page faults per FP32 step and
-16,500 per fakequant QAT step (the QAT step allocates each folded weight, its mask and its gradient once more);
-with :func:`retain_freed_memory` both drop to zero after the first steps, the FP32 step took 104-113 ms instead
-of 136-142 ms and the QAT step 143-148 ms instead of 234-237 ms. GPU training is not affected (PyTorch caches
-CUDA memory itself). Preloading jemalloc or tcmalloc (``LD_PRELOAD``) is the other common remedy.
+batch 8, 2 threads, 2026-12-01, one process per configuration): 5,300 to 7,800 page faults per FP32 step and
+10,600 to 17,600 per fakequant QAT step (the QAT step allocates each folded weight, its mask and its gradient
+besides); with :func:`retain_freed_memory` none after the first steps, and the FP32 step took 104-117 ms instead
+of 120-167 ms, the QAT step 143-153 ms instead of 189-237 ms. GPU training is not affected (PyTorch caches CUDA
+memory itself). Preloading jemalloc or tcmalloc (``LD_PRELOAD``) is the other common remedy.
 """
 
 from __future__ import annotations
