@@ -29,8 +29,9 @@ def retain_freed_memory() -> bool:
     """Makes glibc's ``malloc`` keep freed memory in the process for reuse instead of returning it.
 
     Two ``mallopt`` settings for the rest of the process: no ``mmap`` for large blocks (they come from the heap,
-    where freed blocks are reused), and no trimming of the heap's free top. The process's memory then stays at its
-    peak (a training loop reaches that peak on every step anyway) and the steps after the first take no page
+    where freed blocks are reused), and no trimming of the heap's free top. The process's memory then stays near its
+    peak (a training loop reaches that peak on every step anyway; measured, the ResNet-50 example at 224x224 batch
+    16 peaked at 4.27 GB against 4.06 GB with glibc's defaults) and the steps after the first take no page
     faults. It cannot be undone. A process-wide setting, so call it once at the start of a CPU training script,
     before comparing step times: it speeds up FP32 training too. Not called by the quantizers.
 
