@@ -148,9 +148,13 @@ VARIANTS = ("fp32", "qat", "qat-reference", "qat-nofold", "qat-fold-frozen")
 def _bench(benchmark, variant: str) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
+    # as the interleaved run below and bench/common.py do; FAKEQUANT_BENCH_DEFAULT_MALLOC=1 keeps glibc's defaults
+    retained = os.environ.get("FAKEQUANT_BENCH_DEFAULT_MALLOC", "") in ("", "0") and fakequant.retain_freed_memory()
     try:
         step = make_step(variant)
-        benchmark.extra_info.update(variant=variant, extension_loaded=fakequant.extension_loaded())
+        benchmark.extra_info.update(
+            variant=variant, extension_loaded=fakequant.extension_loaded(), freed_memory_retained=retained
+        )
         # 10 rounds: a round takes 0.2 s (1 thread) to 4 s (2 contended threads) on the shared machine
         benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
     finally:
