@@ -431,9 +431,10 @@ def make_test(spec: OpBench) -> Callable:
     return test
 
 
-def interleaved(spec: OpBench, case: Case, rounds: int) -> list[dict]:
+def interleaved(spec: OpBench, case: Case, rounds: int, keep: Callable[[str], bool] | None = None) -> list[dict]:
     """Times every (provider, mode) of ``case`` round-robin: each round calls each of them once, so a burst of
-    load from other processes lands on all of them alike (pytest-benchmark times one after another).
+    load from other processes lands on all of them alike (pytest-benchmark times one after another). ``keep``
+    chooses by name (``op[<case>-<provider>-<mode>]``) which ones run.
 
     Returns entries shaped like pytest-benchmark's JSON (``name``, ``extra_info``, ``stats`` with median, min,
     iqr and rounds), which ``bench/run.py`` reads like a pytest-benchmark run.
@@ -444,6 +445,9 @@ def interleaved(spec: OpBench, case: Case, rounds: int) -> list[dict]:
     entries = []
     for provider, modes in spec.providers():
         for mode in modes:
+            name = f"{spec.op}[{case.test_id}-{provider}-{mode}]"
+            if keep is not None and not keep(name):
+                continue
             backend = FAKEQUANT_BACKENDS.get(provider, "auto")
             fakequant.set_backend(backend)
             try:
@@ -454,7 +458,7 @@ def interleaved(spec: OpBench, case: Case, rounds: int) -> list[dict]:
                 fakequant.set_backend("auto")
             info = extra_info(op=spec.op, provider=provider, mode=mode, case=case, nbytes=spec.bytes(mode, case))
             info["backend"] = backend
-            entries.append((f"{spec.op}[{case.test_id}-{provider}-{mode}]", backend, fn, info, []))
+            entries.append((name, backend, fn, info, []))
     for _ in range(rounds):
         for _name, backend, fn, _info, times in entries:
             if backend != "auto":

@@ -120,9 +120,29 @@ def run_benchmarks(files: list[Path], json_path: Path, log_path: Path, args) -> 
     with open(log_path, "w") as log, contextlib.redirect_stdout(log):
         code = pytest.main(pytest_args, plugins=[progress])
     progress.close()
+    if code == pytest.ExitCode.NO_TESTS_COLLECTED:
+        raise SystemExit(f"no benchmark matched (--ops {args.ops or 'all'}, -k {args.keyword!r}); see {log_path}")
     if code not in (0, 1):  # 1: some benchmarks failed, the rest still count
         raise SystemExit(f"pytest exited with code {code}; see {log_path}")
     return progress.failed
+
+
+def keyword_filter(expression: str | None, prefix: str = ""):
+    """pytest's ``-k`` for the interleaved run: ``expression``'s words match case-insensitive substrings of
+    ``prefix`` + the benchmark's name, combined with ``and``/``or``/``not`` (pytest's own parser)."""
+    if not expression:
+        return None
+    from _pytest.mark import expression as pytest_expression
+
+    # pytest < 8.4 raises its own ParseError for a malformed expression, later versions SyntaxError
+    malformed = getattr(pytest_expression, "ParseError", SyntaxError)
+    try:
+        compiled = pytest_expression.Expression.compile(expression)
+    except malformed as error:
+        raise SystemExit(
+            f"-k {expression!r}: {error}; allowed: a pytest -k expression, e.g. '2_22 and not compile'"
+        ) from None
+    return lambda name: compiled.evaluate(lambda word, **_: word.lower() in (prefix + name).lower())
 
 
 def run_interleaved(files: list[Path], json_path: Path, args) -> list[str]:
@@ -136,14 +156,15 @@ def run_interleaved(files: list[Path], json_path: Path, args) -> list[str]:
     from bench import common
 
     rounds = args.rounds or (10 if args.quick else 30)
-    specs = [importlib.import_module(f"bench.{p.stem}").SPEC for p in files]
+    specs = [(importlib.import_module(f"bench.{p.stem}").SPEC, p.name) for p in files]
     benchmarks, failed = [], []
-    with tqdm(total=sum(len(s.cases) for s in specs), desc="cases", unit="case", file=sys.__stderr__) as bar:
-        for spec in specs:
+    with tqdm(total=sum(len(s.cases) for s, _ in specs), desc="cases", unit="case", file=sys.__stderr__) as bar:
+        for spec, file_name in specs:
+            keep = keyword_filter(args.keyword, prefix=file_name + "::")
             for case in spec.cases:
                 bar.set_postfix_str(f"{spec.op} {case.label}", refresh=False)
                 try:
-                    benchmarks += common.interleaved(spec, case, rounds)
+                    benchmarks += common.interleaved(spec, case, rounds, keep)
                 except Exception:  # noqa: BLE001  (report the case and keep measuring the others)
                     failed.append(f"{spec.op} {case.label}: {traceback.format_exc(limit=1).strip()}")
                 bar.update(1)
@@ -516,6 +537,11 @@ def main(argv=None) -> int:
         stem.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2))
 
     rows, skipped = load_rows(json_path)
+    if not rows:
+        raise SystemExit(
+            f"no benchmark ran (--ops {args.ops or 'all'}, -k {args.keyword!r}, --providers {args.providers or 'all'});"
+            " benchmark names look like bench_binarize.py::binarize[2_22-fakequant-fwd]"
+        )
     rows = sort_rows(derive(rows, args.stat))
     meta["statistic"] = args.stat
     print()

@@ -1,0 +1,72 @@
+"""The benchmark runner, the training-step benchmark and the ResNet-50 example run end to end (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.test_memory import IS_GLIBC
+from tests.test_package import ROOT
+
+
+def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": ROOT}
+    for name in ("FAKEQUANT_BACKEND", "FAKEQUANT_DISABLE_EXTENSION", "FAKEQUANT_BENCH_DEFAULT_MALLOC"):
+        environment.pop(name, None)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_bench_run_interleaved_runs_what_k_selects(tmp_path):
+    result = run_script(
+        "bench/run.py", "--quick", "--interleaved", "--ops", "binarize", "--providers", "fakequant", "copy",
+        "-k", "2_18 and not fwd+bwd", "--rounds", "1", "--out", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (json_path,) = tmp_path.glob("*-quick.json")
+    names = sorted(entry["name"] for entry in json.loads(json_path.read_text())["benchmarks"])
+    assert names == [
+        "binarize[2_18-copy-alloc-copy]", "binarize[2_18-copy-copy]",
+        "binarize[2_18-fakequant-fwd+mask]", "binarize[2_18-fakequant-fwd]",
+    ]
+    meta = json.loads(json_path.with_suffix(".meta.json").read_text())
+    assert meta["freed_memory_retained"] is IS_GLIBC
+    assert json_path.with_suffix(".csv").exists() and json_path.with_suffix(".png").exists()
+
+
+def test_bench_run_says_when_nothing_matched(tmp_path):
+    for mode in ([], ["--interleaved"]):
+        result = run_script(
+            "bench/run.py", "--quick", *mode, "--ops", "binarize", "-k", "no_such_case", "--out", str(tmp_path)
+        )
+        assert result.returncode != 0
+        assert "no benchmark" in result.stderr and "no_such_case" in result.stderr, result.stderr[-2000:]
+
+
+def test_bench_qat_step_interleaved_table():
+    result = run_script("bench/bench_qat_step.py", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"freed memory retained: {IS_GLIBC}" in result.stdout
+    rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
+    assert rows == ["fp32", "qat", "qat-reference", "qat-nofold", "qat-fold-frozen"], result.stdout
+
+
+def test_resnet50_example_trains_reports_and_exports(tmp_path):
+    result = run_script(
+        "examples/resnet50_qat.py", "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+        "--export-dir", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("freed memory retained" in result.stdout) is IS_GLIBC
+    assert "53 Conv+BN pairs folded" in result.stdout
+    for configuration in ("FP32", "QAT (fakequant)", "QAT (reference)"):
+        assert configuration in result.stdout
+    calibration = torch.load(tmp_path / "resnet50_qat_calibration.pth")
+    assert len(calibration) == 54
+    state = torch.load(tmp_path / "resnet50_qat.pth")
+    assert not any("fakequant_" in key for key in state)
