@@ -14,11 +14,11 @@ or, for one interleaved table with the ratios (less sensitive to a machine whose
 
     python bench/bench_qat_step.py [rounds] [--default-malloc]   # FAKEQUANT_BENCH_THREADS=1 for one thread
 
-The interleaved run calls ``fakequant.retain_freed_memory()`` first (since 2026-12-01; ``--default-malloc``
-skips it): with glibc's defaults, how often each variant page-faults its freed memory back in depends on the
-other variants in the process. 2026-12-01 02:53-02:58 UTC, four runs of ``60`` rounds: folded 1.124x to 1.128x,
-not folded 1.068x to 1.081x; with ``--default-malloc`` (02:53) 1.138x and 1.092x. The numbers below are from
-before, with glibc's defaults.
+Both ways call ``fakequant.retain_freed_memory()`` first, through ``bench/common.py`` as the op benchmarks do
+(since 2026-12-01; ``--default-malloc`` or ``FAKEQUANT_BENCH_DEFAULT_MALLOC=1`` skips it): with glibc's defaults,
+how often each variant page-faults its freed memory back in depends on the other variants in the process.
+2026-12-01 02:53-02:58 UTC, four runs of ``60`` rounds: folded 1.124x to 1.128x, not folded 1.068x to 1.081x;
+with ``--default-malloc`` (02:53) 1.138x and 1.092x. The numbers below are from before, with glibc's defaults.
 
 Measured 2026-11-30 23:09 UTC on the 2-core AMD EPYC VM while it was otherwise idle, ``python
 bench/bench_qat_step.py 40`` three times (and ``20`` rounds at 1 thread), compiled CPU kernels; each cell is the
@@ -145,11 +145,19 @@ def make_step(variant: str):
 VARIANTS = ("fp32", "qat", "qat-reference", "qat-nofold", "qat-fold-frozen")
 
 
+def _freed_memory_retained() -> bool:
+    """Whether bench/common.py, on its import, made freed memory stay in the process (the same setting as the op
+    benchmarks: FAKEQUANT_BENCH_DEFAULT_MALLOC=1 keeps glibc's defaults). Without it, how often a variant's step
+    page-faults its freed memory back in depends on the other variants in the process (see fakequant.memory)."""
+    from bench import common
+
+    return common.FREED_MEMORY_RETAINED
+
+
 def _bench(benchmark, variant: str) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
-    # as the interleaved run below and bench/common.py do; FAKEQUANT_BENCH_DEFAULT_MALLOC=1 keeps glibc's defaults
-    retained = os.environ.get("FAKEQUANT_BENCH_DEFAULT_MALLOC", "") in ("", "0") and fakequant.retain_freed_memory()
+    retained = _freed_memory_retained()  # before the model exists, as in the interleaved run
     try:
         step = make_step(variant)
         benchmark.extra_info.update(
@@ -199,11 +207,10 @@ def interleaved(rounds: int = 30) -> dict[str, list[float]]:
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
-    default_malloc = "--default-malloc" in arguments
-    arguments = [a for a in arguments if a != "--default-malloc"]
-    # Without it, how often a variant's step page-faults its freed memory back in depends on the other variants
-    # running in the same process (see fakequant.memory); --default-malloc measures with glibc's defaults.
-    retained = not default_malloc and fakequant.retain_freed_memory()
+    if "--default-malloc" in arguments:
+        os.environ["FAKEQUANT_BENCH_DEFAULT_MALLOC"] = "1"
+        arguments.remove("--default-malloc")
+    retained = _freed_memory_retained()
     times = interleaved(int(arguments[0]) if arguments else 30)
     print(f"extension loaded: {fakequant.extension_loaded()}  threads: {THREADS}  batch: {BATCH}  "
           f"freed memory retained: {retained}")

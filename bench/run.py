@@ -127,9 +127,9 @@ def run_benchmarks(files: list[Path], json_path: Path, log_path: Path, args) -> 
     return progress.failed
 
 
-def keyword_filter(expression: str | None, prefix: str = ""):
-    """pytest's ``-k`` for the interleaved run: ``expression``'s words match case-insensitive substrings of
-    ``prefix`` + the benchmark's name, combined with ``and``/``or``/``not`` (pytest's own parser)."""
+def keyword_filter(expression: str | None):
+    """pytest's ``-k`` for the interleaved run: ``expression``'s words match case-insensitive substrings of a
+    benchmark's full name (``file::name``), combined with ``and``/``or``/``not`` (pytest's own parser)."""
     if not expression:
         return None
     from _pytest.mark import expression as pytest_expression
@@ -142,7 +142,7 @@ def keyword_filter(expression: str | None, prefix: str = ""):
         raise SystemExit(
             f"-k {expression!r}: {error}; allowed: a pytest -k expression, e.g. '2_22 and not compile'"
         ) from None
-    return lambda name: compiled.evaluate(lambda word, **_: word.lower() in (prefix + name).lower())
+    return lambda name: compiled.evaluate(lambda word, **_: word.lower() in name.lower())
 
 
 def run_interleaved(files: list[Path], json_path: Path, args) -> list[str]:
@@ -157,10 +157,11 @@ def run_interleaved(files: list[Path], json_path: Path, args) -> list[str]:
 
     rounds = args.rounds or (10 if args.quick else 30)
     specs = [(importlib.import_module(f"bench.{p.stem}").SPEC, p.name) for p in files]
+    matches = keyword_filter(args.keyword)
     benchmarks, failed = [], []
     with tqdm(total=sum(len(s.cases) for s, _ in specs), desc="cases", unit="case", file=sys.__stderr__) as bar:
         for spec, file_name in specs:
-            keep = keyword_filter(args.keyword, prefix=file_name + "::")
+            keep = None if matches is None else (lambda name, prefix=file_name + "::": matches(prefix + name))
             for case in spec.cases:
                 bar.set_postfix_str(f"{spec.op} {case.label}", refresh=False)
                 try:

@@ -10,15 +10,21 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+def run_python_process(
+    *args: str, cwd: str | None = None, timeout: int = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` with the project on the path and the fakequant switches unset unless given."""
     environment = {**os.environ, "PYTHONPATH": ROOT, **env}
-    for name in ("FAKEQUANT_BACKEND", "FAKEQUANT_DISABLE_EXTENSION"):
+    for name in ("FAKEQUANT_BACKEND", "FAKEQUANT_DISABLE_EXTENSION", "FAKEQUANT_BENCH_DEFAULT_MALLOC"):
         if name not in env:
             environment.pop(name, None)
     return subprocess.run(
-        [sys.executable, "-W", "default", "-c", textwrap.dedent(code)],
-        env=environment, capture_output=True, text=True, timeout=300,
+        [sys.executable, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return run_python_process("-W", "default", "-c", textwrap.dedent(code), **env)
 
 
 CHECK_OPS_WORK = """

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import torch
 
 from tests.test_memory import IS_GLIBC
-from tests.test_package import ROOT
+from tests.test_package import ROOT, run_python_process
 
 
-def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": ROOT}
-    for name in ("FAKEQUANT_BACKEND", "FAKEQUANT_DISABLE_EXTENSION", "FAKEQUANT_BENCH_DEFAULT_MALLOC"):
-        environment.pop(name, None)
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout
-    )
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return run_python_process(*args, cwd=ROOT, timeout=600)
 
 
 def test_bench_run_interleaved_runs_what_k_selects(tmp_path):
