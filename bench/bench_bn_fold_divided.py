@@ -3,8 +3,8 @@ vs the reference composition and torch.compile of it, copy. This is what ``ConvB
 while BN uses batch statistics; without the fused mode it is the fold op followed by a division by ``f`` and
 that division's backward (a reduction for ``f``'s gradient).
 
-Inputs as ``bench_bn_fold.py``. forward+backward moves 26 B/element for fp32: the usual 18, plus the weight read
-again and the forward's output read for the gradient of ``f``.
+Inputs as ``bench_bn_fold.py``. forward+backward moves 20 B/element for fp32, as the plain fold: the backward
+recomputes the forward's mask and output (needed for the gradient of ``f``) from the weight it reads anyway.
 
     python bench/run.py --ops bn_fold_divided
 """
@@ -87,7 +87,7 @@ SPEC = common.OpBench(
     composition_forward=composition_forward,
     composition_differentiable=composition_differentiable,
     differentiable_inputs=("x", "gamma"),
-    extra_backward_bytes=8,  # the weight read again, and the forward's output read for f's gradient
+    mask_recomputed=True,
 )
 
 test_bn_fold_divided = common.make_test(SPEC)

@@ -23,8 +23,9 @@ backward needs), ``fwd+bwd`` (forward then ``backward`` of a fixed gradient). ``
 
 Bytes moved per element (the least any implementation must move; ``s`` = element size, 4 for fp32):
 copy ``2s`` (8), fwd ``2s`` (8), fwd+mask ``2s + 1`` (9), fwd+bwd ``(2s + 1) + (2s + 1)`` (18: the backward
-reads the gradient and the mask and writes the input's gradient). Ops that read more in the backward (the
-BN fold reads the weight again for gamma's gradient) pass ``extra_backward_bytes``.
+reads the gradient and the mask and writes the input's gradient). Ops whose backward recomputes the mask from
+the input instead (the BN fold, which reads the weight anyway for gamma's gradient) pass ``mask_recomputed``:
+fwd+bwd ``2s + 3s`` (20: no mask written or read, the input read twice).
 
 Environment: ``FAKEQUANT_BENCH_QUICK=1`` picks the few sizes of ``python bench/run.py --quick``;
 ``FAKEQUANT_BENCH_DEVICE`` (default ``cpu``); ``FAKEQUANT_BENCH_PROVIDERS`` (comma-separated) keeps only those
@@ -148,14 +149,15 @@ def resnet50_activation_cases(in_quick: bool = True) -> list[Case]:
 # ---------------------------------------------------------------------------------------------
 
 
-def bytes_moved(mode: str, numel: int, itemsize: int = 4, extra_backward_bytes: int = 0) -> int:
+def bytes_moved(mode: str, numel: int, itemsize: int = 4, mask_recomputed: bool = False) -> int:
     """The least number of bytes an implementation of ``mode`` moves over ``numel`` elements.
 
     Args:
         mode: ``"copy"``, ``"fwd"``, ``"fwd+mask"`` or ``"fwd+bwd"``.
         numel: elements of the input.
         itemsize: bytes per element of the input (4 for fp32).
-        extra_backward_bytes: bytes per element the backward reads beyond gradient and mask.
+        mask_recomputed: the backward reads the input and recomputes the mask from it instead of reading one
+            (fwd+bwd only: the forward then writes no mask).
 
     Example:
         >>> bytes_moved("fwd+bwd", 1 << 20)
@@ -165,7 +167,7 @@ def bytes_moved(mode: str, numel: int, itemsize: int = 4, extra_backward_bytes: 
         COPY_MODE: 2 * itemsize,
         "fwd": 2 * itemsize,
         "fwd+mask": 2 * itemsize + 1,
-        "fwd+bwd": 2 * (2 * itemsize + 1) + extra_backward_bytes,
+        "fwd+bwd": 5 * itemsize if mask_recomputed else 2 * (2 * itemsize + 1),
     }
     if mode not in per_element:
         raise ValueError(f"bytes_moved: unknown mode {mode!r}; allowed: {', '.join(per_element)}")
@@ -289,7 +291,7 @@ class OpBench:
         torch_differentiable: PyTorch's own fake-quant op, if there is one (also timed without grad).
         nni_differentiable: NNI's fake-quant function (only called when NNI imports).
         differentiable_inputs: names of the inputs that get gradients in fwd+bwd (``x`` first).
-        extra_backward_bytes: see :func:`bytes_moved`.
+        mask_recomputed: see :func:`bytes_moved`.
     """
 
     op: str
@@ -304,7 +306,7 @@ class OpBench:
     torch_differentiable: DiffFn | None = None
     nni_differentiable: DiffFn | None = None
     differentiable_inputs: tuple[str, ...] = ("x",)
-    extra_backward_bytes: int = 0
+    mask_recomputed: bool = False
     _compiled: dict = field(default_factory=dict)
 
     def providers(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -380,8 +382,7 @@ class OpBench:
         return _synced(run_forward_backward)
 
     def bytes(self, mode: str, case: Case) -> int:
-        extra = self.extra_backward_bytes if mode == "fwd+bwd" else 0
-        return bytes_moved(mode, case.numel, DTYPE.itemsize, extra)
+        return bytes_moved(mode, case.numel, DTYPE.itemsize, self.mask_recomputed)
 
 
 def _no_mask_arg(fn: DiffFn | None) -> ForwardFn | None:

@@ -19,7 +19,6 @@
 
 #include <cstdint>
 #include <initializer_list>
-#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -45,8 +44,8 @@ using BnFoldSignature = OutAndMask(const Tensor&, const Tensor&, const Tensor&, 
                                    const Tensor&, int64_t, int64_t, bool, bool);
 using MaskedGradSignature = Tensor(const Tensor&, const Tensor&);
 using BnFoldBackwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                   const Tensor&, const Tensor&, double,
-                                                                   const std::optional<Tensor>&);
+                                                                   const Tensor&, double, const Tensor&,
+                                                                   const Tensor&, int64_t, int64_t, bool);
 
 const c10::TypedOperatorHandle<FakeQuantPerTensorSignature>& fake_quant_per_tensor_op() {
   static const auto op = find_op<FakeQuantPerTensorSignature>("fakequant::fake_quant_per_tensor");
@@ -73,11 +72,12 @@ Tensor masked_grad(const Tensor& grad, const Tensor& mask) {
   return op.call(grad, mask);
 }
 
-std::tuple<Tensor, Tensor, Tensor> bn_fold_backward(const Tensor& grad, const Tensor& weight, const Tensor& mask,
-                                                    const Tensor& gamma, const Tensor& var, double eps,
-                                                    const std::optional<Tensor>& divided_out) {
+std::tuple<Tensor, Tensor, Tensor> bn_fold_backward(const Tensor& grad, const Tensor& weight, const Tensor& gamma,
+                                                    const Tensor& var, double eps, const Tensor& scale,
+                                                    const Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                                    bool divide_by_fold) {
   static const auto op = find_op<BnFoldBackwardSignature>("fakequant::bn_fold_fake_quant_weight_backward");
-  return op.call(grad, weight, mask, gamma, var, eps, divided_out);
+  return op.call(grad, weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, divide_by_fold);
 }
 
 // Calls `op` on the kernel below the Autograd key (this file's kernels would otherwise be called again).
@@ -180,15 +180,15 @@ struct BnFoldFakeQuantWeight : torch::autograd::Function<BnFoldFakeQuantWeight> 
                                int64_t quant_max, bool compute_mask, bool divide_by_fold) {
     auto [out, mask] = call_below_autograd(bn_fold_op(), weight, gamma, var, eps, scale, zero_point, quant_min,
                                            quant_max, compute_mask, divide_by_fold);
-    init_context(ctx, compute_mask);
+    ctx->set_materialize_grads(false);
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["quant_min"] = quant_min;
+    ctx->saved_data["quant_max"] = quant_max;
     ctx->saved_data["divide_by_fold"] = divide_by_fold;
-    // The divided output's gradient needs the output itself (which the conv saves anyway: no extra memory).
-    if (divide_by_fold) {
-      ctx->save_for_backward({mask, weight, gamma, var, out});
-    } else {
-      ctx->save_for_backward({mask, weight, gamma, var});
-    }
+    // The backward recomputes the forward (no mask is needed, whatever compute_mask was), with copies of the
+    // qparams: a quantizer updates its scale/zero-point buffers in place on the next forward, which may come
+    // before this backward.
+    ctx->save_for_backward({weight, gamma, var, scale.clone(), zero_point.clone()});
     return {out, mask};
   }
 
@@ -196,13 +196,12 @@ struct BnFoldFakeQuantWeight : torch::autograd::Function<BnFoldFakeQuantWeight> 
     const Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return variable_list(10);
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor mask = saved_mask(ctx, saved);
-    const std::optional<Tensor> divided_out =
-        ctx->saved_data.at("divide_by_fold").toBool() ? std::optional<Tensor>(saved[4]) : std::nullopt;
     // Computed whether or not each input requires grad (var is usually a buffer): one fused kernel
     // produces all three, as in the Python formula.
-    auto [grad_weight, grad_gamma, grad_var] = bn_fold_backward(grad_out, saved[1], mask, saved[2], saved[3],
-                                                                ctx->saved_data.at("eps").toDouble(), divided_out);
+    auto [grad_weight, grad_gamma, grad_var] =
+        bn_fold_backward(grad_out, saved[0], saved[1], saved[2], ctx->saved_data.at("eps").toDouble(), saved[3],
+                         saved[4], ctx->saved_data.at("quant_min").toInt(), ctx->saved_data.at("quant_max").toInt(),
+                         ctx->saved_data.at("divide_by_fold").toBool());
     return {grad_weight, grad_gamma, grad_var, {}, {}, {}, {}, {}, {}, {}};
   }
 };

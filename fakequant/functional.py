@@ -151,9 +151,9 @@ def bn_fold_fake_quant_weight(
         >>> out.flatten()
         tensor([1., 2.])
     """
+    # No mask: the op's backward recomputes it from the weight.
     out, _ = torch.ops.fakequant.bn_fold_fake_quant_weight(
-        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, _needs_grad(weight, gamma, var),
-        divide_by_fold,
+        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, False, divide_by_fold
     )
     return out
 

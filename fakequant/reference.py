@@ -36,7 +36,7 @@ __all__ = [
     "bn_fold_training_factor",
     "bn_fold_fake_quant_weight_forward",
     "masked_grad",
-    "check_divided_out",
+    "check_bn_fold_backward_args",
     "bn_fold_fake_quant_weight_backward",
     "check_observe_range_args",
     "batch_range",
@@ -123,11 +123,14 @@ def _check_qparams(
         raise ValueError(f"fakequant: scale has dtype {scale.dtype}; allowed: float32")
     _check_zero_point_dtype(zero_point)
     _check_qparam_shapes(scale, zero_point, channels)
+    if check_values:
+        _check_qparam_values(scale, zero_point, quant_min, quant_max)
+
+
+def _check_qparam_values(scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int) -> None:
     # Value checks are free on CPU tensors; on a GPU they would cost a device-to-host sync on every
     # call, so there the quantizers (which compute the values) guarantee them instead. Fake tensors
     # (tracing, compile) have no values to check.
-    if not check_values:
-        return
     if scale.device.type == "cpu" and scale.numel() > 0:
         bad = ~(torch.isfinite(scale) & (scale > 0))
         if bool(bad.any()):
@@ -343,34 +346,63 @@ def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
-def check_divided_out(divided_out: torch.Tensor, weight: torch.Tensor) -> None:
-    if divided_out.shape != weight.shape or divided_out.dtype != weight.dtype or divided_out.device != weight.device:
+def check_bn_fold_backward_args(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    gamma: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    check_values: bool = True,
+) -> None:
+    """:func:`check_bn_fold_args` (the backward recomputes the forward) and ``grad`` against ``weight``; the values
+    of the qparams last, as the kernels check them."""
+    check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, check_values=False)
+    _check_x(grad, "grad")
+    if grad.device != weight.device:
         raise ValueError(
-            f"fakequant: divided_out must be the forward's output, of the weight's shape {tuple(weight.shape)}, "
-            f"dtype {weight.dtype} and device {weight.device}; got shape {tuple(divided_out.shape)}, "
-            f"dtype {divided_out.dtype} on {divided_out.device}"
+            f"fakequant: grad is on {grad.device} but weight is on {weight.device}; they must be on the same device"
         )
+    if grad.shape != weight.shape:
+        raise ValueError(
+            f"fakequant: grad must have the weight's shape {tuple(weight.shape)}, got shape {tuple(grad.shape)}"
+        )
+    if check_values:
+        _check_qparam_values(scale, zero_point, quant_min, quant_max)
 
 
 def bn_fold_fake_quant_weight_backward(
     grad: torch.Tensor,
     weight: torch.Tensor,
-    mask: torch.Tensor,
     gamma: torch.Tensor,
     var: torch.Tensor,
     eps: float,
-    divided_out: torch.Tensor | None = None,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    divide_by_fold: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the folded weight w.r.t. ``weight``, ``gamma`` and ``var`` (SPEC §1).
+    """Gradients of :func:`bn_fold_fake_quant_weight_forward`'s output w.r.t. ``weight``, ``gamma``, ``var`` (SPEC §1).
 
-    With ``divided_out`` (the output of ``divide_by_fold=True``, ``out = q(w f) / f``), those of ``out``:
-    ``grad_weight = grad * mask`` and, per channel, ``d out / d f = (mask * w - out) / f`` (0 where ``f``
-    was taken as 1), so ``grad_f = sum(grad * (mask * w - out)) / f``.
-    In both cases ``grad_gamma = grad_f / std`` and ``grad_var = -grad_f * gamma / (2 std^3)``, where
-    ``grad_f = sum(grad * mask * w)`` without division.
+    Takes the forward's arguments and recomputes its mask (and, for ``divide_by_fold=True``, its output) rather
+    than reading them from memory: the kernels do the same element by element, so a training step neither
+    stores a mask for the weight nor reads the output back.
+
+    ``q(w f)``: ``grad_weight = grad * mask * f`` and ``grad_f = sum(grad * mask * w)`` per channel.
+    ``out = q(w f) / f``: ``grad_weight = grad * mask`` and ``d out / d f = (mask * w - out) / f`` (0 where ``f``
+    was taken as 1), so ``grad_f = sum(grad * (mask * w - out)) / f``; with a float16/bfloat16 weight ``out`` is
+    the forward's rounded output, so the gamma/var gradients are only as exact as that rounding (a few percent
+    of their size in fp16), while the weight's gradient is exact.
+    In both cases ``grad_gamma = grad_f / std`` and ``grad_var = -grad_f * gamma / (2 std^3)``.
     """
-    if divided_out is not None:
-        check_divided_out(divided_out, weight)
+    check_bn_fold_backward_args(grad, weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
+    out, mask = bn_fold_fake_quant_weight_forward(
+        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, True, divide_by_fold
+    )
     ndim = weight.dim()
     std = torch.sqrt(var.float() + eps)
     factor = gamma.float() / std
@@ -380,13 +412,13 @@ def bn_fold_fake_quant_weight_backward(
     def channel_sums(t: torch.Tensor) -> torch.Tensor:
         return t.sum(dim=reduce_dims) if reduce_dims else t
 
-    if divided_out is None:
+    if not divide_by_fold:
         grad_weight = (g * _channel_view(factor, 0, ndim)).to(weight.dtype)
         grad_factor = channel_sums(g * weight.float())
     else:
         grad_weight = g.to(weight.dtype)
         masked_weight = torch.where(mask, weight.float(), torch.zeros((), device=weight.device))
-        sums = channel_sums(grad.float() * (masked_weight - divided_out.float()))
+        sums = channel_sums(grad.float() * (masked_weight - out.float()))
         grad_factor = torch.where(factor == 0, torch.zeros((), device=factor.device), sums / factor)
     grad_gamma = (grad_factor / std).to(gamma.dtype)
     grad_var = (-0.5 * grad_factor * gamma.float() / (std * std * std)).to(var.dtype)

@@ -430,9 +430,21 @@ def _bn_statistics(gamma: torch.Tensor, var: torch.Tensor, eps: float) -> tuple[
     return std, (gamma.float() / std).contiguous()
 
 
-def _training_factor(factor: torch.Tensor) -> torch.Tensor:
-    """``divide_by_fold=True``'s fold factor: ``factor`` with 1 where it is 0 (reference.bn_fold_training_factor)."""
-    return torch.where(factor == 0, torch.ones((), dtype=factor.dtype, device=factor.device), factor).contiguous()
+@triton.jit
+def _bn_fold_values(weight, factor, inv_scale, scale, zero_point, quant_min, quant_max, DIVIDE_BY_FOLD: tl.constexpr):
+    """The forward's ``(out, inside)`` of fp32 ``weight``: ``out`` in fp32, not yet rounded to the output's dtype.
+
+    ``factor`` is the plain fold factor ``gamma / std``. ``q(w * f)``, or with ``DIVIDE_BY_FOLD`` ``q(w * f) / f``
+    with ``f`` taken as 1 where it is 0 (reference.bn_fold_training_factor; NaN stays NaN), so the division is
+    never by 0; divided in fp32 (IEEE, ``div_rn``). The one definition of the forward's values: the forward
+    kernel stores them, the backward kernel recomputes them, bit for bit the same.
+    """
+    if DIVIDE_BY_FOLD:
+        factor = tl.where(factor == 0.0, 1.0, factor)
+    out, inside = _fake_quant_values(weight * factor, inv_scale, scale, zero_point, quant_min, quant_max)
+    if DIVIDE_BY_FOLD:
+        out = tl.math.div_rn(out, factor)
+    return out, inside
 
 
 @triton.jit
@@ -452,8 +464,7 @@ def _bn_fold_fake_quant_weight_kernel(
     DIVIDE_BY_FOLD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # DIVIDE_BY_FOLD: out = q(w * f) / f, divided in fp32 (IEEE, div_rn) and rounded to the output's dtype
-    # once; factor_ptr then holds the training factor (1 where f is 0), so the division is never by 0.
+    # factor_ptr holds the plain fold factor; _bn_fold_values takes it as 1 where it is 0 for DIVIDE_BY_FOLD.
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offsets < n_elements
     channel = (offsets // channel_stride) % channels
@@ -461,12 +472,11 @@ def _bn_fold_fake_quant_weight_kernel(
     scale = tl.load(scale_ptr + channel, mask=in_bounds, other=1.0)
     inv_scale = tl.math.div_rn(1.0, scale)
     zero_point = tl.load(zero_point_ptr + channel, mask=in_bounds, other=0).to(tl.float32)
-    folded = _as_float32(tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0)) * factor
-    out, inside = _fake_quant_values(
-        folded, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32)
+    weight = _as_float32(tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0))
+    out, inside = _bn_fold_values(
+        weight, factor, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32),
+        DIVIDE_BY_FOLD,
     )
-    if DIVIDE_BY_FOLD:
-        out = tl.math.div_rn(out, factor)
     tl.store(out_ptr + offsets, _to_dtype(out, out_ptr.dtype.element_ty), mask=in_bounds)
     if WRITE_MASK:
         tl.store(mask_ptr + offsets, inside, mask=in_bounds)
@@ -501,8 +511,6 @@ def bn_fold_fake_quant_weight(
     if n_elements == 0:
         return out, mask
     _, factor = _bn_statistics(gamma, var, eps)
-    if divide_by_fold:
-        factor = _training_factor(factor)
     channel_stride, channels = _channel_geometry(weight_dense, 0)
     with _device_guard(weight):
         wrap_triton(_bn_fold_fake_quant_weight_kernel)[_elementwise_grid(n_elements)](
@@ -575,39 +583,51 @@ def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _bn_fold_fake_quant_weight_backward_kernel(
     grad_ptr,
     weight_ptr,
-    mask_ptr,
-    divided_out_ptr,
     factor_ptr,
     std_ptr,
     gamma_ptr,
+    scale_ptr,
+    zero_point_ptr,
     grad_weight_ptr,
     grad_gamma_ptr,
     grad_var_ptr,
     channel_size,
+    quant_min,
+    quant_max,
     DIVIDE_BY_FOLD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # One program per output channel, whose channel_size elements are contiguous in memory: the per-channel
-    # sum is then a deterministic loop, no atomics.
+    # sum is then a deterministic loop, no atomics. The forward's mask (and, with DIVIDE_BY_FOLD, its output
+    # rounded to the weight's dtype) is recomputed from the weight by _bn_fold_values, as the forward kernel
+    # computes it; nothing of the forward is read back.
     # Without DIVIDE_BY_FOLD (out = q(w f)): grad_weight = g * f and grad_f = sum(g * w), g the masked grad.
-    # With it (out = q(w f) / f, divided_out_ptr holding out): grad_weight = g, and grad_f =
-    # sum(grad * ((mask ? w : 0) - out)) / f, 0 where f (factor_ptr's, unadjusted) is 0. The sum takes the
-    # unmasked grad: a clamped element's out = c / f still depends on f.
+    # With it (out = q(w f) / f): grad_weight = g, and grad_f = sum(grad * ((mask ? w : 0) - out)) / f, 0 where
+    # f (factor_ptr's plain factor) is 0. The sum takes the unmasked grad: a clamped element's out = c / f
+    # still depends on f.
     channel = tl.program_id(0).to(tl.int64)
     base = channel * channel_size
     factor = tl.load(factor_ptr + channel)
+    scale = tl.load(scale_ptr + channel)
+    inv_scale = tl.math.div_rn(1.0, scale)
+    zero_point = tl.load(zero_point_ptr + channel).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, channel_size, BLOCK):
         offsets = base + start + tl.arange(0, BLOCK)
         in_bounds = (start + tl.arange(0, BLOCK)) < channel_size
         raw_grad = tl.load(grad_ptr + offsets, mask=in_bounds, other=0.0)
-        keep = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(tl.int1)
-        grad = _as_float32(tl.where(keep, raw_grad, tl.zeros_like(raw_grad)))
         weight = _as_float32(tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0))
+        out, keep = _bn_fold_values(
+            weight, factor, inv_scale, scale, zero_point, quant_min.to(tl.float32), quant_max.to(tl.float32),
+            DIVIDE_BY_FOLD,
+        )
+        grad = _as_float32(tl.where(keep, raw_grad, tl.zeros_like(raw_grad)))
         if DIVIDE_BY_FOLD:
             tl.store(grad_weight_ptr + offsets, _to_dtype(grad, grad_weight_ptr.dtype.element_ty), mask=in_bounds)
-            out = _as_float32(tl.load(divided_out_ptr + offsets, mask=in_bounds, other=0.0))
-            acc += _as_float32(raw_grad) * (tl.where(keep, weight, 0.0) - out)
+            # The forward's output as stored: rounded to the weight's dtype, then widened back.
+            out = _as_float32(_to_dtype(out, weight_ptr.dtype.element_ty))
+            # Lanes past the channel's end are left out: their out = q(0 * f) / f is NaN for an inf or NaN f.
+            acc += tl.where(in_bounds, _as_float32(raw_grad) * (tl.where(keep, weight, 0.0) - out), 0.0)
         else:
             tl.store(
                 grad_weight_ptr + offsets, _to_dtype(grad * factor, grad_weight_ptr.dtype.element_ty), mask=in_bounds
@@ -632,24 +652,24 @@ def _channel_major(t: torch.Tensor) -> bool:
 def bn_fold_fake_quant_weight_backward(
     grad: torch.Tensor,
     weight: torch.Tensor,
-    mask: torch.Tensor,
     gamma: torch.Tensor,
     var: torch.Tensor,
     eps: float,
-    divided_out: torch.Tensor | None = None,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    divide_by_fold: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton ``fakequant::bn_fold_fake_quant_weight_backward``: ``(grad_weight, grad_gamma, grad_var)``.
 
-    ``divided_out``: the forward's output when it ran with ``divide_by_fold=True``; the gradients are then
-    those of ``q(w * f) / f`` (reference.bn_fold_fake_quant_weight_backward).
+    Takes :func:`bn_fold_fake_quant_weight`'s arguments and recomputes its mask (and, for
+    ``divide_by_fold=True``, its output) element by element, bit for bit the forward kernel's, instead of
+    reading them: the gradients of ``q(w * f)``, or of ``q(w * f) / f`` (reference.bn_fold_fake_quant_weight_backward).
     """
-    _check_mask(grad, mask)
-    if weight.shape != grad.shape:
-        raise ValueError(
-            f"fakequant: grad has shape {tuple(grad.shape)} but weight has shape {tuple(weight.shape)}; they must match"
-        )
-    if divided_out is not None:
-        reference.check_divided_out(divided_out, weight)
+    reference.check_bn_fold_backward_args(
+        grad, weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, check_values=_has_values(scale)
+    )
     _check_device(weight)
     grad_weight = torch.empty_like(weight)
     grad_gamma = torch.empty_like(gamma)
@@ -658,7 +678,7 @@ def bn_fold_fake_quant_weight_backward(
     if weight.numel() == 0:
         # No element contributes: the per-channel sums are 0 (and the signs of the zeros the reference's).
         total = torch.zeros_like(std)
-        if divided_out is not None:
+        if divide_by_fold:
             total = torch.where(factor == 0, torch.zeros((), device=factor.device), total / factor)
         grad_gamma.copy_(total / std)
         grad_var.copy_(-0.5 * total * gamma.float() / (std * std * std))
@@ -671,16 +691,18 @@ def bn_fold_fake_quant_weight_backward(
         wrap_triton(_bn_fold_fake_quant_weight_backward_kernel)[(weight.size(0),)](
             _dense_like(grad, weight_major),
             weight_major,
-            _dense_like(mask, weight_major),
-            weight_major if divided_out is None else _dense_like(divided_out, weight_major),
             factor,
             std.contiguous(),
             gamma.float().contiguous(),
+            scale.contiguous(),
+            zero_point.contiguous(),
             result,
             grad_gamma,
             grad_var,
             weight.numel() // weight.size(0),
-            DIVIDE_BY_FOLD=divided_out is not None,
+            quant_min,
+            quant_max,
+            DIVIDE_BY_FOLD=divide_by_fold,
             BLOCK=REDUCE_BLOCK_SIZE,
             num_warps=NUM_WARPS,
         )

@@ -60,6 +60,8 @@ class Case(NamedTuple):
     call: Callable  # the op; takes the inputs, plus compute_mask= if given
     reference: Callable  # the reference's differentiable composition; takes the inputs
     inputs: list[torch.Tensor]
+    # The formula of fakequant/_ops.py with the backward op called by hand: (grad, mask, *inputs) -> grads.
+    formula: Callable
 
 
 def make_cases(dtype: torch.dtype, layout: str) -> list[Case]:
@@ -76,25 +78,35 @@ def make_cases(dtype: torch.dtype, layout: str) -> list[Case]:
     scale_w = torch.rand(6, generator=g) * 0.2 + 0.01
     zp_w = torch.randint(-8, 8, (6,), generator=g, dtype=torch.int32)
     ops = torch.ops.fakequant
+
+    def masked(grad, mask, *inputs):
+        return [ops.masked_grad(grad, mask)]
+
+    def bn_fold_formula(divide_by_fold):
+        def formula(grad, mask, w, ga, v):
+            return ops.bn_fold_fake_quant_weight_backward(grad, w, ga, v, EPS, scale_w, zp_w, -8, 7, divide_by_fold)
+        return formula
+
     cases = [
         Case("fake_quant_per_tensor",
              lambda a, **kw: ops.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15, **kw),
-             lambda a: reference.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15), [x]),
+             lambda a: reference.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15), [x], masked),
         Case("fake_quant_per_channel",
              lambda a, **kw: ops.fake_quant_per_channel(a, scale_c, zp_c, 1, -8, 7, **kw),
-             lambda a: reference.fake_quant_per_channel(a, scale_c, zp_c, 1, -8, 7), [x]),
-        Case("binarize", lambda a, **kw: ops.binarize(a, True, **kw), lambda a: reference.binarize(a, True), [x]),
+             lambda a: reference.fake_quant_per_channel(a, scale_c, zp_c, 1, -8, 7), [x], masked),
+        Case("binarize", lambda a, **kw: ops.binarize(a, True, **kw), lambda a: reference.binarize(a, True), [x],
+             masked),
         Case("binarize_identity_ste", lambda a, **kw: ops.binarize(a, False, **kw),
-             lambda a: reference.binarize(a, False), [x]),
+             lambda a: reference.binarize(a, False), [x], lambda grad, mask, a: [grad]),
         Case("bn_fold_fake_quant_weight",
              lambda w, ga, v, **kw: ops.bn_fold_fake_quant_weight(w, ga, v, EPS, scale_w, zp_w, -8, 7, **kw),
              lambda w, ga, v: reference.bn_fold_fake_quant_weight(w, ga, v, EPS, scale_w, zp_w, -8, 7),
-             [weight, gamma, var]),
+             [weight, gamma, var], bn_fold_formula(False)),
         Case("bn_fold_divided",
              lambda w, ga, v, **kw: ops.bn_fold_fake_quant_weight(
                  w, ga, v, EPS, scale_w, zp_w, -8, 7, divide_by_fold=True, **kw),
              lambda w, ga, v: reference.bn_fold_fake_quant_weight(w, ga, v, EPS, scale_w, zp_w, -8, 7, True),
-             [weight, gamma_with_zero, var]),
+             [weight, gamma_with_zero, var], bn_fold_formula(True)),
     ]
     return [case._replace(inputs=[t.detach().clone().requires_grad_() for t in case.inputs]) for case in cases]
 
@@ -146,15 +158,7 @@ def test_grads_are_the_formula_and_match_the_reference(backend, dtype, layout):
             expected_out, mask = case.call(*case.inputs)
         grad = _incoming_grad(out)
         assert_identical(out, expected_out)
-        # The formula of fakequant/_ops.py, with the backward ops called by hand.
-        if case.name in ("bn_fold_fake_quant_weight", "bn_fold_divided"):
-            divided_out = out if case.name == "bn_fold_divided" else None
-            expected = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(grad, *case.inputs[:1], mask,
-                                                                             *case.inputs[1:], EPS, divided_out)
-        elif case.name == "binarize_identity_ste":
-            expected = [grad]
-        else:
-            expected = [torch.ops.fakequant.masked_grad(grad, mask)]
+        expected = case.formula(grad, mask, *case.inputs)
         for actual, want in zip(grads, expected, strict=True):
             assert_identical(actual, want)
         # The reference's autograd (the oracle of every backward); BN fold's per-channel sums are not
@@ -176,13 +180,16 @@ def test_grads_are_the_formula_and_match_the_reference(backend, dtype, layout):
             assert actual[5] == 0  # the channel whose factor was taken as 1
 
 
-def test_backward_after_compute_mask_false_raises(backend):
+def test_backward_after_compute_mask_false_raises_where_a_mask_is_needed(backend):
+    with_mask = autograd_results(torch.float32, "contiguous")
     for case in make_cases(torch.float32, "contiguous"):
         out, mask = case.call(*case.inputs, compute_mask=False)
         assert mask.numel() == 0
-        if case.name == "binarize_identity_ste":  # needs no mask
-            (grad,) = torch.autograd.grad(out, case.inputs, _incoming_grad(out))
-            assert_identical(grad, _incoming_grad(out))
+        # These need no mask: the identity STE, and the BN fold, whose backward recomputes it.
+        if case.name in ("binarize_identity_ste", "bn_fold_fake_quant_weight", "bn_fold_divided"):
+            grads = torch.autograd.grad(out, case.inputs, _incoming_grad(out))
+            for actual, want in zip(grads, with_mask[case.name][1:], strict=True):
+                assert_identical(actual, want)
             continue
         with pytest.raises(RuntimeError) as error:
             out.sum().backward()
@@ -224,6 +231,29 @@ def test_no_grad_and_non_differentiable_qparams(backend):
     out.sum().backward()
     assert scale.grad is None
 
+
+
+@pytest.mark.parametrize("divide_by_fold", [False, True])
+def test_bn_fold_backward_uses_the_forwards_qparams(backend, divide_by_fold):
+    """The backward recomputes the forward: a quantizer's in-place update of its scale/zero-point buffers
+    between forward and backward (the layer called again first) must not change the gradients."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(4, 3, 3, 3, generator=g)
+    gamma, var = torch.rand(4, generator=g) + 0.5, torch.rand(4, generator=g) + 0.5
+    scale = torch.rand(4, generator=g) * 0.1 + 0.05
+    zero_point = torch.randint(-3, 4, (4,), generator=g, dtype=torch.int32)
+
+    def grads(update_in_place: bool) -> tuple[torch.Tensor, ...]:
+        inputs = [t.clone().requires_grad_() for t in (weight, gamma, var)]
+        s, z = scale.clone(), zero_point.clone()
+        out, _ = torch.ops.fakequant.bn_fold_fake_quant_weight(*inputs, EPS, s, z, -8, 7, False, divide_by_fold)
+        if update_in_place:
+            s.mul_(3.0)
+            z.fill_(2)
+        return torch.autograd.grad(out, inputs, _incoming_grad(out))
+
+    for actual, want in zip(grads(True), grads(False), strict=True):
+        assert_identical(actual, want)
 
 # ---------------------------------------------------------------------------------------------
 # The Python fallback: registered only without _C, never on top of the C++ kernels

@@ -344,10 +344,12 @@ def test_torch_compile_fullgraph_matches_eager():
     target = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     F.mse_loss(out, target).backward()
     F.mse_loss(compiled_out, target).backward()
-    for compiled_grad, grad in ((compiled_module.conv.weight.grad, conv.weight.grad),
-                                (compiled_module.bn.weight.grad, bn.weight.grad)):
-        # the few weights on a neighbouring level change the gradients too: measured 3.4e-3 (conv weight)
-        assert ((compiled_grad - grad).norm() / grad.norm()).item() < 2e-2
+    # The few weights on a neighbouring level change the gradients too: measured 3.4e-3 (conv weight) and 3.3e-4
+    # (gamma). A backward that saw the running variance after BN's update (bn_fold._running_stat_copy) was off by
+    # 1.4e-1 and 8.9e-3.
+    for compiled_grad, grad, bound in ((compiled_module.conv.weight.grad, conv.weight.grad, 1e-2),
+                                       (compiled_module.bn.weight.grad, bn.weight.grad, 2e-3)):
+        assert ((compiled_grad - grad).norm() / grad.norm()).item() < bound
     # and BN's batch mean by as much (measured 3.2e-5 relative, on one channel of 16)
     torch.testing.assert_close(compiled_module.bn.running_mean, bn.running_mean, rtol=2e-4, atol=1e-6)
 

@@ -135,21 +135,16 @@ VARIANT_SCRIPT = textwrap.dedent(
     gamma, var = torch.rand(40, generator=g) + 0.5, torch.rand(40, generator=g) + 0.1
     sc, zc = torch.rand(40, generator=g) + 0.01, torch.zeros(40, dtype=torch.int32)
     check("bn_fold_fake_quant_weight", w, gamma, var, 1e-5, sc, zc, -8, 7)
-    out, mask = torch.ops.fakequant.bn_fold_fake_quant_weight(w, gamma, var, 1e-5, sc, zc, -8, 7)
     grad = torch.randn_like(w)
-    got = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(grad, w, mask, gamma, var, 1e-5)
-    want = _ops.DEFAULT_KERNELS["bn_fold_fake_quant_weight_backward"](grad, w, mask, gamma, var, 1e-5)
-    same(got[0], want[0])
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
-    gamma[0] = 0
-    check("bn_fold_fake_quant_weight", w, gamma, var, 1e-5, sc, zc, -8, 7, True, True)
-    out, mask = torch.ops.fakequant.bn_fold_fake_quant_weight(w, gamma, var, 1e-5, sc, zc, -8, 7, True, True)
-    got = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(grad, w, mask, gamma, var, 1e-5, out)
-    want = _ops.DEFAULT_KERNELS["bn_fold_fake_quant_weight_backward"](grad, w, mask, gamma, var, 1e-5, out)
-    same(got[0], want[0])
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
+    gamma_with_zero = torch.cat([torch.zeros(1), gamma[1:]])
+    for divide_by_fold, gm in ((False, gamma), (True, gamma), (True, gamma_with_zero)):
+        check("bn_fold_fake_quant_weight", w, gm, var, 1e-5, sc, zc, -8, 7, True, divide_by_fold)
+        args = (grad, w, gm, var, 1e-5, sc, zc, -8, 7, divide_by_fold)
+        got = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(*args)
+        want = _ops.DEFAULT_KERNELS["bn_fold_fake_quant_weight_backward"](*args)
+        same(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)
     print("variant ok")
     """
 )
@@ -515,18 +510,13 @@ def test_bn_fold_backward(dtype, divide_by_fold):
         gamma, var, scale, zero_point = bn_inputs(w.size(0), g)
         if divide_by_fold:
             gamma = with_zero_gamma(gamma)
-        out, mask = cpu_op("bn_fold_fake_quant_weight")(
-            w, gamma, var, 1e-5, scale, zero_point, -8, 7, True, divide_by_fold
-        )
-        divided_out = out if divide_by_fold else None
         grad = torch.randn(w.shape, generator=g).to(dtype)
-        for grad_case, mask_case in (
-            (grad, mask),
-            (grad.contiguous(), mask),  # grad contiguous, mask follows a channels_last weight
-            (grad, mask.contiguous()),
-            (grad.float(), mask),  # mixed dtypes: the fallback composition
+        for grad_case in (
+            grad,
+            grad.contiguous(),  # grad contiguous while the weight is channels_last
+            grad.float(),  # mixed dtypes: the fallback composition
         ):
-            args = (grad_case, w, mask_case, gamma, var, 1e-5, divided_out)
+            args = (grad_case, w, gamma, var, 1e-5, scale, zero_point, -8, 7, divide_by_fold)
             got = cpu_op("bn_fold_fake_quant_weight_backward")(*args)
             want = reference_op("bn_fold_fake_quant_weight_backward")(*args)
             assert_identical(got[0], want[0])
@@ -540,11 +530,16 @@ def test_bn_fold_backward_large_channel_sums():
     # Sums over more than one reduction chunk (2^16 elements) and over a run split between chunks.
     g = torch.Generator().manual_seed(12)
     w = torch.randn(6, 50000, generator=g)
-    gamma, var, scale, zero_point = bn_inputs(6, g)
-    mask = torch.rand(w.shape, generator=g) < 0.8
+    gamma, var, _, _ = bn_inputs(6, g)
+    factor = fakequant.reference.bn_fold_factor(gamma, var, 1e-3)
+    scale = (w * factor[:, None]).abs().amax(1) / 7 * 0.7  # ~10% of each channel clipped
+    zero_point = torch.zeros(6, dtype=torch.int32)
+    _, mask = cpu_op("bn_fold_fake_quant_weight")(w, gamma, var, 1e-3, scale, zero_point, -8, 7)
+    assert 0.5 < mask.float().mean() < 1
     grad = torch.randn(w.shape, generator=g)
-    got = cpu_op("bn_fold_fake_quant_weight_backward")(grad, w, mask, gamma, var, 1e-3)
-    want = reference_op("bn_fold_fake_quant_weight_backward")(grad, w, mask, gamma, var, 1e-3)
+    args = (grad, w, gamma, var, 1e-3, scale, zero_point, -8, 7)
+    got = cpu_op("bn_fold_fake_quant_weight_backward")(*args)
+    want = reference_op("bn_fold_fake_quant_weight_backward")(*args)
     assert_identical(got[0], want[0])
     exact = (torch.where(mask, grad, 0).double() * w.double()).sum(1)
     torch.testing.assert_close(got[1].double(), exact / torch.sqrt(var.double() + 1e-3), rtol=1e-4, atol=1e-3)
@@ -562,7 +557,7 @@ def test_bn_fold_divided_backward_large_channel_sums():
     zero_point = torch.zeros(6, dtype=torch.int32)
     out, mask = cpu_op("bn_fold_fake_quant_weight")(w, gamma, var, 1e-3, scale * 0.7, zero_point, -8, 7, True, True)
     grad = torch.randn(w.shape, generator=g)
-    got = cpu_op("bn_fold_fake_quant_weight_backward")(grad, w, mask, gamma, var, 1e-3, out)
+    got = cpu_op("bn_fold_fake_quant_weight_backward")(grad, w, gamma, var, 1e-3, scale * 0.7, zero_point, -8, 7, True)
     assert_identical(got[0], torch.where(mask, grad, 0))
     sums = (grad.double() * (torch.where(mask, w, 0).double() - out.double())).sum(1)
     std = torch.sqrt(var.double() + 1e-3)
@@ -637,9 +632,13 @@ BAD_CALLS = [
     ("bn_fold_fake_quant_weight", (W, G3, V3, 1e-5, SC, ZC, 8, 7)),
     ("bn_fold_fake_quant_weight", (W, G3, V3, 1e-5, SC * 0, ZC, -8, 7)),
     ("bn_fold_fake_quant_weight", (W, G3, V3, 1e-5, SC, ZC + 8, -8, 7)),
-    ("bn_fold_fake_quant_weight_backward", (W, W, torch.ones(3, 2, dtype=torch.bool), G3, V3, 1e-5)),
-    ("bn_fold_fake_quant_weight_backward", (W, W, W > 0, G3, V3, 1e-5, W[:2])),
-    ("bn_fold_fake_quant_weight_backward", (W, W, W > 0, G3, V3, 1e-5, W.half())),
+    ("bn_fold_fake_quant_weight_backward", (W[:2], W, G3, V3, 1e-5, SC, ZC, -8, 7)),
+    ("bn_fold_fake_quant_weight_backward", (W.double(), W, G3, V3, 1e-5, SC, ZC, -8, 7)),
+    ("bn_fold_fake_quant_weight_backward", (W, W, G3, V3, 1e-5, SC, ZC, -8, 7 - 16)),
+    ("bn_fold_fake_quant_weight_backward", (W, W, G3, V3, 1e-5, SC * 0, ZC, -8, 7)),
+    ("bn_fold_fake_quant_weight_backward", (W, W, G3, V3, 1e-5, SC, ZC + 8, -8, 7, True)),
+    ("bn_fold_fake_quant_weight_backward", (W, W, G3[:2], V3, 1e-5, SC, ZC, -8, 7)),
+    ("bn_fold_fake_quant_weight_backward", (W[:2], W, G3, V3, 1e-5, SC * 0, ZC, -8, 7)),  # grad before values
 ]
 
 

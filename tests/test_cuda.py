@@ -301,8 +301,30 @@ def test_masked_grad_errors_match_reference(case, auto_backend):
     grad, mask = MASK_BAD[case]
     expected = _reference_error(reference.masked_grad, grad, mask)
     assert _cuda_kernel_error("masked_grad", grad, mask) == expected
-    weight, gamma = _f32(2, 3), torch.ones(2)
-    assert _cuda_kernel_error("bn_fold_fake_quant_weight_backward", grad, weight, mask, gamma, gamma, 1e-5) == expected
+
+
+# The backward takes the forward's arguments (it recomputes the forward): the forward's bad cases with a
+# valid grad first, then bad grads with valid forward arguments.
+BN_FOLD_BACKWARD_BAD = {f"forward: {case}": (torch.zeros(args[0].shape), *args) for case, args in BN_FOLD_BAD.items()}
+BN_FOLD_BACKWARD_BAD.update(
+    {
+        "grad int": (torch.zeros(_W.shape, dtype=torch.int32), _W, _G, _V, 1e-5, _SCALES, _ZPS, -128, 127),
+        "grad float64": (torch.zeros(_W.shape, dtype=torch.float64), _W, _G, _V, 1e-5, _SCALES, _ZPS, -128, 127),
+        "grad on meta": (_W.to("meta"), _W, _G, _V, 1e-5, _SCALES, _ZPS, -128, 127),
+        "grad transposed": (_W.transpose(0, 1), _W, _G, _V, 1e-5, _SCALES, _ZPS, -128, 127),
+        "grad flat": (_W.flatten(), _W, _G, _V, 1e-5, _SCALES, _ZPS, -128, 127),
+    }
+)
+
+
+@pytest.mark.parametrize("case", BN_FOLD_BACKWARD_BAD)
+@pytest.mark.parametrize("divide_by_fold", [False, True])
+def test_bn_fold_backward_errors_match_reference(case, divide_by_fold, auto_backend):
+    require_cuda_build()
+    args = (*BN_FOLD_BACKWARD_BAD[case], divide_by_fold)
+    assert _cuda_kernel_error("bn_fold_fake_quant_weight_backward", *args) == _reference_error(
+        reference.bn_fold_fake_quant_weight_backward, *args
+    )
 
 
 def test_backward_errors_of_their_own(auto_backend):
@@ -313,17 +335,12 @@ def test_backward_errors_of_their_own(auto_backend):
     assert message == "fakequant: mask is on meta but grad is on cpu; they must be on the same device"
     message = _cuda_kernel_error("masked_grad", grad.to(torch.int32), mask)
     assert message == "fakequant: grad has dtype torch.int32; allowed: float32, float16, bfloat16"
-    gamma = torch.ones(2)
-    message = _cuda_kernel_error("bn_fold_fake_quant_weight_backward", _f32(3, 2), grad, mask, gamma, gamma, 1e-5)
+    gamma, scale, zero_point = torch.ones(2), torch.full((2,), 0.1), torch.zeros(2, dtype=torch.int32)
+    qparams = (scale, zero_point, -128, 127)
+    message = _cuda_kernel_error("bn_fold_fake_quant_weight_backward", _f32(3, 2), grad, gamma, gamma, 1e-5, *qparams)
     assert message == "fakequant: grad must have the weight's shape (2, 3), got shape (3, 2)"
-    message = _cuda_kernel_error("bn_fold_fake_quant_weight_backward", grad, grad, mask, gamma, gamma, -1.0)
+    message = _cuda_kernel_error("bn_fold_fake_quant_weight_backward", grad, grad, gamma, gamma, -1.0, *qparams)
     assert message == "fakequant: eps must be finite and >= 0, got -1.0"
-    # divided_out must be the forward's output: the reference's message, word for word.
-    for divided_out in (_f32(3, 2), _f32(2, 1), grad.half(), grad.to("meta")):
-        args = (grad, grad, mask, gamma, gamma, 1e-5, divided_out)
-        expected = _reference_error(reference.bn_fold_fake_quant_weight_backward, *args)
-        assert expected.startswith("fakequant: divided_out must be the forward's output")
-        assert _cuda_kernel_error("bn_fold_fake_quant_weight_backward", *args) == expected
 
 
 def test_no_value_checks_in_cuda_kernels(auto_backend):
@@ -341,6 +358,12 @@ def test_no_value_checks_in_cuda_kernels(auto_backend):
             getattr(reference, f"{name}_forward")(*args[:-1])  # the reference checks the values on CPU
         with pytest.raises(RuntimeError, match="CUDAGuardImpl initialized with non-CUDA DeviceType"):
             getattr(torch.ops.fakequant, name).default.redispatch(CUDA_KEY, *args)
+    # The backward recomputes the forward from the same qparams (here a zero point outside the range).
+    args = (x, x, torch.ones(4), torch.ones(4), 1e-5, torch.full((4,), 0.1), torch.full((4,), -500), -128, 127, True)
+    with pytest.raises(ValueError):
+        reference.bn_fold_fake_quant_weight_backward(*args)
+    with pytest.raises(RuntimeError, match="CUDAGuardImpl initialized with non-CUDA DeviceType"):
+        torch.ops.fakequant.bn_fold_fake_quant_weight_backward.default.redispatch(CUDA_KEY, *args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,11 +570,9 @@ def test_bn_fold_backward_matches_reference(dtype, shape, divide_by_fold, auto_b
             # grad / f * f, and its grad_f is the difference of two large sums, so it matches neither bit for
             # bit nor to a tight tolerance.
             detached = (w.detach(), gamma.detach(), var.detach())
-            ref_out, ref_mask = reference.bn_fold_fake_quant_weight_forward(*detached, *args[3:], True, True)
+            ref_out, _ = reference.bn_fold_fake_quant_weight_forward(*detached, *args[3:], True, True)
             assert_bitwise_equal(out.detach(), ref_out)
-            want = reference.bn_fold_fake_quant_weight_backward(
-                grad_out, detached[0], ref_mask, *detached[1:], 1e-5, ref_out
-            )
+            want = reference.bn_fold_fake_quant_weight_backward(grad_out, *detached, *args[3:], True)
             if channels > 1:
                 assert got[1][-1].item() == 0.0 and got[2][-1].item() == 0.0
         else:
@@ -568,15 +589,21 @@ def test_bn_fold_backward_matches_reference(dtype, shape, divide_by_fold, auto_b
 @needs_gpu
 @pytest.mark.parametrize("divided", [False, True])
 def test_bn_fold_backward_mixed_dtypes_and_layouts(divided, auto_backend):
+    torch.manual_seed(6)
     weight = torch.randn(8, 4, 3, 3, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     grad = torch.randn(8, 4, 3, 3, device="cuda")  # fp32 gradient of an fp16 weight, another layout
-    mask = (torch.rand(8, 4, 3, 3, device="cuda") < 0.7).transpose(1, 2).contiguous().transpose(1, 2)
     gamma = torch.rand(8, device="cuda", dtype=torch.bfloat16) + 0.5
+    if divided:
+        gamma[-1] = 0.0  # f == 0: quantized with f = 1, no gradient to gamma or var
     var = torch.rand(16, device="cuda")[::2]
-    # The forward's output in the weight's dtype, laid out unlike the weight (one copy, then fp32 with the rest).
-    divided_out = (weight * 0.9).transpose(0, 1).contiguous().transpose(0, 1) if divided else None
-    got = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, 1e-3, divided_out)
-    want = reference.bn_fold_fake_quant_weight_backward(grad, weight, mask, gamma, var, 1e-3, divided_out)
+    # Strided per-channel qparams, int64 zero points, and a narrow range: the recomputed mask clips part of each
+    # channel. With divided, the kernel runs in fp32 (mixed dtypes) yet must round the recomputed output to fp16,
+    # as the forward stored it and the reference uses it.
+    scale = (torch.rand(16, device="cuda") * 0.2 + 0.1)[::2]
+    zero_point = torch.randint(-4, 4, (8,), device="cuda")
+    args = (grad, weight, gamma, var, 1e-3, scale, zero_point, -8, 7, divided)
+    got = torch.ops.fakequant.bn_fold_fake_quant_weight_backward(*args)
+    want = reference.bn_fold_fake_quant_weight_backward(*args)
     assert got[0].stride() == torch.empty_like(weight).stride()
     assert_bitwise_equal(got[0], want[0])
     for g, w in zip(got[1:], want[1:], strict=True):
@@ -609,7 +636,7 @@ def _sample_inputs(dtype=torch.float32):
         "binarize": (x, True, True),
         "bn_fold_fake_quant_weight": (x, gamma, var, 1e-5, bn_scales, bn_zps, -128, 127, True),
         "masked_grad": (x, mask),
-        "bn_fold_fake_quant_weight_backward": (x, x, mask, gamma, var, 1e-5),
+        "bn_fold_fake_quant_weight_backward": (x, x, gamma, var, 1e-5, bn_scales, bn_zps, -128, 127, False),
         "observe_range": (x, torch.randn(2, 3, device="cuda"), scales.clone(), zps.clone(), 1, 0.01, -128, 127, True),
     }
 
@@ -707,8 +734,7 @@ def test_opcheck_bn_fold_divided_on_cuda(auto_backend):
     gamma[1] = 0.0
     args = (x.clone().requires_grad_(), gamma, var, eps, scales, zps, quant_min, quant_max, True, True)
     torch.library.opcheck(torch.ops.fakequant.bn_fold_fake_quant_weight, args)
-    out, mask = torch.ops.fakequant.bn_fold_fake_quant_weight(*args)
-    backward_args = (torch.randn_like(x), x, mask, gamma, var, eps, out.detach())
+    backward_args = (torch.randn_like(x), x, gamma, var, eps, scales, zps, quant_min, quant_max, True)
     torch.library.opcheck(torch.ops.fakequant.bn_fold_fake_quant_weight_backward, backward_args)
 
 

@@ -367,10 +367,15 @@ def _op_samples():
         "fake_quant_per_channel": [(x, scale_c, zp_c, 0, -128, 127), (x.transpose(0, 2), scale_c, zp_c, 2, -128, 127)],
         "binarize": [(x,), (x, False)],
         "bn_fold_fake_quant_weight": [
-            (x, gamma, var, 1e-5, scale_c, zp_c, -128, 127), (x, gamma, var, 1e-5, scale_c, zp_c, -128, 127, True, True)
+            (x, gamma, var, 1e-5, scale_c, zp_c, -128, 127),
+            (x, gamma, var, 1e-5, scale_c, zp_c, -128, 127, True, True),
+            (x, gamma, var, 1e-5, scale_c, zp_c, -128, 127, False, True),  # differentiable without a mask
         ],
         "masked_grad": [(x, mask)],
-        "bn_fold_fake_quant_weight_backward": [(x, x, mask, gamma, var, 1e-5), (x, x, mask, gamma, var, 1e-5, x * 0.9)],
+        "bn_fold_fake_quant_weight_backward": [
+            (x * 0.5, x, gamma, var, 1e-5, scale_c, zp_c, -128, 127),
+            (x * 0.5, x, gamma, var, 1e-5, scale_c, zp_c, -128, 127, True),
+        ],
         "observe_range": [
             (x, torch.zeros(2), torch.ones(()), torch.zeros((), dtype=torch.int32), None, 1.0, 0, 255, False),
             (x, torch.randn(2, 4, generator=g), torch.ones(4), torch.zeros(4, dtype=torch.int64), 1, 0.01, -128, 127,
@@ -387,7 +392,8 @@ def test_opcheck(backend, op_name):
         compute_mask = args[8] if op_name == "bn_fold_fake_quant_weight" and len(args) > 8 else (
             args[-1] if isinstance(args[-1], bool) and op_name != "binarize" else True
         )
-        differentiable = compute_mask and op_name not in (
+        # The BN fold's backward recomputes the mask instead of reading it.
+        differentiable = op_name == "bn_fold_fake_quant_weight" or compute_mask and op_name not in (
             "masked_grad", "bn_fold_fake_quant_weight_backward", "observe_range"
         )
         if differentiable:

@@ -41,13 +41,13 @@ struct KernelTable {
   void (*binarize)(c10::ScalarType dtype, const void* x, void* out, bool* mask, int64_t n);
   // out = mask ? grad : 0, for 2- and 4-byte element types.
   void (*masked_grad)(c10::ScalarType dtype, const void* grad, const bool* mask, void* out, int64_t n);
-  // grad_weight = (mask ? grad : 0) * fold[c]; sums[c] = sum over channel c of (mask ? grad : 0) * weight,
-  // in fp32. With divided_out (divide_by_fold's output, in the weight's dtype and layout): grad_weight =
-  // (mask ? grad : 0) and sums[c] = sum of grad * ((mask ? weight : 0) - divided_out). `params` is in runs
-  // mode with `fold` set; sums has params.channels entries.
-  void (*bn_fold_backward)(c10::ScalarType dtype, const void* grad, const void* weight, const bool* mask,
-                           const void* divided_out, void* grad_weight, int64_t n, const ChannelParams& params,
-                           float* sums);
+  // The BN-fold backward. It recomputes the forward's mask (and output) from weight with `params` (runs mode,
+  // fold set, divide_by_fold as the forward ran; the forward's own per-element code), then grad_weight =
+  // (mask ? grad : 0) * fold[c] and sums[c] = sum over channel c of (mask ? grad : 0) * weight, in fp32; with
+  // divide_by_fold, grad_weight = (mask ? grad : 0) and sums[c] = sum of grad * ((mask ? weight : 0) - out).
+  // grad and grad_weight are in weight's dtype and layout; sums has params.channels entries.
+  void (*bn_fold_backward)(c10::ScalarType dtype, const void* grad, const void* weight, void* grad_weight, int64_t n,
+                           const ChannelParams& params, float* sums);
   // lo[c] / hi[c] = min / max (fp32, NaN-propagating) over the elements of channel c, where storage offset
   // o belongs to channel (o / run) % channels (channels = 1, run = n: the whole tensor). n >= 1.
   void (*minmax)(c10::ScalarType dtype, const void* x, int64_t n, int64_t run, int64_t channels, float* lo,

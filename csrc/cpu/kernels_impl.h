@@ -468,13 +468,20 @@ void masked_grad(c10::ScalarType dtype, const void* grad, const bool* mask, void
 }
 
 // ----------------------------------------------------------------------------------------------
-// BN-fold backward: grad_weight and the per-channel sums of masked grad * weight.
+// BN-fold backward: grad_weight and the per-channel sums behind grad_gamma / grad_var, from the forward's
+// mask (and divided output) recomputed block by block.
 // ----------------------------------------------------------------------------------------------
 
-// One run of a single channel; returns its sum. kDivided (divide_by_fold's output `out` given): grad_weight is
-// the masked grad and the sum is that of grad * bn_fold_divided_slope(w, out, mask).
+// Elements per block of the recomputed forward: its output and mask (10 KiB in fp32) stay in L1 between the two
+// passes over the block. PLACEHOLDER_MEASURED
+constexpr int64_t kRecomputeBlock = 2048;
+static_assert(kRecomputeBlock % kBlock == 0, "whole vector blocks, so only a run's last block has a scalar tail");
+
+// One block of a single channel, given the forward's mask `m` and output `out` for it; returns its sum.
+// kDivided (divide_by_fold): grad_weight is the masked grad and the sum is that of
+// grad * bn_fold_divided_slope(w, out, mask); else grad_weight = masked grad * fold, sum of masked grad * w.
 template <typename T, bool kDivided>
-float bn_fold_backward_run(const T* g, const T* w, const bool* m, const T* out, T* gw, int64_t len, float fold) {
+float bn_fold_backward_block(const T* g, const T* w, const bool* m, const T* out, T* gw, int64_t len, float fold) {
   const Vec fold_v(fold);
   Vec acc[4] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
   int64_t i = 0;
@@ -515,8 +522,23 @@ float bn_fold_backward_run(const T* g, const T* w, const bool* m, const T* out, 
   return sum;
 }
 
-void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weight, const bool* mask,
-                      const void* divided_out, void* grad_weight, int64_t n, const ChannelParams& cp, float* sums) {
+// One run of a single channel: the forward's own fake_quant_run writes the block's output and mask (so they are
+// the forward's bit for bit), then bn_fold_backward_block reads them from L1.
+template <typename T, bool kDivided>
+float bn_fold_backward_run(const T* g, const T* w, T* gw, int64_t len, const QuantParams& p, float fold) {
+  alignas(64) T out[kRecomputeBlock];
+  alignas(64) bool mask[kRecomputeBlock];
+  float sum = 0.0f;
+  for (int64_t i = 0; i < len; i += kRecomputeBlock) {
+    const int64_t block = std::min(kRecomputeBlock, len - i);
+    fake_quant_run<T, true, true, false, kDivided>(w + i, out, mask, block, p, fold);
+    sum += bn_fold_backward_block<T, kDivided>(g + i, w + i, mask, out, gw + i, block, fold);
+  }
+  return sum;
+}
+
+void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weight, void* grad_weight, int64_t n,
+                      const ChannelParams& cp, float* sums) {
   TORCH_INTERNAL_ASSERT(cp.period == 0 && cp.run >= 1 && cp.channels >= 1 && cp.fold != nullptr);
   const int64_t channels = cp.channels;
   std::fill(sums, sums + channels, 0.0f);
@@ -527,13 +549,12 @@ void bn_fold_backward(c10::ScalarType dtype, const void* grad, const void* weigh
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* gp = static_cast<const T*>(grad);
     const T* wp = static_cast<const T*>(weight);
-    const T* outp = static_cast<const T*>(divided_out);
     T* gwp = static_cast<T*>(grad_weight);
     for_each_chunk_channel_run(n, chunks, cp.run, channels, [&](int64_t chunk, int64_t o, int64_t len, int64_t c) {
+      const QuantParams p{cp.scale[c], cp.inv_scale[c], cp.zero_point[c], cp.quant_min, cp.quant_max};
       partial[chunk * channels + c] +=
-          outp != nullptr
-              ? bn_fold_backward_run<T, true>(gp + o, wp + o, mask + o, outp + o, gwp + o, len, cp.fold[c])
-              : bn_fold_backward_run<T, false>(gp + o, wp + o, mask + o, nullptr, gwp + o, len, cp.fold[c]);
+          cp.divide_by_fold ? bn_fold_backward_run<T, true>(gp + o, wp + o, gwp + o, len, p, cp.fold[c])
+                            : bn_fold_backward_run<T, false>(gp + o, wp + o, gwp + o, len, p, cp.fold[c]);
     });
   });
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {

@@ -133,13 +133,15 @@ constexpr int64_t kMinPeriod = 256;
 // streamed (not measured either; a longer pattern falls back to runs, element by element when runs are short).
 constexpr int64_t kMaxPeriod = int64_t{1} << 14;
 
-// Per-channel fp32 parameters of a dense tensor along `axis`, prepared once per call.
+// Per-channel fp32 parameters of a dense tensor along `axis`, prepared once per call; in runs mode only when
+// !allow_pattern (the BN-fold backward, whose per-channel sums need runs).
 struct ChannelArrays {
   std::vector<float> scale, inv_scale, zero_point, fold;
   ChannelParams params;
 
   ChannelArrays(const at::Tensor& xd, int64_t axis, const at::Tensor& scale_t, const at::Tensor& zp_t,
-                const std::vector<float>* fold_per_channel, int64_t quant_min, int64_t quant_max) {
+                const std::vector<float>* fold_per_channel, int64_t quant_min, int64_t quant_max,
+                bool allow_pattern = true) {
     const int64_t channels = xd.size(axis);
     const std::vector<float> s = to_float_vector(scale_t);
     const std::vector<float> z = to_float_vector(zp_t);
@@ -148,7 +150,7 @@ struct ChannelArrays {
     TORCH_INTERNAL_ASSERT(run >= 1);
     int64_t entries = channels;
     int64_t period = 0;
-    if (run < kMinBroadcastRun && run * channels <= kMaxPeriod) {
+    if (allow_pattern && run < kMinBroadcastRun && run * channels <= kMaxPeriod) {
       const int64_t base = run * channels;
       period = base * ((kMinPeriod + base - 1) / base);
       entries = period;
@@ -316,49 +318,53 @@ at::Tensor masked_grad_cpu(const at::Tensor& grad, const at::Tensor& mask) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& gamma,
-    const at::Tensor& var, double eps, const std::optional<at::Tensor>& divided_out) {
-  checks::check_bn_fold_backward_args(grad, weight, mask, gamma, var, eps, divided_out);
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& gamma, const at::Tensor& var, double eps,
+    const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+    bool divide_by_fold) {
+  checks::check_bn_fold_backward_args(grad, weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
+  check_qparam_values(scale, zero_point, quant_min, quant_max);
   const int64_t channels = weight.size(0);
   const at::Tensor wd = dense(weight);
   // The fused kernel reads grad in weight's dtype; autograd always supplies that, anything else is
   // converted to fp32 exactly as the reference does (masked grad in fp32).
   const at::Tensor gd = with_layout_of(grad.scalar_type() == weight.scalar_type() ? grad : grad.to(at::kFloat), wd);
-  const at::Tensor md = with_layout_of(mask, wd);
-  const bool divided = divided_out.has_value();
-  const at::Tensor od = divided ? with_layout_of(*divided_out, wd) : at::Tensor();
   const std::vector<float> gamma_f = to_float_vector(gamma);
   const std::vector<float> std_dev = to_float_vector(bn_std(var, eps));
   // The fold factors: they multiply the gradient of q(w f), and divide the sums of the divided output's.
-  std::vector<float> fold = bn_fold_factors(gamma_f, std_dev);
+  const std::vector<float> fold = bn_fold_factors(gamma_f, std_dev);
   at::Tensor grad_weight = at::empty_like(wd);
   std::vector<float> sums(channels, 0.0f);
   if (wd.numel() > 0) {
     if (gd.scalar_type() == wd.scalar_type()) {
-      ChannelParams params;
-      params.fold = fold.data();
-      params.channels = channels;
-      params.run = channels == 1 ? wd.numel() : wd.stride(0);
+      // The forward's factors, to recompute its output.
+      std::vector<float> forward_fold = fold;
+      if (divide_by_fold) {
+        for (float& f : forward_fold) f = bn_fold_training_factor(f);
+      }
+      ChannelArrays arrays(wd, 0, scale, zero_point, &forward_fold, quant_min, quant_max, /*allow_pattern=*/false);
+      arrays.params.divide_by_fold = divide_by_fold;
       kernels().bn_fold_backward(wd.scalar_type(), gd.const_data_ptr(), wd.const_data_ptr(),
-                                 md.const_data_ptr<bool>(), divided ? od.const_data_ptr() : nullptr,
-                                 grad_weight.mutable_data_ptr(), wd.numel(), params, sums.data());
+                                 grad_weight.mutable_data_ptr(), wd.numel(), arrays.params, sums.data());
     } else {
-      // Mixed dtypes: the reference composition in ATen ops.
+      // Mixed dtypes: the reference composition in ATen ops, on the forward's output and mask.
+      const auto [od, md] = bn_fold_fake_quant_weight_cpu(wd, gamma, var, eps, scale, zero_point, quant_min,
+                                                          quant_max, /*compute_mask=*/true, divide_by_fold);
       const at::Tensor zero = at::zeros({}, gd.options().dtype(at::kFloat));
       const at::Tensor g = at::where(md, gd.to(at::kFloat), zero);
       std::vector<int64_t> view(weight.dim(), 1);
       view[0] = channels;
-      const at::Tensor fold_t = at::from_blob(fold.data(), {channels}, at::kFloat).view(view);
-      grad_weight.copy_(divided ? g : g * fold_t);
-      const at::Tensor terms = divided ? gd.to(at::kFloat) * (at::where(md, wd.to(at::kFloat), zero) - od.to(at::kFloat))
-                                       : g * wd.to(at::kFloat);
+      const at::Tensor fold_t = at::from_blob(const_cast<float*>(fold.data()), {channels}, at::kFloat).view(view);
+      grad_weight.copy_(divide_by_fold ? g : g * fold_t);
+      const at::Tensor terms = divide_by_fold
+                                   ? gd.to(at::kFloat) * (at::where(md, wd.to(at::kFloat), zero) - od.to(at::kFloat))
+                                   : g * wd.to(at::kFloat);
       std::vector<int64_t> reduce_dims;
       for (int64_t d = 1; d < weight.dim(); ++d) reduce_dims.push_back(d);
       const at::Tensor s = reduce_dims.empty() ? terms : terms.sum(reduce_dims);
       std::memcpy(sums.data(), s.contiguous().const_data_ptr<float>(), sizeof(float) * channels);
     }
   }
-  if (divided) {
+  if (divide_by_fold) {
     for (int64_t c = 0; c < channels; ++c) sums[c] = bn_fold_divided_grad_factor(sums[c], fold[c]);
   }
   at::Tensor grad_gamma_f = at::empty({channels}, at::kFloat);

@@ -203,33 +203,16 @@ inline void check_mask(const at::Tensor& grad, const at::Tensor& mask) {
   check_same_device(mask, "mask", grad, "grad");
 }
 
-// The forward output that bn_fold_fake_quant_weight_backward differentiates with after divide_by_fold=True.
-inline void check_divided_out(const at::Tensor& divided_out, const at::Tensor& weight) {
-  TORCH_CHECK_VALUE(divided_out.sizes() == weight.sizes() && divided_out.scalar_type() == weight.scalar_type() &&
-                        divided_out.device() == weight.device(),
-                    "fakequant: divided_out must be the forward's output, of the weight's shape ",
-                    python_shape(weight.sizes()), ", dtype ", python_dtype(weight.scalar_type()), " and device ",
-                    weight.device().str(), "; got shape ", python_shape(divided_out.sizes()), ", dtype ",
-                    python_dtype(divided_out.scalar_type()), " on ", divided_out.device().str());
-}
-
-// bn_fold_fake_quant_weight_backward: the reference checks only the mask (masked_grad) and divided_out; the
-// rest (devices, dtypes, shapes that torch would broadcast) is checked here so that no kernel reads out of
-// bounds, each message saying what is allowed.
-inline void check_bn_fold_backward_args(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& mask,
-                                        const at::Tensor& gamma, const at::Tensor& var, double eps,
-                                        const std::optional<at::Tensor>& divided_out) {
-  check_weight(weight);
-  check_same_device(grad, "grad", weight, "weight");
+// reference.check_bn_fold_backward_args: the forward's arguments (the backward recomputes the forward), then
+// grad against weight.
+inline void check_bn_fold_backward_args(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& gamma,
+                                        const at::Tensor& var, double eps, const at::Tensor& scale,
+                                        const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
+  check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
   check_float_input(grad, "grad");
+  check_same_device(grad, "grad", weight, "weight");
   TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), "fakequant: grad must have the weight's shape ",
                     python_shape(weight.sizes()), ", got shape ", python_shape(grad.sizes()));
-  check_mask(grad, mask);
-  check_bn_param(gamma, "gamma", weight);
-  check_bn_param(var, "var", weight);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "fakequant: eps must be finite and >= 0, got ",
-                    python_float(eps));
-  if (divided_out.has_value()) check_divided_out(*divided_out, weight);
 }
 
 // observe_range: everything but values (fold, the tracked range and the qparams are written or read by

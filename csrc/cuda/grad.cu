@@ -1,6 +1,9 @@
 // CUDA kernels of the backward ops: masked_grad (the straight-through estimator) and
-// bn_fold_fake_quant_weight_backward (one block per output channel: the folded weight's gradient and the
-// per-channel sum that gives the gradients of gamma and var, in one pass). Host side: ops.cpp.
+// bn_fold_fake_quant_weight_backward (one block per output channel: the forward's mask recomputed, the folded
+// weight's gradient and the per-channel sum that gives the gradients of gamma and var, in one pass). Host
+// side: ops.cpp.
+#include <type_traits>
+
 #include "device_utils.cuh"
 #include "fakequant_math.h"
 #include "kernels.cuh"
@@ -30,13 +33,18 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = vectors * kVec + first; i < numel; i += step) out[i] = mask[i] ? grad[i] : zero;
 }
 
-// bn_fold_fake_quant_weight_backward, as reference.bn_fold_fake_quant_weight_backward computes it:
-//   g = where(mask, grad, 0) in fp32, std = sqrt(var + eps), factor = gamma / std
+// bn_fold_fake_quant_weight_backward, as reference.bn_fold_fake_quant_weight_backward computes it. The op
+// takes the forward's arguments instead of its mask and output: each element's mask (and, for
+// divide_by_fold, output) is recomputed with the forward's channel parameters and per-element function
+// (fake_quant.cu's channel_params_kernel and channel_value, over the same fakequant_math.h functions), so it
+// is bit for bit what the forward produced, and the pass reads grad and weight only.
+//   in = the forward's mask, g = where(in, grad, 0) in fp32, std = sqrt(var + eps), factor = gamma / std
 //   grad_weight = g * factor,  s[c] = sum over channel c of g * weight (fp32)
 //   grad_gamma = s / std,      grad_var = -0.5 * s * gamma / (std * std * std)
-// With divided_out (the forward ran with divide_by_fold=True, out = q(w f) / f), the gradients of out:
-//   grad_weight = g,  s[c] replaced by sum over channel c of grad * ((mask ? w : 0) - out), divided by factor
-// The sum takes the unmasked grad: out depends on f outside the range too (there out = q_end / f). Where
+// With divide_by_fold (out = q(w f) / f, f = factor with 1 where it is 0), the gradients of out:
+//   grad_weight = g,  s[c] replaced by sum over channel c of grad * ((in ? w : 0) - out), divided by factor
+// out is the forward's output as stored, i.e. rounded to the weight's dtype, as the reference uses it. The
+// sum takes the unmasked grad: out depends on f outside the range too (there out = q_end / f). Where
 // factor == 0 the forward quantized with f = 1 instead, an out that does not depend on gamma or var: 0.
 // grad_weight is bit-exact with the reference; s is summed in another order than torch.sum's, so
 // grad_gamma and grad_var agree to fp32 rounding, not bit for bit. The sum is deterministic: a fixed
@@ -57,32 +65,55 @@ __device__ __forceinline__ float block_sum(float value, float* shared) {
   return value;
 }
 
+// The forward's divided output as it stored it: rounded once from fp32 to the weight's dtype (the
+// forward's static_cast<scalar_t>), then widened again. Only the fp32 instantiation can see another
+// weight dtype (grad and weight of different dtypes are both widened to fp32, see ops.cpp).
+template <typename scalar_t>
+__device__ __forceinline__ float as_stored(float value, FloatType weight_type) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    return static_cast<float>(static_cast<scalar_t>(value));
+  } else {
+    switch (weight_type) {
+      case FloatType::kHalf: return static_cast<float>(static_cast<c10::Half>(value));
+      case FloatType::kBFloat16: return static_cast<float>(static_cast<c10::BFloat16>(value));
+      case FloatType::kFloat: break;
+    }
+    return value;
+  }
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     bn_fold_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ weight,
-                            const bool* __restrict__ mask, const scalar_t* __restrict__ divided_out,
-                            scalar_t* __restrict__ grad_weight, AxisLayout layout, int64_t per_channel,
-                            Vector1d gamma, Vector1d var, float eps, Vector1d grad_gamma, Vector1d grad_var) {
+                            scalar_t* __restrict__ grad_weight, BnFoldBackwardArgs args) {
   __shared__ float shared[kThreads / 32];
+  const AxisLayout layout = args.layout;
   // Uniform over the grid: the branches on it never diverge.
-  const bool divided = divided_out != nullptr;
+  const bool divided = args.divide_by_fold;
   for (int64_t c = blockIdx.x; c < layout.channels; c += gridDim.x) {
-    const float gamma_c = load(gamma, c);
-    const float var_c = load(var, c);
-    const float std_c = sqrtf(var_c + eps);
-    const float factor = bn_fold_factor(gamma_c, var_c, eps);
+    const float gamma_c = load(args.gamma, c);
+    const float var_c = load(args.var, c);
+    const float std_c = sqrtf(var_c + args.eps);
+    const float factor = bn_fold_factor(gamma_c, var_c, args.eps);
+    // Channel c's parameters exactly as the forward's channel_params_kernel (fake_quant.cu) builds them.
+    const QuantParams quant =
+        make_quant_params(load(args.scale, c), load(args.zero_point, c), args.quant_min, args.quant_max);
+    const float fold = divided ? bn_fold_training_factor(factor) : factor;
     float partial = 0.0f;
-    for (int64_t k = threadIdx.x; k < per_channel; k += blockDim.x) {
+    for (int64_t k = threadIdx.x; k < args.per_channel; k += blockDim.x) {
       const int64_t o = divide(k, layout.inner);
       const int64_t offset = (o * layout.channels + c) * layout.inner + (k - o * layout.inner);
-      const bool in_range = mask[offset];
-      const float grad_k = static_cast<float>(grad[offset]);
-      const float g = in_range ? grad_k : 0.0f;
       const float w = static_cast<float>(weight[offset]);
+      const float grad_k = static_cast<float>(grad[offset]);
+      bool in_range;
+      // The forward's per-element math (fake_quant.cu's channel_value), out kept only where it is used.
       if (divided) {
-        grad_weight[offset] = static_cast<scalar_t>(g);
-        partial += grad_k * bn_fold_divided_slope(w, static_cast<float>(divided_out[offset]), in_range);
+        const float out = as_stored<scalar_t>(bn_fold_divided_value(w, fold, quant, in_range), args.weight_type);
+        grad_weight[offset] = static_cast<scalar_t>(in_range ? grad_k : 0.0f);
+        partial += grad_k * bn_fold_divided_slope(w, out, in_range);
       } else {
+        fake_quant_value(w * fold, quant, in_range);
+        const float g = in_range ? grad_k : 0.0f;
         grad_weight[offset] = static_cast<scalar_t>(g * factor);
         partial += g * w;
       }
@@ -90,8 +121,8 @@ __global__ void __launch_bounds__(kThreads)
     const float s = block_sum(partial, shared);
     if (threadIdx.x == 0) {
       const float grad_factor = divided ? bn_fold_divided_grad_factor(s, factor) : s;
-      store(grad_gamma, c, grad_factor / std_c);
-      store(grad_var, c, -0.5f * grad_factor * gamma_c / (std_c * std_c * std_c));
+      store(args.grad_gamma, c, grad_factor / std_c);
+      store(args.grad_var, c, -0.5f * grad_factor * gamma_c / (std_c * std_c * std_c));
     }
   }
 }
@@ -116,19 +147,15 @@ cudaError_t launch_masked_grad(FloatType type, const void* grad, const bool* mas
   return cudaGetLastError();
 }
 
-cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void* weight, const bool* mask,
-                                    const void* divided_out, void* grad_weight, AxisLayout layout,
-                                    int64_t per_channel, Vector1d gamma, Vector1d var, float eps,
-                                    Vector1d grad_gamma, Vector1d grad_var, cudaStream_t stream) {
-  if (layout.channels == 0) return cudaSuccess;
+cudaError_t launch_bn_fold_backward(const BnFoldBackwardArgs& args) {
+  if (args.layout.channels == 0) return cudaSuccess;
   // Up to 65535 blocks; more channels than that are looped over by the grid-stride loop.
-  const auto blocks = static_cast<unsigned int>(layout.channels < 65535 ? layout.channels : 65535);
-  dispatch_float_type(type, [&](auto tag) {
+  const auto blocks = static_cast<unsigned int>(args.layout.channels < 65535 ? args.layout.channels : 65535);
+  dispatch_float_type(args.type, [&](auto tag) {
     using scalar_t = decltype(tag);
-    bn_fold_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(weight), mask,
-        static_cast<const scalar_t*>(divided_out), static_cast<scalar_t*>(grad_weight), layout, per_channel, gamma,
-        var, eps, grad_gamma, grad_var);
+    bn_fold_backward_kernel<scalar_t><<<blocks, kThreads, 0, args.stream>>>(
+        static_cast<const scalar_t*>(args.grad), static_cast<const scalar_t*>(args.weight),
+        static_cast<scalar_t*>(args.grad_weight), args);
   });
   return cudaGetLastError();
 }

@@ -82,13 +82,29 @@ cudaError_t launch_binarize(const ElementwiseArgs& args);
 
 cudaError_t launch_masked_grad(FloatType type, const void* grad, const bool* mask, void* out, int64_t numel,
                                int max_blocks, cudaStream_t stream);
-// One block per channel (grid-stride over channels); the elements of channel c sit at storage offsets
-// (o * channels + c) * inner + i, o < per_channel / inner, i < inner. divided_out: nullptr, or the output
-// of the divide_by_fold=True forward, in the layout and dtype of weight.
-cudaError_t launch_bn_fold_backward(FloatType type, const void* grad, const void* weight, const bool* mask,
-                                    const void* divided_out, void* grad_weight, AxisLayout layout,
-                                    int64_t per_channel, Vector1d gamma, Vector1d var, float eps,
-                                    Vector1d grad_gamma, Vector1d grad_var, cudaStream_t stream);
+// bn_fold_fake_quant_weight_backward: one block per channel (grid-stride over channels); the elements of
+// channel c sit at storage offsets (o * channels + c) * inner + i, o < per_channel / inner, i < inner.
+// grad, weight and grad_weight share that layout and `type`. The forward's arguments (scale, zero_point,
+// quant range, eps, divide_by_fold) let the kernel recompute its mask and divided output per element.
+struct BnFoldBackwardArgs {
+  const void* grad;
+  const void* weight;
+  void* grad_weight;
+  FloatType type;
+  // The op's weight dtype, to which the forward rounded its divided output. Differs from `type` only when
+  // grad's and weight's dtypes differ: then all three arrays are fp32 (type == kFloat).
+  FloatType weight_type;
+  AxisLayout layout;
+  int64_t per_channel;
+  Vector1d gamma, var;
+  float eps;
+  Vector1d scale, zero_point;
+  float quant_min, quant_max;
+  bool divide_by_fold;
+  Vector1d grad_gamma, grad_var;
+  cudaStream_t stream;
+};
+cudaError_t launch_bn_fold_backward(const BnFoldBackwardArgs& args);
 
 // observe_range over the storage of a dense x: per-channel min/max partials (layout.channels = 1 with
 // layout.inner = numel for the whole tensor; `splits` blocks per channel), then `entries` outputs (one per

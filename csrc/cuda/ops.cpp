@@ -199,11 +199,10 @@ Tensor masked_grad_cuda(const Tensor& grad, const Tensor& mask) {
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(const Tensor& grad, const Tensor& weight,
-                                                                           const Tensor& mask, const Tensor& gamma,
-                                                                           const Tensor& var, double eps,
-                                                                           const std::optional<Tensor>& divided_out) {
-  checks::check_bn_fold_backward_args(grad, weight, mask, gamma, var, eps, divided_out);
+std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(
+    const Tensor& grad, const Tensor& weight, const Tensor& gamma, const Tensor& var, double eps, const Tensor& scale,
+    const Tensor& zero_point, int64_t quant_min, int64_t quant_max, bool divide_by_fold) {
+  checks::check_bn_fold_backward_args(grad, weight, gamma, var, eps, scale, zero_point, quant_min, quant_max);
   const c10::cuda::CUDAGuard guard(weight.device());
 
   Tensor grad_weight = at::empty_like(weight);
@@ -211,33 +210,46 @@ std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(const
   Tensor grad_var = at::empty_like(var);
   Tensor dense_weight = dense_input(weight);
   Tensor dense_grad = with_layout_of(grad, dense_weight);
-  const Tensor dense_mask = with_layout_of(mask, dense_weight);
-  // The forward's output is laid out as at::empty_like(weight): usually no copy.
-  Tensor dense_out = divided_out.has_value() ? with_layout_of(*divided_out, dense_weight) : Tensor();
   Tensor result = grad_weight;
   if (grad.scalar_type() != weight.scalar_type()) {
-    // Mixed dtypes (rare): all widen to fp32 exactly, and the fp32 grad_weight rounds to weight's
-    // dtype once, as the reference's .to(weight.dtype) does. This keeps one kernel per dtype.
+    // Mixed dtypes (rare): both widen to fp32 exactly, and the fp32 grad_weight rounds to weight's
+    // dtype once, as the reference's .to(weight.dtype) does. This keeps one kernel per dtype; the kernel
+    // still rounds the recomputed divided output to weight's dtype (weight_type below).
     dense_weight = dense_weight.to(at::kFloat);
     dense_grad = dense_grad.to(at::kFloat);
-    if (dense_out.defined()) dense_out = dense_out.to(at::kFloat);
     result = at::empty_like(dense_weight);
   }
   TORCH_INTERNAL_ASSERT(result.strides() == dense_weight.strides() && dense_grad.strides() == dense_weight.strides());
-  TORCH_INTERNAL_ASSERT(!dense_out.defined() || (dense_out.strides() == dense_weight.strides() &&
-                                                 dense_out.scalar_type() == dense_weight.scalar_type()));
+  TORCH_INTERNAL_ASSERT(dense_grad.scalar_type() == dense_weight.scalar_type() &&
+                        result.scalar_type() == dense_weight.scalar_type());
+  // The kernel rounds the divided output to weight_type only in its fp32 instantiation.
+  TORCH_INTERNAL_ASSERT(dense_weight.scalar_type() == weight.scalar_type() || dense_weight.scalar_type() == at::kFloat);
   const int64_t channels = weight.size(0);
   if (channels == 0) return {grad_weight, grad_gamma, grad_var};
   const int64_t per_channel = weight.numel() / channels;
   AxisLayout layout = axis_layout(dense_weight, 0);
   // One channel: one block's reduction over all the storage, offsets k = 0 .. per_channel - 1.
   if (layout.channels == 1) layout = AxisLayout{std::max<int64_t>(per_channel, 1), 1};
-  C10_CUDA_CHECK(launch_bn_fold_backward(float_type(dense_weight), dense_grad.const_data_ptr(),
-                                         dense_weight.const_data_ptr(), dense_mask.const_data_ptr<bool>(),
-                                         dense_out.defined() ? dense_out.const_data_ptr() : nullptr,
-                                         result.data_ptr(), layout, per_channel, vector1d(gamma), vector1d(var),
-                                         static_cast<float>(eps), vector1d(grad_gamma), vector1d(grad_var),
-                                         c10::cuda::getCurrentCUDAStream()));
+  // eps and the quant range in fp32, as the forward (run_per_channel) passes them.
+  const BnFoldBackwardArgs args{dense_grad.const_data_ptr(),
+                                dense_weight.const_data_ptr(),
+                                result.data_ptr(),
+                                float_type(dense_weight),
+                                float_type(weight),
+                                layout,
+                                per_channel,
+                                vector1d(gamma),
+                                vector1d(var),
+                                static_cast<float>(eps),
+                                vector1d(scale),
+                                vector1d(zero_point),
+                                static_cast<float>(quant_min),
+                                static_cast<float>(quant_max),
+                                divide_by_fold,
+                                vector1d(grad_gamma),
+                                vector1d(grad_var),
+                                c10::cuda::getCurrentCUDAStream()};
+  C10_CUDA_CHECK(launch_bn_fold_backward(args));
   if (!result.is_same(grad_weight)) grad_weight.copy_(result);
   return {grad_weight, grad_gamma, grad_var};
 }
