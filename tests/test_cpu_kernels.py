@@ -472,6 +472,7 @@ def weight_cases(generator: torch.Generator):
         w.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2),  # output channels innermost (run 1)
         special_values(50 * 7, 0.05, generator).reshape(50, 7),  # linear weight, run 7
         special_values(10 * 64, 0.05, generator).reshape(10, 64),  # run 64
+        special_values(6 * 150, 0.05, generator).reshape(6, 150),  # run 150: vector blocks and a scalar tail
         special_values(33, 0.05, generator),  # 1-D
         w[:0],
     ]

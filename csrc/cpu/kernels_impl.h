@@ -109,28 +109,6 @@ inline void store_mask(bool* p, const Vec m[4]) {
 #endif
 }
 
-// Reads kBlock bools into 4 fp32 lane masks (all-ones where true).
-inline void load_mask(const bool* p, Vec m[4]) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256i zero = _mm256_setzero_si256();
-  for (int k = 0; k < 4; ++k) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k * kVec));
-    // 0 - 1 = all ones; bool bytes are 0 or 1.
-    m[k] = _mm256_castsi256_ps(_mm256_sub_epi32(zero, _mm256_cvtepu8_epi32(bytes)));
-  }
-#elif defined(CPU_CAPABILITY_AVX512)
-  const __m512i zero = _mm512_setzero_si512();
-  for (int k = 0; k < 4; ++k) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k * kVec));
-    m[k] = _mm512_castsi512_ps(_mm512_sub_epi32(zero, _mm512_cvtepu8_epi32(bytes)));
-  }
-#else
-  alignas(64) uint32_t bits[kBlock];
-  for (int64_t j = 0; j < kBlock; ++j) bits[j] = p[j] ? 0xFFFFFFFFu : 0u;
-  for (int k = 0; k < 4; ++k) m[k] = Vec::loadu(bits + k * kVec);
-#endif
-}
-
 template <typename F>
 inline void dispatch_float_type(c10::ScalarType dtype, const F& f) {
   switch (dtype) {
@@ -472,27 +450,30 @@ void masked_grad(c10::ScalarType dtype, const void* grad, const bool* mask, void
 // mask (and divided output) recomputed block by block.
 // ----------------------------------------------------------------------------------------------
 
-// Elements per block of the recomputed forward, whose output and mask (2.5 KiB in fp32) stay in L1 between the
-// two passes over the block. Measured (the backward alone, fp32, 2 threads, builds alternated 3 times): on a
-// 512x512x3x3 weight 307-330 us with 512, 343-459 with 256, 355-472 with 2048, 434-898 with 8192; on
-// 2048x512x1x1 154-169 us with 512, 174-193 with 256 and within 5% of 512 for 2048 and 8192.
-constexpr int64_t kRecomputeBlock = 512;
-static_assert(kRecomputeBlock % kBlock == 0, "whole vector blocks, so only a run's last block has a scalar tail");
-
-// One block of a single channel, given the forward's mask `m` and output `out` for it; returns its sum.
-// kDivided (divide_by_fold): grad_weight is the masked grad and the sum is that of
-// grad * bn_fold_divided_slope(w, out, mask); else grad_weight = masked grad * fold, sum of masked grad * w.
+// One run of a single channel; returns its sum. Each element's mask, and for kDivided its output, are recomputed
+// in registers with the forward's own operations (fake_quant_run's kFold/kDivide body, and its scalar tail), so
+// they are the forward's bit for bit. kDivided: grad_weight is the masked grad and the sum is that of
+// grad * bn_fold_divided_slope(w, out, mask), with out rounded to T as the forward stored it; else grad_weight =
+// masked grad * fold and the sum that of masked grad * w.
 template <typename T, bool kDivided>
-float bn_fold_backward_block(const T* g, const T* w, const bool* m, const T* out, T* gw, int64_t len, float fold) {
+float bn_fold_backward_run(const T* g, const T* w, T* gw, int64_t len, const QuantParams& p, float fold) {
+  const VecQuant vq{Vec(p.scale), Vec(p.inv_scale), Vec(p.zero_point), Vec(p.quant_min), Vec(p.quant_max)};
   const Vec fold_v(fold);
   Vec acc[4] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
-    Vec gv[4], wv[4], mv[4], ov[4];
+    Vec gv[4], wv[4], ov[4], mv[4];
     BlockIO<T>::load(g + i, gv);
     BlockIO<T>::load(w + i, wv);
-    if constexpr (kDivided) BlockIO<T>::load(out + i, ov);
-    load_mask(m + i, mv);
+    for (int k = 0; k < 4; ++k) {
+      ov[k] = vq.apply<true>(wv[k] * fold_v, mv[k]);
+      if constexpr (kDivided) ov[k] = ov[k] / fold_v;
+    }
+    if constexpr (kDivided && !std::is_same_v<T, float>) {
+      alignas(64) T stored[kBlock];
+      BlockIO<T>::store(stored, ov);
+      BlockIO<T>::load(stored, ov);
+    }
     for (int k = 0; k < 4; ++k) {
       if constexpr (kDivided) {
         acc[k] = acc[k] + gv[k] * ((wv[k] & mv[k]) - ov[k]);
@@ -512,29 +493,18 @@ float bn_fold_backward_block(const T* g, const T* w, const bool* m, const T* out
     for (int64_t j = 0; j < kBlock; ++j) sum += lanes[j];
   }
   for (; i < len; ++i) {
+    const float wf = static_cast<float>(w[i]);
+    bool in_range;
     if constexpr (kDivided) {
-      sum += static_cast<float>(g[i]) * bn_fold_divided_slope(static_cast<float>(w[i]), static_cast<float>(out[i]), m[i]);
-      gw[i] = m[i] ? g[i] : T(0.0f);
+      const float out = static_cast<float>(static_cast<T>(bn_fold_divided_value(wf, fold, p, in_range)));
+      sum += static_cast<float>(g[i]) * bn_fold_divided_slope(wf, out, in_range);
+      gw[i] = in_range ? g[i] : T(0.0f);
       continue;
     }
-    const float gf = m[i] ? static_cast<float>(g[i]) : 0.0f;
+    fake_quant_value(wf * fold, p, in_range);
+    const float gf = in_range ? static_cast<float>(g[i]) : 0.0f;
     gw[i] = static_cast<T>(gf * fold);
-    sum += gf * static_cast<float>(w[i]);
-  }
-  return sum;
-}
-
-// One run of a single channel: the forward's own fake_quant_run writes the block's output and mask (so they are
-// the forward's bit for bit), then bn_fold_backward_block reads them from L1.
-template <typename T, bool kDivided>
-float bn_fold_backward_run(const T* g, const T* w, T* gw, int64_t len, const QuantParams& p, float fold) {
-  alignas(64) T out[kRecomputeBlock];
-  alignas(64) bool mask[kRecomputeBlock];
-  float sum = 0.0f;
-  for (int64_t i = 0; i < len; i += kRecomputeBlock) {
-    const int64_t block = std::min(kRecomputeBlock, len - i);
-    fake_quant_run<T, true, true, false, kDivided>(w + i, out, mask, block, p, fold);
-    sum += bn_fold_backward_block<T, kDivided>(g + i, w + i, mask, out, gw + i, block, fold);
+    sum += gf * wf;
   }
   return sum;
 }
