@@ -488,9 +488,9 @@ float bn_fold_backward_run(const T* g, const T* w, T* gw, int64_t len, const Qua
   }
   float sum = 0.0f;
   if (i > 0) {
-    alignas(64) float lanes[kBlock];
-    for (int k = 0; k < 4; ++k) acc[k].store(lanes + k * kVec);
-    for (int64_t j = 0; j < kBlock; ++j) sum += lanes[j];
+    alignas(64) float lanes[kVec];
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes);
+    for (int64_t j = 0; j < kVec; ++j) sum += lanes[j];
   }
   for (; i < len; ++i) {
     const float wf = static_cast<float>(w[i]);
@@ -591,15 +591,18 @@ void span_minmax(const T* x, int64_t len, float& lo, float& hi) {
       lo = hi = std::numeric_limits<float>::quiet_NaN();
       return;
     }
-    alignas(64) float lanes_lo[kBlock], lanes_hi[kBlock];
-    for (int k = 0; k < 4; ++k) {
-      vlo[k].store(lanes_lo + k * kVec);
-      vhi[k].store(lanes_hi + k * kVec);
+    // No NaN lanes: plain min/max fold the accumulators into one vector, then kVec scalars (a span is one
+    // output channel of a weight, often a few hundred elements, so this horizontal step is not negligible).
+    alignas(64) float lanes_lo[kVec], lanes_hi[kVec];
+    plain_min(plain_min(vlo[0], vlo[1]), plain_min(vlo[2], vlo[3])).store(lanes_lo);
+    plain_max(plain_max(vhi[0], vhi[1]), plain_max(vhi[2], vhi[3])).store(lanes_hi);
+    float span_lo = lanes_lo[0], span_hi = lanes_hi[0];
+    for (int64_t j = 1; j < kVec; ++j) {
+      span_lo = std::min(span_lo, lanes_lo[j]);
+      span_hi = std::max(span_hi, lanes_hi[j]);
     }
-    for (int64_t j = 0; j < kBlock; ++j) {
-      lo = nan_min(lo, lanes_lo[j]);
-      hi = nan_max(hi, lanes_hi[j]);
-    }
+    lo = nan_min(lo, span_lo);
+    hi = nan_max(hi, span_hi);
   }
   for (; i < len; ++i) {
     const float v = static_cast<float>(x[i]);
