@@ -41,6 +41,15 @@ def test_bench_run_says_when_nothing_matched(tmp_path):
         assert "no benchmark" in result.stderr and "no_such_case" in result.stderr, result.stderr[-2000:]
 
 
+def test_bench_targets_of_a_pytest_benchmark_run_say_where_targets_are_read():
+    from bench import run
+
+    row = {"op": "per_tensor", "mode": "fwd", "provider": "fakequant", "size": run.TARGET_SIZE, "x_copy": 1.5}
+    interleaved = run.format_targets([row], "interleaved, 10 rounds")
+    assert "MISSED" in interleaved and run.PYTEST_BENCHMARK_TARGETS_CAVEAT not in interleaved
+    assert run.format_targets([row], "pytest-benchmark").endswith(run.PYTEST_BENCHMARK_TARGETS_CAVEAT)
+
+
 def test_bench_qat_step_interleaved_table():
     result = run_script("bench/bench_qat_step.py", "1")
     assert result.returncode == 0, result.stderr[-3000:]
