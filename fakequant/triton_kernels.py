@@ -635,7 +635,8 @@ def _bn_fold_fake_quant_weight_backward_kernel(
             acc += grad * weight
     total = tl.sum(acc, axis=0)
     if DIVIDE_BY_FOLD:
-        total = tl.where(factor == 0.0, 0.0, tl.math.div_rn(total, factor))
+        # Divided by 1 where f == 0, whose result the where discards (no division by zero is evaluated).
+        total = tl.where(factor == 0.0, 0.0, tl.math.div_rn(total, tl.where(factor == 0.0, 1.0, factor)))
     std = tl.load(std_ptr + channel)
     gamma = tl.load(gamma_ptr + channel)
     grad_gamma = tl.math.div_rn(total, std)
