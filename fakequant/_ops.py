@@ -7,8 +7,8 @@ autograd formulas below, written in C++ (``csrc/autograd.cpp``). The Python form
 :func:`register_python_autograd` once loading ``_C`` has been tried, only for the ops that ``_C`` left without
 an autograd kernel (all of them when ``_C`` is disabled or missing), so that no kernel overrides another.
 
-Ops (every ``compute_mask=False`` call returns an empty bool ``mask``; but for ``bn_fold_fake_quant_weight``, whose
-backward recomputes it, such a call cannot be differentiated):
+Ops (every ``compute_mask=False`` call returns an empty bool ``mask`` and, except for ``bn_fold_fake_quant_weight``,
+whose backward recomputes the mask, cannot be differentiated):
 
 ``fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max, compute_mask=True, relu=False) -> (out, mask)``
     ``scale``: one fp32 element, ``zero_point``: one int32/int64 element. ``relu=True`` fake-quantizes

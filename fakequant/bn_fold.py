@@ -41,6 +41,7 @@ __all__ = [
     "conv_bn_modules",
 ]
 
+
 @torch.library.custom_op("fakequant::_running_stat_copy", mutates_args=())
 def _running_stat_copy(stat: torch.Tensor) -> torch.Tensor:
     """A copy of a BN running statistic that torch.compile keeps as a copy.
@@ -49,8 +50,7 @@ def _running_stat_copy(stat: torch.Tensor) -> torch.Tensor:
     ``* 1.0``) from a buffer that the same graph then mutates, here ``running_var`` updated by BN, and saved for
     backward is recomputed from the buffer, so the backward sees the mutated value: the BN fold's backward
     recomputed its mask from the next running variance (conv weight gradients off by 10-30% per channel in
-    tests/test_bn_fold.py's compile test, gamma's 0.9% of their norm). A custom op's
-    output is saved as it is.
+    tests/test_bn_fold.py's compile test, gamma's 0.9% of their norm). A custom op's output is saved as it is.
     """
     return stat.clone()
 
