@@ -154,6 +154,14 @@ struct VecQuant {
     if constexpr (kMask) mask = q <= qmax;
     return (at::vec::clamp_max(q, qmax) - zp) * scale;
   }
+  // BN folding's value q(v * fold), with kDivide q(v * fold) / fold: the forward kernels store it, the BN-fold
+  // backward recomputes it, from this one definition.
+  template <bool kMask, bool kDivide>
+  inline Vec apply_folded(Vec v, const Vec& fold, Vec& mask) const {
+    const Vec out = apply<kMask>(v * fold, mask);
+    if constexpr (kDivide) return out / fold;
+    return out;
+  }
 };
 
 // A run of elements sharing one set of parameters (the whole tensor for per-tensor). kRelu: fake-quantize
@@ -162,6 +170,7 @@ struct VecQuant {
 template <typename T, bool kMask, bool kFold, bool kRelu = false, bool kDivide = false>
 void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantParams& p, float fold) {
   static_assert(kFold || !kDivide, "kDivide divides by the fold factor");
+  static_assert(!(kFold && kRelu), "BN folding quantizes weights, ReLU activations");
   const VecQuant vq{Vec(p.scale), Vec(p.inv_scale), Vec(p.zero_point), Vec(p.quant_min), Vec(p.quant_max)};
   const Vec fold_v(fold);
   const Vec zero(0.0f);
@@ -170,17 +179,17 @@ void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantPara
     Vec v[4], m[4];
     BlockIO<T>::load(x + i, v);
     for (int k = 0; k < 4; ++k) {
-      if constexpr (kFold) v[k] = v[k] * fold_v;
       if constexpr (kRelu) {
         // clamp_min keeps NaN and -0, as relu_value does.
         if constexpr (kMask) m[k] = v[k] > zero;
         Vec in_range;
         v[k] = vq.apply_nonnegative<kMask>(at::vec::clamp_min(v[k], zero), in_range);
         if constexpr (kMask) m[k] = m[k] & in_range;
+      } else if constexpr (kFold) {
+        v[k] = vq.apply_folded<kMask, kDivide>(v[k], fold_v, m[k]);
       } else {
         v[k] = vq.apply<kMask>(v[k], m[k]);
       }
-      if constexpr (kDivide) v[k] = v[k] / fold_v;
     }
     BlockIO<T>::store(out + i, v);
     if constexpr (kMask) store_mask(mask + i, m);
@@ -243,14 +252,12 @@ void fake_quant_pattern(const T* x, T* out, bool* mask, int64_t len, const Chann
     BlockIO<T>::load(x + i, v);
     for (int k = 0; k < 4; ++k) {
       const int64_t j = i + k * kVec;
-      Vec fold_v;
-      if constexpr (kFold) {
-        fold_v = Vec::loadu(fold + j);
-        v[k] = v[k] * fold_v;
-      }
       const VecQuant vq{Vec::loadu(scale + j), Vec::loadu(inv + j), Vec::loadu(zp + j), qmin, qmax};
-      v[k] = vq.apply<kMask>(v[k], m[k]);
-      if constexpr (kDivide) v[k] = v[k] / fold_v;
+      if constexpr (kFold) {
+        v[k] = vq.apply_folded<kMask, kDivide>(v[k], Vec::loadu(fold + j), m[k]);
+      } else {
+        v[k] = vq.apply<kMask>(v[k], m[k]);
+      }
     }
     BlockIO<T>::store(out + i, v);
     if constexpr (kMask) store_mask(mask + i, m);
@@ -451,7 +458,7 @@ void masked_grad(c10::ScalarType dtype, const void* grad, const bool* mask, void
 // ----------------------------------------------------------------------------------------------
 
 // One run of a single channel; returns its sum. Each element's mask, and for kDivided its output, are recomputed
-// in registers with the forward's own operations (fake_quant_run's kFold/kDivide body, and its scalar tail), so
+// in registers with the forward's own operations (VecQuant::apply_folded, and the scalar tail's functions), so
 // they are the forward's bit for bit. kDivided: grad_weight is the masked grad and the sum is that of
 // grad * bn_fold_divided_slope(w, out, mask), with out rounded to T as the forward stored it; else grad_weight =
 // masked grad * fold and the sum that of masked grad * w.
@@ -465,10 +472,7 @@ float bn_fold_backward_run(const T* g, const T* w, T* gw, int64_t len, const Qua
     Vec gv[4], wv[4], ov[4], mv[4];
     BlockIO<T>::load(g + i, gv);
     BlockIO<T>::load(w + i, wv);
-    for (int k = 0; k < 4; ++k) {
-      ov[k] = vq.apply<true>(wv[k] * fold_v, mv[k]);
-      if constexpr (kDivided) ov[k] = ov[k] / fold_v;
-    }
+    for (int k = 0; k < 4; ++k) ov[k] = vq.apply_folded<true, kDivided>(wv[k], fold_v, mv[k]);
     if constexpr (kDivided && !std::is_same_v<T, float>) {
       alignas(64) T stored[kBlock];
       BlockIO<T>::store(stored, ov);

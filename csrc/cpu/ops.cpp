@@ -198,10 +198,13 @@ std::vector<float> bn_fold_factors(const at::Tensor& gamma, const at::Tensor& va
 }
 
 // The factors of divide_by_fold=True: 1 where the fold factor is 0.
-std::vector<float> bn_fold_training_factors(const at::Tensor& gamma, const at::Tensor& var, double eps) {
-  std::vector<float> fold = bn_fold_factors(gamma, var, eps);
+std::vector<float> bn_fold_training_factors(std::vector<float> fold) {
   for (float& f : fold) f = bn_fold_training_factor(f);
   return fold;
+}
+
+std::vector<float> bn_fold_training_factors(const at::Tensor& gamma, const at::Tensor& var, double eps) {
+  return bn_fold_training_factors(bn_fold_factors(gamma, var, eps));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -337,10 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fold_fake_quant_weight_backwar
   if (wd.numel() > 0) {
     if (gd.scalar_type() == wd.scalar_type()) {
       // The forward's factors, to recompute its output.
-      std::vector<float> forward_fold = fold;
-      if (divide_by_fold) {
-        for (float& f : forward_fold) f = bn_fold_training_factor(f);
-      }
+      const std::vector<float> forward_fold = divide_by_fold ? bn_fold_training_factors(fold) : fold;
       ChannelArrays arrays(wd, 0, scale, zero_point, &forward_fold, quant_min, quant_max, /*allow_pattern=*/false);
       arrays.params.divide_by_fold = divide_by_fold;
       kernels().bn_fold_backward(wd.scalar_type(), gd.const_data_ptr(), wd.const_data_ptr(),

@@ -88,6 +88,25 @@ __device__ __forceinline__ void store(const Vector1d& v, int64_t i, float value)
   }
 }
 
+// Channel c's parameters of a per-channel fake quantization with fold factor `fold` (1 unless BN-folded): the
+// forward's channel_params_kernel builds every channel's, the BN-fold backward, which recomputes the forward,
+// the one of the channel it reduces.
+__device__ __forceinline__ ChannelParams channel_params(int64_t c, const Vector1d& scale, const Vector1d& zero_point,
+                                                        float quant_min, float quant_max, float fold, bool divide) {
+  ChannelParams p;
+  p.quant = make_quant_params(load(scale, c), load(zero_point, c), quant_min, quant_max);
+  // q(x f) / f has no value where f == 0 (gamma == 0): such a channel is quantized unfolded (f = 1).
+  p.fold = divide ? bn_fold_training_factor(fold) : fold;
+  p.divide = divide;
+  return p;
+}
+
+// One element of a per-channel fake quantization (plain, BN-folded, or BN-folded and divided back).
+__device__ __forceinline__ float channel_value(float x, const ChannelParams& p, bool& in_range) {
+  return p.divide ? bn_fold_divided_value(x, p.fold, p.quant, in_range)
+                  : fake_quant_value(x * p.fold, p.quant, in_range);
+}
+
 // Calls f(T{}) with T the C++ type of `type`.
 template <typename F>
 void dispatch_float_type(FloatType type, F&& f) {

@@ -44,12 +44,6 @@ struct PerTensorOp {
   }
 };
 
-// One element of a per-channel fake quantization (plain, BN-folded, or BN-folded and divided back).
-__device__ __forceinline__ float channel_value(float x, const ChannelParams& p, bool& in_range) {
-  return p.divide ? bn_fold_divided_value(x, p.fold, p.quant, in_range)
-                  : fake_quant_value(x * p.fold, p.quant, in_range);
-}
-
 struct PerChannelOp {
   const ChannelParams* params;
   AxisLayout layout;
@@ -133,11 +127,8 @@ __global__ void __launch_bounds__(kThreads)
                           bool divide) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  params[c].quant = make_quant_params(load(scale, c), load(zero_point, c), quant_min, quant_max);
   const float fold = fold_bn ? bn_fold_factor(load(gamma, c), load(var, c), eps) : 1.0f;
-  // q(x f) / f has no value where f == 0 (gamma == 0): such a channel is quantized unfolded (f = 1).
-  params[c].fold = divide ? bn_fold_training_factor(fold) : fold;
-  params[c].divide = divide;
+  params[c] = channel_params(c, scale, zero_point, quant_min, quant_max, fold, divide);
 }
 
 template <typename scalar_t>

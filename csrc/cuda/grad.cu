@@ -35,9 +35,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // bn_fold_fake_quant_weight_backward, as reference.bn_fold_fake_quant_weight_backward computes it. The op
 // takes the forward's arguments instead of its mask and output: each element's mask (and, for
-// divide_by_fold, output) is recomputed with the forward's channel parameters and per-element function
-// (fake_quant.cu's channel_params_kernel and channel_value, over the same fakequant_math.h functions), so it
-// is bit for bit what the forward produced, and the pass reads grad and weight only.
+// divide_by_fold, output) is recomputed with the forward's channel_params and channel_value (device_utils.cuh),
+// so it is bit for bit what the forward produced, and the pass reads grad and weight only.
 //   in = the forward's mask, g = where(in, grad, 0) in fp32, std = sqrt(var + eps), factor = gamma / std
 //   grad_weight = g * factor,  s[c] = sum over channel c of g * weight (fp32)
 //   grad_gamma = s / std,      grad_var = -0.5 * s * gamma / (std * std * std)
@@ -95,10 +94,8 @@ __global__ void __launch_bounds__(kThreads)
     const float var_c = load(args.var, c);
     const float std_c = sqrtf(var_c + args.eps);
     const float factor = bn_fold_factor(gamma_c, var_c, args.eps);
-    // Channel c's parameters exactly as the forward's channel_params_kernel (fake_quant.cu) builds them.
-    const QuantParams quant =
-        make_quant_params(load(args.scale, c), load(args.zero_point, c), args.quant_min, args.quant_max);
-    const float fold = divided ? bn_fold_training_factor(factor) : factor;
+    const ChannelParams channel =
+        channel_params(c, args.scale, args.zero_point, args.quant_min, args.quant_max, factor, divided);
     float partial = 0.0f;
     for (int64_t k = threadIdx.x; k < args.per_channel; k += blockDim.x) {
       const int64_t o = divide(k, layout.inner);
@@ -106,13 +103,12 @@ __global__ void __launch_bounds__(kThreads)
       const float w = static_cast<float>(weight[offset]);
       const float grad_k = static_cast<float>(grad[offset]);
       bool in_range;
-      // The forward's per-element math (fake_quant.cu's channel_value), out kept only where it is used.
+      const float value = channel_value(w, channel, in_range);
       if (divided) {
-        const float out = as_stored<scalar_t>(bn_fold_divided_value(w, fold, quant, in_range), args.weight_type);
+        const float out = as_stored<scalar_t>(value, args.weight_type);
         grad_weight[offset] = static_cast<scalar_t>(in_range ? grad_k : 0.0f);
         partial += grad_k * bn_fold_divided_slope(w, out, in_range);
       } else {
-        fake_quant_value(w * fold, quant, in_range);
         const float g = in_range ? grad_k : 0.0f;
         grad_weight[offset] = static_cast<scalar_t>(g * factor);
         partial += g * w;
