@@ -321,6 +321,13 @@ def bn_fold_fake_quant_weight_forward(
     the weight's dtype once) with ``f`` from :func:`bn_fold_training_factor`: the weight a training conv
     convolves with so that BN sees the float conv's output up to quantization noise."""
     check_bn_fold_args(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
+    return _bn_fold_values(
+        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask, divide_by_fold
+    )
+
+
+def _bn_fold_values(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, compute_mask, divide_by_fold):
+    """:func:`bn_fold_fake_quant_weight_forward` on checked arguments (its backward checks them itself)."""
     ndim = weight.dim()
     factor = bn_fold_training_factor(gamma, var, eps) if divide_by_fold else bn_fold_factor(gamma, var, eps)
     factor = _channel_view(factor, 0, ndim)
@@ -400,9 +407,7 @@ def bn_fold_fake_quant_weight_backward(
     In both cases ``grad_gamma = grad_f / std`` and ``grad_var = -grad_f * gamma / (2 std^3)``.
     """
     check_bn_fold_backward_args(grad, weight, gamma, var, eps, scale, zero_point, quant_min, quant_max)
-    out, mask = bn_fold_fake_quant_weight_forward(
-        weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, True, divide_by_fold
-    )
+    out, mask = _bn_fold_values(weight, gamma, var, eps, scale, zero_point, quant_min, quant_max, True, divide_by_fold)
     ndim = weight.dim()
     std = torch.sqrt(var.float() + eps)
     factor = gamma.float() / std
