@@ -5,6 +5,9 @@
 #   bash run.sh test    the test suite (what CI runs)
 #   bash run.sh bench   the benchmark table (bench/run.py; --quick for a short run)
 #   bash run.sh setup   install and build only
+#   bash run.sh gpu-check   on a machine with a CUDA GPU: build for it, then tests, sanitizer, benchmarks and
+#                           ResNet-50 steps into $GPU_CHECK_OUT (default gpu-check/); installs nothing, and
+#                           without a GPU exits at once (status 3) saying what it needs (bench/gpu_check.py)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,5 +27,6 @@ case "${1:-}" in
   demo) setup; "$PYTHON" examples/digits.py "${@:2}" ;;
   test) setup; "$PYTHON" -m pytest tests "${@:2}" ;;
   bench) setup; "$PYTHON" bench/run.py "${@:2}" ;;
-  *) echo "usage: bash run.sh demo|test|bench|setup [args]" >&2; exit 2 ;;
+  gpu-check) "$PYTHON" bench/gpu_check.py "${@:2}" ;;
+  *) echo "usage: bash run.sh demo|test|bench|setup|gpu-check [args]" >&2; exit 2 ;;
 esac

@@ -28,8 +28,10 @@ the input instead (the BN fold, which reads the weight anyway for gamma's gradie
 fwd+bwd ``2s + 3s`` (20: no mask written or read, the input read twice).
 
 Environment: ``FAKEQUANT_BENCH_QUICK=1`` picks the few sizes of ``python bench/run.py --quick``;
-``FAKEQUANT_BENCH_DEVICE`` (default ``cpu``); ``FAKEQUANT_BENCH_PROVIDERS`` (comma-separated) keeps only those
-providers; ``FAKEQUANT_BENCH_THREADS`` (default 2) sets ``torch.set_num_threads``.
+``FAKEQUANT_BENCH_SIZES`` (comma-separated powers of two, e.g. ``20,22,24,26``) replaces the sweep and drops the
+ResNet-50 shapes; ``FAKEQUANT_BENCH_DEVICE`` (default ``cpu``); ``FAKEQUANT_BENCH_DTYPE`` (``float32``, the
+default, ``bfloat16`` or ``float16``: the tensor being quantized); ``FAKEQUANT_BENCH_PROVIDERS`` (comma-separated)
+keeps only those providers; ``FAKEQUANT_BENCH_THREADS`` (default 2) sets ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,17 @@ torch.set_num_threads(THREADS)
 
 QUICK = os.environ.get("FAKEQUANT_BENCH_QUICK", "") not in ("", "0")
 DEVICE = torch.device(os.environ.get("FAKEQUANT_BENCH_DEVICE", "cpu"))
-DTYPE = torch.float32
+BENCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_from_environment() -> torch.dtype:
+    name = os.environ.get("FAKEQUANT_BENCH_DTYPE", "") or "float32"
+    if name not in BENCH_DTYPES:
+        raise ValueError(f"FAKEQUANT_BENCH_DTYPE={name!r}; allowed: {', '.join(BENCH_DTYPES)}")
+    return BENCH_DTYPES[name]
+
+
+DTYPE = _dtype_from_environment()
 # Every provider allocates its outputs on every call; with glibc's defaults a freed 2^22-element (16 MiB) output
 # is often, and a 2^24 one always, returned to the kernel and page-faulted in again on the next call, which
 # measured 530 us for a 2^22 clone against 187 us retained, and 16.7 ms against 1.4 ms at 2^24 (2026-12-01): the
@@ -63,9 +75,26 @@ MODES = ("fwd", "fwd+mask", "fwd+bwd")
 COPY_MODE = "copy"
 PROVIDER_ORDER = ("copy", "fakequant", "reference", "torch", "compile", "nni")
 
+
+
+def _sizes_from_environment() -> tuple[int, ...] | None:
+    text = os.environ.get("FAKEQUANT_BENCH_SIZES", "").strip()
+    if not text:
+        return None
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or not all(0 <= v <= 31 for v in sizes):
+        raise ValueError(f"FAKEQUANT_BENCH_SIZES={text!r}; allowed: comma-separated powers of two 0..31, e.g. 20,22")
+    return sizes
+
+
 # Flat sizes: 2^16 (per-call overhead dominates) to 2^24 (64 MiB fp32, far past the last-level cache).
-# --quick keeps two, so every plot still draws a line.
-FLAT_LOG2 = (18, 22) if QUICK else (16, 18, 20, 22, 24)
+# --quick keeps two, so every plot still draws a line. FAKEQUANT_BENCH_SIZES replaces them (and drops the
+# ResNet-50 shapes): a GPU's 50 MB L2 needs 2^24 and 2^26 to measure memory rather than cache.
+SIZES_OVERRIDE = _sizes_from_environment()
+FLAT_LOG2 = SIZES_OVERRIDE or ((18, 22) if QUICK else (16, 18, 20, 22, 24))
 
 # torch.compile specializes on every shape and flag; the default recompile limit (8) would silently fall
 # back to eager after a few sizes.
@@ -135,12 +164,16 @@ QUICK_ACTIVATION_SHAPES = ((8, 256, 56, 56),)
 def resnet50_weight_cases(in_quick: bool = True) -> list[Case]:
     """ResNet-50 weight shapes (channel axis 0); ``in_quick=False`` drops them from a --quick run."""
     shapes = (QUICK_WEIGHT_SHAPES if in_quick else ()) if QUICK else RESNET50_WEIGHT_SHAPES
+    if SIZES_OVERRIDE:
+        shapes = ()
     return [Case(_shape_label("w", s), tuple(s), 0, "weight") for s in shapes]
 
 
 def resnet50_activation_cases(in_quick: bool = True) -> list[Case]:
     """ResNet-50 activation shapes (NCHW, channel axis 1); ``in_quick=False`` drops them from a --quick run."""
     shapes = (QUICK_ACTIVATION_SHAPES if in_quick else ()) if QUICK else RESNET50_ACTIVATION_SHAPES
+    if SIZES_OVERRIDE:
+        shapes = ()
     return [Case(_shape_label("act", s), tuple(s), 1, "activation") for s in shapes]
 
 
@@ -226,6 +259,9 @@ def fakequant_backends() -> dict[str, str]:
             found["fakequant" if backend == "auto" else f"fakequant-{backend}"] = backend
     finally:
         fakequant.set_backend(previous)
+    if DEVICE.type == "cuda" and "fakequant-cuda" in found:
+        # On CUDA tensors "auto" is the CUDA kernels again: timing it twice would only add noise to the table.
+        found.pop("fakequant", None)
     return found
 
 
@@ -337,11 +373,15 @@ class OpBench:
     def _compiled_fn(self, kind: str) -> Callable:
         if kind not in self._compiled:
             source = self.composition_forward if kind == "forward" else self.composition_differentiable
-            self._compiled[kind] = torch.compile(source, dynamic=False)
+            # On a GPU one dynamic-shape graph serves every size: the benchmark compiles each op's graphs once
+            # instead of once per size (Inductor's elementwise kernels take the element count as an argument).
+            self._compiled[kind] = torch.compile(source, dynamic=DEVICE.type == "cuda")
         return self._compiled[kind]
 
-    def build(self, provider: str, mode: str, case: Case) -> Callable[[], object]:
-        """The zero-argument callable that pytest-benchmark times."""
+    def build(self, provider: str, mode: str, case: Case, synchronize: bool = True) -> Callable[[], object]:
+        """The zero-argument callable that pytest-benchmark times; on a GPU it waits for the device unless
+        ``synchronize=False`` (the interleaved timing brackets a batch of calls with CUDA events instead)."""
+        _synced = _synchronized if synchronize else (lambda fn: fn)
         inputs = self.make_inputs(case)
         if provider == "copy":
             x, y = inputs.x, torch.empty_like(inputs.x)
@@ -389,7 +429,7 @@ def _no_mask_arg(fn: DiffFn | None) -> ForwardFn | None:
     return None if fn is None else (lambda inputs, compute_mask: fn(inputs))
 
 
-def _synced(fn: Callable[[], object]) -> Callable[[], object]:
+def _synchronized(fn: Callable[[], object]) -> Callable[[], object]:
     if DEVICE.type != "cuda":
         return fn
 
@@ -432,16 +472,49 @@ def make_test(spec: OpBench) -> Callable:
     return test
 
 
-def interleaved(spec: OpBench, case: Case, rounds: int, keep: Callable[[str], bool] | None = None) -> list[dict]:
+def _cuda_repetitions(fn: Callable[[], object], floor_s: float = 1e-3, cap: int = 1000) -> int:
+    """How many back-to-back calls of ``fn`` fill ``floor_s`` of GPU time: one call of a 2^20-element op takes a
+    few microseconds, less than a launch and a synchronization, so a round times a batch of calls."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    one_call_s = max(start.elapsed_time(end) * 1e-3, 1e-7)
+    return max(1, min(cap, int(floor_s / one_call_s) + 1))
+
+
+def _time_round(fn: Callable[[], object], repetitions: int) -> float:
+    """Seconds per call over one round: wall clock on the CPU; CUDA events around ``repetitions`` calls on a
+    GPU (the calls queue back to back, so launch latency overlaps the previous kernel, as in training)."""
+    import time
+
+    if DEVICE.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repetitions):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3 / repetitions
+
+
+def interleaved(
+    spec: OpBench, case: Case, rounds: int, keep: Callable[[str], bool] | None = None, failed: list | None = None
+) -> list[dict]:
     """Times every (provider, mode) of ``case`` round-robin: each round calls each of them once, so a burst of
     load from other processes lands on all of them alike (pytest-benchmark times one after another). ``keep``
-    chooses by name (``op[<case>-<provider>-<mode>]``) which ones run.
+    chooses by name (``op[<case>-<provider>-<mode>]``) which ones run. A provider that fails to build or run
+    (a dtype PyTorch's own op lacks, say) is left out and its error appended to ``failed``; the others still run.
 
     Returns entries shaped like pytest-benchmark's JSON (``name``, ``extra_info``, ``stats`` with median, min,
     iqr and rounds), which ``bench/run.py`` reads like a pytest-benchmark run.
     """
     import statistics
-    import time
+    import traceback
 
     entries = []
     for provider, modes in spec.providers():
@@ -452,25 +525,32 @@ def interleaved(spec: OpBench, case: Case, rounds: int, keep: Callable[[str], bo
             backend = FAKEQUANT_BACKENDS.get(provider, "auto")
             fakequant.set_backend(backend)
             try:
-                fn = spec.build(provider, mode, case)
+                fn = spec.build(provider, mode, case, synchronize=False)
                 for _ in range(WARMUP_CALLS):
                     fn()
+                repetitions = _cuda_repetitions(fn) if DEVICE.type == "cuda" else 1
+            except Exception:  # noqa: BLE001  (report the provider and keep measuring the others)
+                if failed is None:
+                    raise
+                failed.append(f"{name}: {traceback.format_exc(limit=1).strip().splitlines()[-1]}")
+                continue
             finally:
                 fakequant.set_backend("auto")
             info = extra_info(op=spec.op, provider=provider, mode=mode, case=case, nbytes=spec.bytes(mode, case))
             info["backend"] = backend
-            entries.append((name, backend, fn, info, []))
+            info["calls_per_round"] = repetitions
+            entries.append((name, backend, fn, info, [], repetitions))
     for _ in range(rounds):
-        for _name, backend, fn, _info, times in entries:
+        for _name, backend, fn, _info, times, repetitions in entries:
             if backend != "auto":
                 fakequant.set_backend(backend)
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-            if backend != "auto":
-                fakequant.set_backend("auto")
+            try:
+                times.append(_time_round(fn, repetitions))
+            finally:
+                if backend != "auto":
+                    fakequant.set_backend("auto")
     results = []
-    for name, _, _, info, times in entries:
+    for name, _, _, info, times, _ in entries:
         quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         stats = {
             "median": statistics.median(times),

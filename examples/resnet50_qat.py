@@ -15,6 +15,8 @@ It finishes by ``export_model`` of the fakequant QAT model (float folded weights
     python examples/resnet50_qat.py --image-size 64 --batch-size 8      # 64x64: where the weights dominate
     python examples/resnet50_qat.py --data ~/imagenet/train --image-size 224 --batch-size 64 \\
         --steps 50 --device cuda                               # a real folder of images on a GPU
+    python examples/resnet50_qat.py --device cuda --batch-size 64 --backends cuda triton \\
+        --precisions fp32 bf16 --json steps.json               # each GPU backend, also under bf16 autocast
 
 The default input is ImageNet's training resolution with a batch that 2 CPU cores finish in seconds per step. At
 64x64 the activations are 12 times smaller while the 25M weights are not, and the weights' extra passes (range,
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import tempfile
 import time
@@ -162,10 +165,12 @@ def make_loader(args) -> tuple[torch.utils.data.DataLoader, int, str]:
 
 
 class Configuration:
-    """One model being trained: FP32, or QAT on a given fakequant backend."""
+    """One model being trained: FP32, or QAT on a given fakequant backend; in fp32 or under bf16 autocast."""
 
-    def __init__(self, name: str, float_model: nn.Module, batches, args, quantize: bool, backend: str) -> None:
-        self.name, self.backend = name, backend
+    def __init__(
+        self, name: str, float_model: nn.Module, batches, args, quantize: bool, backend: str, precision: str = "fp32"
+    ) -> None:
+        self.name, self.backend, self.precision = name, backend, precision
         self.model = copy.deepcopy(float_model).to(args.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
         self.quantizer = None
@@ -188,7 +193,8 @@ class Configuration:
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.model(images), labels)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                loss = nn.functional.cross_entropy(self.model(images), labels)
             loss.backward()
             self.optimizer.step()
             if device.type == "cuda":
@@ -213,6 +219,22 @@ def train_interleaved(configurations: list[Configuration], batches, args) -> Non
             configuration.step(images, labels, timed=i >= args.warmup)
 
 
+def result_rows(results: list[Configuration], batch_size: int) -> list[dict]:
+    """Median and mean step time of each configuration, and its ratio to the FP32 step of the same precision."""
+    fp32 = {r.precision: statistics.median(r.times) for r in results if r.quantizer is None}
+    rows = []
+    for r in results:
+        median = statistics.median(r.times)
+        rows.append(
+            {
+                "configuration": r.name, "precision": r.precision, "backend": r.backend,
+                "quantized": r.quantizer is not None, "median_s": median, "mean_s": statistics.fmean(r.times),
+                "x_fp32": median / fp32[r.precision], "images_per_s": batch_size / median, "last_loss": r.loss,
+            }
+        )
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="an ImageFolder directory (default: synthetic images)")
@@ -228,6 +250,16 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-bn-fold", action="store_true", help="quantize conv weights without BN folding")
     parser.add_argument("--skip-reference", action="store_true", help="skip the reference-backend QAT run")
+    parser.add_argument(
+        "--backends", nargs="+", choices=fakequant._backend.BACKENDS, default=["auto"],
+        help="fakequant backends to train QAT with, each a configuration (default: auto); the reference backend "
+        "is added unless --skip-reference",
+    )
+    parser.add_argument(
+        "--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+        help="fp32, and/or bf16 (every configuration again under torch.autocast(bfloat16)); default fp32",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results table here as JSON")
     parser.add_argument("--export-dir", type=Path, help="where export_model writes (default: a temporary dir)")
     parser.add_argument(
         "--default-malloc", action="store_true",
@@ -251,29 +283,51 @@ def main(argv=None) -> None:
         + (", freed memory retained (fakequant.retain_freed_memory)" if retained else "")
         + f"; fakequant compiled kernels loaded: {fakequant.extension_loaded()}"
     )
-    configurations = [("FP32", False, "auto"), ("QAT (fakequant)", True, "auto")]
+    backends = list(dict.fromkeys(b for b in args.backends if b != "reference"))
     if not args.skip_reference:
-        configurations.append(("QAT (reference)", True, "reference"))
-    results = [Configuration(name, float_model, batches, args, q, b) for name, q, b in configurations]
+        backends.append("reference")
+    configurations = []
+    for precision in args.precisions:
+        tag = "" if precision == "fp32" else f" {precision}"
+        configurations.append((f"FP32{tag}", False, "auto", precision))
+        for backend in backends:
+            label = "fakequant" if backend == "auto" else backend
+            configurations.append((f"QAT ({label}){tag}", True, backend, precision))
+    results = [Configuration(name, float_model, batches, args, q, b, p) for name, q, b, p in configurations]
     train_interleaved(results, batches, args)
 
-    qat = results[1].quantizer
+    qat = next(r.quantizer for r in results if r.quantizer is not None)
     folded = len(getattr(qat, "folded_pairs", {}) or {})
     print(
         f"\nQAT_Quantizer: {len(qat.layers) if hasattr(qat, 'layers') else '?'} quantized layers, "
         f"{folded} Conv+BN pairs folded" + (" (folding off: --no-bn-fold)" if args.no_bn_fold else "")
     )
-    base = statistics.median(results[0].times)
+    rows = result_rows(results, args.batch_size)
+    width = max(16, *(len(row["configuration"]) for row in rows))
     header = (
-        f"{'configuration':<16} {'median step':>11} {'mean step':>10} {'x FP32':>7} {'images/s':>9} {'last loss':>9}"
+        f"{'configuration':<{width}} {'median step':>11} {'mean step':>10} {'x FP32':>7} {'images/s':>9} "
+        f"{'last loss':>9}"
     )
+    print(f"\nTime per training step (forward, loss, backward, SGD step), {args.steps} timed steps each; "
+          "x FP32: over the FP32 step of the same precision")
     print(header)
     print("-" * len(header))
-    for r in results:
-        median = statistics.median(r.times)
+    for row in rows:
         print(
-            f"{r.name:<16} {median * 1e3:9.1f}ms {statistics.fmean(r.times) * 1e3:8.1f}ms "
-            f"{median / base:6.2f}x {args.batch_size / median:9.1f} {r.loss:9.3f}"
+            f"{row['configuration']:<{width}} {row['median_s'] * 1e3:9.1f}ms {row['mean_s'] * 1e3:8.1f}ms "
+            f"{row['x_fp32']:6.2f}x {row['images_per_s']:9.1f} {row['last_loss']:9.3f}"
+        )
+    if args.json:
+        device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": model_source, "device": args.device, "device_name": device_name,
+                    "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
+                    "warmup": args.warmup, "torch": torch.__version__, "rows": rows,
+                },
+                indent=1,
+            )
         )
 
     export_dir = args.export_dir or Path(tempfile.mkdtemp(prefix="resnet50_qat_"))
