@@ -3,6 +3,7 @@
     bash run.sh gpu-check                 # what to run on a machine with an NVIDIA GPU (installs nothing)
     python bench/gpu_check.py --out DIR --budget 450
     python bench/gpu_check.py --rehearse --out DIR   # every step on the CPU at tiny sizes (what the tests run)
+    GPU_CHECK_OUT=/tmp/gpu-check bash run.sh gpu-check --export "$OUT"   # on a lent machine: 3 files come back
 
 Steps, cheapest and most telling first, each a subprocess with its own log under ``<out>/logs/`` and a time limit;
 the whole run stays inside ``--budget`` seconds (default 450: the kit is meant to leave half of a 15-minute GPU
@@ -427,6 +428,27 @@ def retry_smaller_batch(step: Step) -> bool:
     return True
 
 
+def export(out: Path, destination: Path) -> None:
+    """Copies summary.md and status.json to ``destination`` with everything else as one gzipped tar: a machine
+    lent for a few minutes hands back a handful of files, not a folder tree."""
+    import tarfile
+
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.md", "status.json"):
+        if (out / name).exists():
+            shutil.copyfile(out / name, destination / name)
+    partial = destination / "gpu-check.tar.gz.partial"
+    skipped = {out / "resnet50-export", destination.resolve()}  # the exported weights (100 MB), the archive itself
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        path = out / Path(info.name).relative_to("gpu-check")
+        return None if path in skipped else info
+
+    with tarfile.open(partial, "w:gz") as archive:
+        archive.add(out, arcname="gpu-check", filter=keep)
+    partial.replace(destination / "gpu-check.tar.gz")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -436,6 +458,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for the whole run")
     parser.add_argument("--rehearse", action="store_true", help="run every step on the CPU at tiny sizes")
     parser.add_argument("--only", nargs="+", help="run only these steps (by name)")
+    parser.add_argument(
+        "--export", type=Path,
+        help="after every step, also copy summary.md and status.json here with the rest as gpu-check.tar.gz",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     reason = None if args.rehearse else no_gpu_reason()
     if reason is not None:
@@ -461,6 +487,8 @@ def main(argv=None) -> int:
             run_step(step, out, index, args.budget - (time.monotonic() - started))
         print(f"          {step.status} {step.seconds:.0f} s {step.detail}", flush=True)
         write_summary(out, info, steps, started, args.budget, device)
+        if args.export:
+            export(out, args.export)
     print(f"summary: {out / 'summary.md'}")
     failed = [s.name for s in steps if s.status not in ("passed", "not run")]
     return 1 if failed else 0

@@ -132,7 +132,11 @@ def test_kernel_smoke_reaches_every_op():
 
 @pytest.mark.slow
 def test_rehearsal_runs_every_step_and_writes_the_summary(tmp_path):
-    result = run_python_process("bench/gpu_check.py", "--rehearse", "--out", str(tmp_path), cwd=str(ROOT), timeout=900)
+    exported = tmp_path / "exported"
+    result = run_python_process(
+        "bench/gpu_check.py", "--rehearse", "--out", str(tmp_path), "--export", str(exported), cwd=str(ROOT),
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
     statuses = {s["name"]: s["status"] for s in json.loads((tmp_path / "status.json").read_text())}
@@ -146,3 +150,10 @@ def test_rehearsal_runs_every_step_and_writes_the_summary(tmp_path):
     rows = json.loads((tmp_path / "resnet50.json").read_text())["rows"]
     assert {r["configuration"] for r in rows} == {"FP32", "QAT (fakequant)", "FP32 bf16", "QAT (fakequant) bf16"}
     assert list((tmp_path / "bench").glob("*-bfloat16.csv")) and list((tmp_path / "bench").glob("*.png"))
+    assert sorted(p.name for p in exported.iterdir()) == ["gpu-check.tar.gz", "status.json", "summary.md"]
+    import tarfile
+
+    with tarfile.open(exported / "gpu-check.tar.gz") as archive:
+        names = archive.getnames()
+    assert "gpu-check/summary.md" in names and any(n.startswith("gpu-check/logs/") for n in names)
+    assert not any("exported" in n or "resnet50-export" in n for n in names)
