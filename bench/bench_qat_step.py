@@ -111,12 +111,50 @@ CONFIG_LIST = [
 ]
 
 
+# NNI 3.0's QATQuantizer with the settings CONFIG_LIST gives fakequant's QAT_Quantizer: 8-bit signed symmetric per
+# tensor weights, 8-bit unsigned affine ReLU outputs. NNI 3.0 folds no BN here, so its row compares with qat-nofold.
+NNI_CONFIG_LIST = [
+    {"op_types": ["Conv2d", "Linear"], "target_names": ["weight"], "quant_dtype": "int8", "quant_scheme": "symmetric",
+     "granularity": "default"},
+    {"op_types": ["ReLU"], "target_names": ["_output_"], "quant_dtype": "uint8", "quant_scheme": "affine",
+     "granularity": "default"},
+]  # fmt: skip
+
+
+def nni_version() -> str | None:
+    """NNI's version when its 3.x quantizers import (``requirements-dev.txt`` installs NNI 3.0), else None."""
+    try:
+        import nni
+        from nni.compression.quantization import QATQuantizer  # noqa: F401
+    except Exception:  # noqa: BLE001  (any failure to import NNI leaves its variant out)
+        return None
+    return nni.__version__
+
+
+def wrap_with_nni(model: nn.Module) -> None:
+    """NNI 3.0's QATQuantizer on ``model``: its wrappers track ranges and fake-quantize from the first training
+    forward (quant_start_step 0). Its evaluator only drives ``compress()``'s own training loop, which the
+    benchmark does not use: the steps are this file's, as for every other variant."""
+    import nni
+    from nni.compression.quantization import QATQuantizer
+    from nni.compression.utils import TorchEvaluator
+
+    def unused_training_loop(*args, **kwargs):
+        raise RuntimeError("the benchmark trains the wrapped model itself")
+
+    traced_optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01, momentum=0.9)
+    evaluator = TorchEvaluator(unused_training_loop, traced_optimizer, lambda batch, model: None)
+    QATQuantizer(model, NNI_CONFIG_LIST, evaluator, quant_start_step=0)
+
+
 def make_step(variant: str):
     """Returns a closure running one SGD step of ``variant`` (one of :data:`VARIANTS`)."""
     torch.manual_seed(0)
     model = SmallResNet()
+    if variant == "qat-nni":
+        wrap_with_nni(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if variant != "fp32":
+    if variant not in ("fp32", "qat-nni"):
         fakequant.QAT_Quantizer(
             model,
             CONFIG_LIST,
@@ -142,7 +180,7 @@ def make_step(variant: str):
     return step
 
 
-VARIANTS = ("fp32", "qat", "qat-reference", "qat-nofold", "qat-fold-frozen")
+VARIANTS = ("fp32", "qat", "qat-reference", "qat-nofold", "qat-fold-frozen") + (("qat-nni",) if nni_version() else ())
 
 
 def _freed_memory_retained() -> bool:
@@ -190,6 +228,12 @@ def test_step_qat_fold_frozen(benchmark):
     _bench(benchmark, "qat-fold-frozen")
 
 
+def test_step_qat_nni(benchmark):
+    if "qat-nni" not in VARIANTS:
+        raise RuntimeError("NNI 3.x does not import: pip install -r requirements-dev.txt")
+    _bench(benchmark, "qat-nni")
+
+
 def interleaved(rounds: int = 30) -> dict[str, list[float]]:
     """Step times of each variant, measured round-robin so that load drifts hit all of them alike: round ``i``
     of every variant ran within one pass, so ``times[v][i] / times["fp32"][i]`` is a paired ratio."""
@@ -213,7 +257,7 @@ if __name__ == "__main__":
     retained = _freed_memory_retained()
     times = interleaved(int(arguments[0]) if arguments else 30)
     print(f"extension loaded: {fakequant.extension_loaded()}  threads: {THREADS}  batch: {BATCH}  "
-          f"freed memory retained: {retained}")
+          f"freed memory retained: {retained}  nni: {nni_version() or 'not installed'}")
     print(f"{'variant':>15}  {'median':>9}  {'ratio of medians':>16}  {'median of paired ratios':>23}")
     fp32 = statistics.median(times["fp32"])
     for variant, values in times.items():

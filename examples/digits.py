@@ -1,7 +1,8 @@
 """All four quantizers on scikit-learn's bundled digits (8x8 images, no download): an accuracy table.
 
 Trains one small CNN in float and with each quantizer, the way NNI's docs report MNIST and CIFAR-10 results,
-and prints test accuracy and training time per method::
+and prints test accuracy and the time of a training step per method (the methods take their steps in turn, and
+the first epoch is every method's warm-up)::
 
     python examples/digits.py                  # about a minute on 2 CPU cores
     python examples/digits.py --epochs 40 --backend reference
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,33 +120,63 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def train(method: Method, data, epochs: int, batch_size: int, seed: int) -> tuple[nn.Module, float, int]:
-    """Trains ``method`` from the same initial weights; returns the model, CPU seconds and optimizer steps.
+@dataclass
+class Training:
+    """One method's model in training, with the CPU time of each of its optimizer steps, epoch by epoch."""
 
-    CPU time of this process rather than wall time: the numbers stay comparable on a shared machine.
-    """
-    x_train, y_train, _, _ = data
+    method: Method
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    step_seconds: list[list[float]]
+
+    def median_step_seconds(self) -> float:
+        """The median step after the first epoch, which is every method's warm-up (first calls, allocations)."""
+        timed = [t for epoch in self.step_seconds[1:] for t in epoch] or self.step_seconds[0]
+        return statistics.median(timed)
+
+
+def prepare(method: Method, epochs: int, steps_per_epoch: int, seed: int) -> Training:
+    """``method``'s model from the same initial weights as every other method's, quantized if it quantizes."""
     torch.manual_seed(seed)
     model = make_cnn(method.activation)
     optimizer = torch.optim.Adam(model.parameters(), lr=method.lr)
-    steps_per_epoch = -(-len(y_train) // batch_size)
     total_steps = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
     if method.quantize is not None:
         model = method.quantize(model, optimizer, total_steps)
+    return Training(method, model, optimizer, scheduler, torch.Generator().manual_seed(seed), [])
+
+
+def train_interleaved(methods: list[Method], data, epochs: int, batch_size: int, seed: int) -> list[Training]:
+    """Trains every method, each on its own shuffles of the same seed, taking their steps in turn: step ``i`` of
+    every method runs before step ``i + 1`` of any, so that none is timed at a better place in the process
+    (first, on a quieter machine, after another has warmed the allocator) than the others.
+
+    Step times are CPU time of this process rather than wall time: they stay comparable on a shared machine.
+    """
+    from tqdm import tqdm
+
+    x_train, y_train, _, _ = data
+    steps_per_epoch = -(-len(y_train) // batch_size)
+    runs = [prepare(method, epochs, steps_per_epoch, seed) for method in methods]
     loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
-    start = time.process_time()
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(y_train), generator=generator)
-        for i in range(0, len(order), batch_size):
-            batch = order[i : i + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x_train[batch]), y_train[batch]).backward()
-            optimizer.step()
-            scheduler.step()
-    return model, time.process_time() - start, total_steps
+    for _ in tqdm(range(epochs), desc="training", unit="epoch", leave=False):
+        orders = [torch.randperm(len(y_train), generator=run.generator) for run in runs]
+        for run in runs:
+            run.model.train()
+            run.step_seconds.append([])
+        for i in range(0, len(y_train), batch_size):
+            for run, order in zip(runs, orders, strict=True):
+                batch = order[i : i + batch_size]
+                start = time.process_time()
+                run.optimizer.zero_grad(set_to_none=True)
+                loss_fn(run.model(x_train[batch]), y_train[batch]).backward()
+                run.optimizer.step()
+                run.scheduler.step()
+                run.step_seconds[-1].append(time.process_time() - start)
+    return runs
 
 
 def main(argv=None) -> None:
@@ -157,6 +189,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--backend", default="auto", help="fakequant backend (auto or reference)")
     args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
     torch.set_num_threads(args.threads)
     fakequant.set_backend(args.backend)
 
@@ -167,25 +201,29 @@ def main(argv=None) -> None:
         f"batch {args.batch_size}, threads: {torch.get_num_threads()}, fakequant backend {fakequant.get_backend()!r} "
         f"(compiled kernels loaded: {fakequant.extension_loaded()})"
     )
+    runs = train_interleaved(METHODS, data, args.epochs, args.batch_size, args.seed)
     rows = []
-    fp32_model = None
-    for method in METHODS:
-        model, seconds, steps = train(method, data, args.epochs, args.batch_size, args.seed)
-        rows.append((method, accuracy(model, x_test, y_test), seconds, steps))
-        print(f"  trained {method.name:<16} {seconds:6.1f} s CPU", flush=True)
-        if method.name == "FP32":
-            fp32_model = model
+    for run in runs:
+        rows.append((run.method, accuracy(run.model, x_test, y_test), run.median_step_seconds()))
+        if run.method.name == "FP32":
             # Naive: 8-bit symmetric weights of the trained float model, no training at all.
-            naive = fakequant.NaiveQuantizer(copy.deepcopy(fp32_model)).compress()
-            rows.append((Method("Naive", "int8", "fp32", nn.ReLU6, None), accuracy(naive, x_test, y_test), None, 0))
+            naive = fakequant.NaiveQuantizer(copy.deepcopy(run.model)).compress()
+            rows.append((Method("Naive", "int8", "fp32", nn.ReLU6, None), accuracy(naive, x_test, y_test), None))
+    fp32_step = {run.method.activation: run.median_step_seconds() for run in runs if run.method.quantize is None}
 
-    header = f"{'method':<16} {'weights':>7} {'activations':>11} {'test acc':>8} {'train CPU':>9} {'ms/step':>7}"
-    print()
+    print(
+        "\nms/step: median CPU time of one training step (forward, loss, backward, Adam step) after the first epoch;"
+        "\nthe methods took their steps in turn. x FP32: over the FP32 step of the same network."
+    )
+    header = f"{'method':<16} {'weights':>7} {'activations':>11} {'test acc':>8} {'ms/step':>8} {'x FP32':>7}"
     print(header)
     print("-" * len(header))
-    for method, acc, seconds, steps in rows:
-        train_col = "   no training" if seconds is None else f"{seconds:8.1f}s {seconds / steps * 1e3:7.2f}"
-        print(f"{method.name:<16} {method.weights:>7} {method.activations:>11} {acc * 100:7.2f}% {train_col}")
+    for method, acc, seconds in rows:
+        if seconds is None:
+            timing = f"{'no training':>16}"
+        else:
+            timing = f"{seconds * 1e3:8.2f} {seconds / fp32_step[method.activation]:6.2f}x"
+        print(f"{method.name:<16} {method.weights:>7} {method.activations:>11} {acc * 100:7.2f}% {timing}")
 
 
 if __name__ == "__main__":

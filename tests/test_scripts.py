@@ -55,7 +55,8 @@ def test_bench_qat_step_interleaved_table():
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"freed memory retained: {IS_GLIBC}" in result.stdout
     rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
-    assert rows == ["fp32", "qat", "qat-reference", "qat-nofold", "qat-fold-frozen"], result.stdout
+    assert rows == ["fp32", "qat", "qat-reference", "qat-nofold", "qat-fold-frozen", "qat-nni"], result.stdout
+    assert "nni: 3.0" in result.stdout
 
 
 def test_resnet50_example_trains_reports_and_exports(tmp_path):
@@ -72,3 +73,24 @@ def test_resnet50_example_trains_reports_and_exports(tmp_path):
     assert len(calibration) == 54
     state = torch.load(tmp_path / "resnet50_qat.pth")
     assert not any("fakequant_" in key for key in state)
+
+
+def test_run_sh_with_nothing_to_install_or_build_prints_nothing():
+    def setup() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "run.sh", "setup"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+
+    first = setup()  # whatever this one had to do, the next has nothing left
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = setup()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout == "" and second.stderr == ""
+
+
+def test_digits_demo_times_every_method_in_turn():
+    result = run_script("examples/digits.py", "--epochs", "2", "--batch-size", "256")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "methods took their steps in turn" in result.stdout
+    lines = result.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("method"))) + 2 :]
+    assert [line.split()[0] for line in table] == ["FP32", "Naive", "QAT", "DoReFa", "DoReFa", "FP32", "BNN"]
+    assert table[0].endswith("1.00x") and "no training" in table[1]

@@ -28,6 +28,7 @@ Extension points for subclasses (BatchNorm folding plugs in here):
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ from torch.nn.modules import module as module_hooks
 from torch.nn.utils import parametrize
 
 from fakequant import functional
-from fakequant.onnx_export import OnnxQDQ, onnx_qdq_range
+from fakequant.qdq import OnnxQDQ, onnx_qdq_range
 from fakequant.qparams import PerChannel, QuantSpec, choose_qparams
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig, resolve_config_list
 
@@ -222,6 +223,13 @@ class Quantizer:
             if self.default_config_list is None:
                 raise ValueError(f"{type(self).__name__}: config_list is required")
             config_list = self.default_config_list
+        if optimizer is not None and type(optimizer).__name__.endswith("Evaluator"):
+            raise ValueError(
+                f"{type(self).__name__}: got an NNI evaluator ({type(optimizer).__name__}) where fakequant takes a "
+                "torch.optim.Optimizer. NNI 3.0's quantizers train through the evaluator; fakequant's attach to the "
+                "model and you train with your own loop: pass the optimizer the evaluator was built with, "
+                f"{type(self).__name__}(model, config_list, optimizer), call compress(), then train"
+            )
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(
                 f"{type(self).__name__}: optimizer must be a torch.optim.Optimizer or None, got "
@@ -238,12 +246,23 @@ class Quantizer:
         self._handles: list = []
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def compress(self) -> nn.Module:
+    def compress(self, *nni3_training_args: Any) -> nn.Module:
         """Attaches the quantization to the model in place and returns the model.
+
+        Args:
+            nni3_training_args: none. NNI 3.0's ``compress(max_steps, max_epochs)`` trains through its evaluator;
+                fakequant's does not train, and given them raises a ValueError that says so.
 
         Returns:
             The same model object, now fake-quantized in its forward pass.
         """
+        if nni3_training_args:
+            raise ValueError(
+                f"{type(self).__name__}.compress{nni3_training_args!r}: compress() takes no arguments. NNI 3.0's "
+                "compress(max_steps, max_epochs) trains and returns (model, calibration_config); fakequant's attaches "
+                "the quantization and returns the model: call compress(), train with your own loop, then "
+                "export_model(...) (or calibration()) for the calibration config"
+            )
         if self._compressed:
             raise ValueError(f"{type(self).__name__}: compress() was already called; call unwrap() first")
         model = self.bound_model
@@ -544,6 +563,48 @@ class EmaRangeQuantizer(Quantizer):
         if first:
             layer.buffer(quant_type + "_observed").fill_(1)
             layer.observed[quant_type] = True
+
+    def load_calibration_config(self, calibration_config: dict[str, dict]) -> None:
+        """Sets activation ranges, scales and zero points from calibration records, as NNI 2.x's method does.
+
+        The records are those :meth:`calibration` returns and :meth:`export_model` saves (``tracked_min_<type>``
+        and ``tracked_max_<type>`` for inputs and outputs). Weight ranges follow the weights on every forward and
+        are not loaded; to resume training exactly, save and load ``model.state_dict()``, which holds all of it.
+
+        Args:
+            calibration_config: ``{layer_name: record}`` for layers of this quantizer, after :meth:`compress`.
+
+        Raises:
+            ValueError: called before :meth:`compress`, or a layer name this quantizer does not quantize.
+
+        Example:
+            >>> calibration = trained_quantizer.calibration()  # doctest: +SKIP
+            >>> fresh_quantizer.compress()  # doctest: +SKIP
+            >>> fresh_quantizer.load_calibration_config(calibration)  # doctest: +SKIP
+        """
+        if not self._compressed:
+            raise ValueError(f"{type(self).__name__}.load_calibration_config: call compress() first")
+        unknown = sorted(set(calibration_config) - set(self.layers))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}.load_calibration_config: {unknown} are not quantized by this quantizer; "
+                f"allowed: its layers {sorted(self.layers)}"
+            )
+        for name, record in calibration_config.items():
+            layer = self.layers[name]
+            for quant_type in layer.config.quant_types:
+                low, high = record.get(f"tracked_min_{quant_type}"), record.get(f"tracked_max_{quant_type}")
+                if quant_type == "weight" or low is None or high is None:
+                    continue
+                spec = layer.config.specs[quant_type]
+                tracked = layer.buffer(quant_type + "_range")
+                tracked.copy_(torch.tensor([float(low), float(high)]))
+                scale, zero_point = choose_qparams(tracked[0], tracked[1], spec.quant_min, spec.quant_max,
+                                                   spec.symmetric)  # fmt: skip
+                layer.buffer(quant_type + "_scale").copy_(scale)
+                layer.buffer(quant_type + "_zero_point").copy_(zero_point)
+                layer.buffer(quant_type + "_observed").fill_(1)
+                layer.observed[quant_type] = True
 
     def _fake_quant_activation(
         self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor, relu: bool = False

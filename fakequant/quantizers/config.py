@@ -138,6 +138,30 @@ def _spec_for(rules: AlgorithmRules, quant_type: str, bits: int, scheme: str | N
                      granularity=granularity)
 
 
+# NNI 3.0's config_list keys, which fakequant does not read: each names what to write instead (NNI 2.x's keys).
+NNI3_KEYS = {
+    "target_names": "quant_types (['weight', 'input', 'output'] for target_names ['weight', '_input_', '_output_'])",
+    "granularity": "quant_scheme 'per_channel_affine' or 'per_channel_symmetric' (weights) for a per-channel "
+    "granularity, 'per_tensor_*' for 'default'",
+    "target_settings": "one entry per quant type with quant_types, quant_bits, quant_dtype and quant_scheme",
+    "op_names_re": "op_names (exact qualified module names)",
+    "fuse_names": "nothing: QAT_Quantizer finds and folds Conv+BN pairs itself (bn_folding=True)",
+}
+# NNI 3.0's values of quant_dtype / quant_scheme, and the NNI 2.x spelling fakequant reads.
+NNI3_VALUES = {
+    "int8": "quant_dtype 'int' with quant_bits 8", "uint8": "quant_dtype 'uint' with quant_bits 8",
+    "int4": "quant_dtype 'int' with quant_bits 4", "uint4": "quant_dtype 'uint' with quant_bits 4",
+    "int2": "quant_dtype 'int' with quant_bits 2", "uint2": "quant_dtype 'uint' with quant_bits 2",
+    "affine": "quant_scheme 'per_tensor_affine' (or 'per_channel_affine' for weights)",
+    "symmetric": "quant_scheme 'per_tensor_symmetric' (or 'per_channel_symmetric' for weights)",
+}  # fmt: skip
+
+
+def _nni3_hint(value: object) -> str:
+    return f" (NNI 3.0's {value!r} is written {NNI3_VALUES[value]})" if isinstance(value, str) and (
+        value in NNI3_VALUES) else ""
+
+
 def _validate_entry(index: int, entry: object, rules: AlgorithmRules, known_types: set[str],
                     modules: dict[str, nn.Module]) -> dict:
     """Checks one entry and returns it normalised (lists for op_types/op_names/quant_types)."""
@@ -145,6 +169,11 @@ def _validate_entry(index: int, entry: object, rules: AlgorithmRules, known_type
         raise ValueError(f"config_list[{index}]: each entry must be a dict, got {type(entry).__name__} {entry!r}")
     allowed_keys = COMMON_KEYS + rules.keys
     for key in entry:
+        if key not in allowed_keys and key in NNI3_KEYS:
+            raise ValueError(
+                f"config_list[{index}]: key {key!r} (value {entry[key]!r}) is NNI 3.0's config format, which "
+                f"fakequant does not read; write NNI 2.x's keys instead: {NNI3_KEYS[key]}"
+            )
         if key not in allowed_keys:
             raise ValueError(
                 f"config_list[{index}]: unknown key {key!r} (value {entry[key]!r}); "
@@ -230,13 +259,15 @@ def _validate_entry(index: int, entry: object, rules: AlgorithmRules, known_type
 
     def check_scheme(index, key, whole, scheme, quant_type):
         if scheme not in QUANT_SCHEMES:
-            raise _fail(index, key, whole, f"one of {list(QUANT_SCHEMES)} or a dict {{quant_type: scheme}}")
+            raise _fail(index, key, whole, f"one of {list(QUANT_SCHEMES)} or a dict {{quant_type: scheme}}"
+                                           + _nni3_hint(scheme))
         if scheme.startswith("per_channel") and quant_type != "weight":
             raise _fail(index, key, whole, f"per-tensor schemes for {quant_type!r} (per-channel is for weights)")
 
     def check_dtype(index, key, whole, dtype, quant_type):
         if dtype not in QUANT_DTYPES:
-            raise _fail(index, key, whole, f"one of {list(QUANT_DTYPES)} or a dict {{quant_type: dtype}}")
+            raise _fail(index, key, whole, f"one of {list(QUANT_DTYPES)} or a dict {{quant_type: dtype}}"
+                                           + _nni3_hint(dtype))
 
     schemes = _per_type(index, "quant_scheme", entry["quant_scheme"], quant_types, check_scheme) if (
         "quant_scheme" in entry) else {}

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fakequant.bn_fold import ConvBnQAT, find_conv_bn_pairs, fold_conv_bn, unfold_conv_bn
-from fakequant.onnx_export import OnnxQDQ, onnx_qdq_range
+from fakequant.qdq import OnnxQDQ, onnx_qdq_range
 from fakequant.qparams import PerChannel, PerTensor, QuantSpec
 from fakequant.quantizers.base import EmaRangeQuantizer, QuantizedLayer
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig
@@ -47,6 +47,19 @@ def _check_pairs_option(bn_folding: object) -> bool | list[tuple[str, str]]:
     )
 
 
+def _with_default_start_step(config_list: list[dict] | None, quant_start_step: object) -> list[dict] | None:
+    """NNI 3.0's ``QATQuantizer(..., quant_start_step=n)``: ``n`` for every entry that does not set its own."""
+    if not isinstance(quant_start_step, int) or isinstance(quant_start_step, bool) or quant_start_step < 0:
+        raise ValueError(f"QAT_Quantizer: quant_start_step={quant_start_step!r}; allowed: None or an int >= 0")
+    if config_list is None:
+        return None
+    return [
+        entry if not isinstance(entry, dict) or entry.get("exclude") or "quant_start_step" in entry
+        else {**entry, "quant_start_step": quant_start_step}
+        for entry in config_list
+    ]
+
+
 class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
     """Quantization-aware training: fake-quantized weights and activations, trained in float.
 
@@ -78,6 +91,8 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
         bn_folding: True (find the pairs), False (no folding) or an explicit list of
             ``(conv_name, bn_name)`` pairs.
         freeze_bn_step: BN statistics freeze once this many steps were taken (None: never).
+        quant_start_step: NNI 3.0's ``QATQuantizer`` argument: the ``quant_start_step`` of every entry that
+            does not give its own (None: each entry's, default 0).
 
     Example:
         >>> import torch.nn as nn
@@ -113,7 +128,10 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
         sync_ranges: bool = True,
         bn_folding: bool | Sequence[tuple[str, str]] = True,
         freeze_bn_step: int | None = None,
+        quant_start_step: int | None = None,
     ) -> None:
+        if quant_start_step is not None:
+            config_list = _with_default_start_step(config_list, quant_start_step)
         super().__init__(model, config_list, optimizer, sync_ranges=sync_ranges)
         self.bn_folding = _check_pairs_option(bn_folding)
         if freeze_bn_step is not None and (
