@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -249,18 +248,36 @@ def interleaved(rounds: int = 30) -> dict[str, list[float]]:
     return times
 
 
-if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    if "--default-malloc" in arguments:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="QAT training-step variants of a small ResNet, interleaved")
+    parser.add_argument("rounds", nargs="?", type=int, default=30, help="rounds of every variant (default 30)")
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults")
+    parser.add_argument("--json", type=Path, help="also write the table here as JSON (for bench/readme_plot.py)")
+    args = parser.parse_args(argv)
+    if args.default_malloc:
         os.environ["FAKEQUANT_BENCH_DEFAULT_MALLOC"] = "1"
-        arguments.remove("--default-malloc")
     retained = _freed_memory_retained()
-    times = interleaved(int(arguments[0]) if arguments else 30)
+    times = interleaved(args.rounds)
     print(f"extension loaded: {fakequant.extension_loaded()}  threads: {THREADS}  batch: {BATCH}  "
           f"freed memory retained: {retained}  nni: {nni_version() or 'not installed'}")
     print(f"{'variant':>15}  {'median':>9}  {'ratio of medians':>16}  {'median of paired ratios':>23}")
     fp32 = statistics.median(times["fp32"])
+    rows = []
     for variant, values in times.items():
         paired = statistics.median(t / f for t, f in zip(values, times["fp32"], strict=True))
         median = statistics.median(values)
+        rows.append({"variant": variant, "median_s": median, "ratio_of_medians": median / fp32,
+                     "median_paired_ratio": paired})  # fmt: skip
         print(f"{variant:>15}  {median * 1e3:6.2f} ms  {median / fp32:15.3f}x  {paired:22.3f}x")
+    if args.json:
+        meta = {"rounds": args.rounds, "threads": THREADS, "batch": BATCH, "nni": nni_version(),
+                "freed_memory_retained": retained, "torch": torch.__version__}  # fmt: skip
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
