@@ -4,8 +4,8 @@ The GPU check runs this under ``compute-sanitizer --tool memcheck``: a short run
 (each op, each dtype, per tensor and per channel along a leading, a middle and the last axis, contiguous,
 channels_last and sliced inputs, an empty tensor, an odd element count), so that an out-of-bounds access or a
 misaligned vector load shows up as a sanitizer error. Each result is also compared with the reference kernel on
-CPU copies of the same inputs: bit for bit, except the per-channel sums of the BN fold's backward (the order of
-a sum differs between kernels; relative 1e-5).
+CPU copies of the same inputs: bit for bit, except the per-channel sums of the BN fold's and the learnable op's
+backward (the order of a sum differs between kernels; relative 1e-5).
 
     python bench/kernel_smoke.py --device cuda --backend cuda
     compute-sanitizer --tool memcheck --error-exitcode 1 python bench/kernel_smoke.py --device cuda --backend cuda
@@ -101,6 +101,15 @@ def cases(device: str, generator: torch.Generator) -> Iterator[tuple[str, str, t
                     yield f"{label} divide={divide}", "bn_fold_fake_quant_weight", (*args, True, divide)
                     grad = on(torch.randn(base.shape, generator=generator).to(dtype))
                     yield f"{label} divide={divide}", "bn_fold_fake_quant_weight_backward", (grad, *args, divide)
+                for axis in (None, *range(x.dim())):
+                    scales, zps = qparams(None if axis is None else x.size(axis))
+                    learned = zps.float() + 0.4  # a learned zero point: rounded (and clamped) by the op
+                    for zero_point in (zps, learned):
+                        args = (x, scales, zero_point, axis, -8, 7, 0.05)
+                        tag = f"{label} axis={axis} zp={str(zero_point.dtype).removeprefix('torch.')}"
+                        yield tag, "fake_quant_learnable", args
+                        grad = on(torch.randn(base.shape, generator=generator).to(dtype))
+                        yield tag, "fake_quant_learnable_backward", (grad, *args)
                 if x.numel() == 0:
                     continue  # observe_range of an empty tensor is an error (no range to observe)
                 for axis, constant, fold, relu in ((None, 1.0, False, False), (None, 0.01, False, True),
@@ -126,14 +135,25 @@ def call(op, args: tuple) -> tuple[torch.Tensor, ...]:
     return result if isinstance(result, tuple) else (result,)
 
 
-def compare(name: str, got: tuple, want: tuple) -> str | None:
-    """None when ``got`` matches ``want``, else what differs."""
+def sum_tolerance(name: str, args: tuple) -> float:
+    """The absolute tolerance of a kernel's per-channel sums against the reference's (summed in another order):
+    1e-6 of a bound on the sum of the terms' magnitudes. A learnable term is at most ``grad_factor * |grad| *
+    (quant_max - quant_min)`` (``round(v) - v`` is at most 1/2 and the zero point lies in the range)."""
+    if name == "fake_quant_learnable_backward":
+        grad, quant_min, quant_max, grad_factor = args[0], args[5], args[6], args[7]
+        grad_sum = float(grad.float().abs().nan_to_num(0.0, 0.0, 0.0).sum())
+        return 1e-6 * grad_factor * grad_sum * max(1, quant_max - quant_min)
+    return 1e-6
+
+
+def compare(name: str, got: tuple, want: tuple, tolerance: float = 1e-6) -> str | None:
+    """None when ``got`` matches ``want``, else what differs; per-channel sums within ``tolerance``."""
     for index, (g, w) in enumerate(zip(got, want, strict=True)):
         g = g.cpu()
         if g.dtype != w.dtype or g.shape != w.shape:
             return f"output {index}: {g.dtype}{tuple(g.shape)} vs reference {w.dtype}{tuple(w.shape)}"
-        if name == "bn_fold_fake_quant_weight_backward" and index > 0:
-            if not torch.allclose(g.float(), w.float(), rtol=1e-5, atol=1e-6, equal_nan=True):
+        if name in ("bn_fold_fake_quant_weight_backward", "fake_quant_learnable_backward") and index > 0:
+            if not torch.allclose(g.float(), w.float(), rtol=1e-5, atol=tolerance, equal_nan=True):
                 return f"output {index} (a per-channel sum): {g} vs reference {w}"
             continue
         if g.dtype == torch.bool:
@@ -161,7 +181,7 @@ def main(argv=None) -> int:
             got = call(getattr(torch.ops.fakequant, name), op_args)
             cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in op_args)
             want = call(_ops.DEFAULT_KERNELS[name], cpu_args)
-            problem = compare(name, got, want)
+            problem = compare(name, got, want, sum_tolerance(name, cpu_args))
         except Exception as error:  # noqa: BLE001  (report every failing case, not only the first)
             problem = f"{type(error).__name__}: {error}"
         if problem:

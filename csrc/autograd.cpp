@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -42,6 +43,11 @@ using FakeQuantPerChannelSignature = OutAndMask(const Tensor&, const Tensor&, co
 using BinarizeSignature = OutAndMask(const Tensor&, bool, bool);
 using BnFoldSignature = OutAndMask(const Tensor&, const Tensor&, const Tensor&, double, const Tensor&,
                                    const Tensor&, int64_t, int64_t, bool, bool);
+using LearnableSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, std::optional<int64_t>, int64_t,
+                                  int64_t, double);
+using LearnableBackwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                      const Tensor&, std::optional<int64_t>,
+                                                                      int64_t, int64_t, double);
 using MaskedGradSignature = Tensor(const Tensor&, const Tensor&);
 using BnFoldBackwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                    const Tensor&, double, const Tensor&,
@@ -65,6 +71,18 @@ const c10::TypedOperatorHandle<BinarizeSignature>& binarize_op() {
 const c10::TypedOperatorHandle<BnFoldSignature>& bn_fold_op() {
   static const auto op = find_op<BnFoldSignature>("fakequant::bn_fold_fake_quant_weight");
   return op;
+}
+
+const c10::TypedOperatorHandle<LearnableSignature>& learnable_op() {
+  static const auto op = find_op<LearnableSignature>("fakequant::fake_quant_learnable");
+  return op;
+}
+
+std::tuple<Tensor, Tensor, Tensor> learnable_backward(const Tensor& grad, const Tensor& x, const Tensor& scale,
+                                                      const Tensor& zero_point, std::optional<int64_t> axis,
+                                                      int64_t quant_min, int64_t quant_max, double grad_factor) {
+  static const auto op = find_op<LearnableBackwardSignature>("fakequant::fake_quant_learnable_backward");
+  return op.call(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor);
 }
 
 Tensor masked_grad(const Tensor& grad, const Tensor& mask) {
@@ -206,6 +224,38 @@ struct BnFoldFakeQuantWeight : torch::autograd::Function<BnFoldFakeQuantWeight> 
   }
 };
 
+// LSQ: the gradient also reaches the scale and a float (learned) zero point; the backward recomputes the mask
+// from x, so the forward writes none.
+struct FakeQuantLearnable : torch::autograd::Function<FakeQuantLearnable> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                               std::optional<int64_t> axis, int64_t quant_min, int64_t quant_max,
+                               double grad_factor) {
+    Tensor out = call_below_autograd(learnable_op(), x, scale, zero_point, axis, quant_min, quant_max, grad_factor);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["axis"] = axis.has_value() ? c10::IValue(*axis) : c10::IValue();
+    ctx->saved_data["quant_min"] = quant_min;
+    ctx->saved_data["quant_max"] = quant_max;
+    ctx->saved_data["grad_factor"] = grad_factor;
+    ctx->saved_data["zero_point_learned"] = zero_point.is_floating_point();
+    // Copies of the parameters: an optimizer step may update them in place before this backward runs.
+    ctx->save_for_backward({x, scale.detach().clone(), zero_point.detach().clone()});
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return variable_list(7);
+    const variable_list saved = ctx->get_saved_variables();
+    const c10::IValue& axis = ctx->saved_data.at("axis");
+    auto [grad_x, grad_scale, grad_zero_point] = learnable_backward(
+        grad_out, saved[0], saved[1], saved[2], axis.isNone() ? std::nullopt : std::optional<int64_t>(axis.toInt()),
+        ctx->saved_data.at("quant_min").toInt(), ctx->saved_data.at("quant_max").toInt(),
+        ctx->saved_data.at("grad_factor").toDouble());
+    const bool learned = ctx->saved_data.at("zero_point_learned").toBool();
+    return {grad_x, grad_scale, learned ? grad_zero_point : Tensor(), {}, {}, {}, {}};
+  }
+};
+
 // ----------------------------------------------------------------------------------------------
 // The Autograd kernels.
 // ----------------------------------------------------------------------------------------------
@@ -245,6 +295,15 @@ OutAndMask bn_fold_fake_quant_weight_autograd(const Tensor& weight, const Tensor
                                                compute_mask, divide_by_fold));
 }
 
+Tensor fake_quant_learnable_autograd(const Tensor& x, const Tensor& scale, const Tensor& zero_point,
+                                     std::optional<int64_t> axis, int64_t quant_min, int64_t quant_max,
+                                     double grad_factor) {
+  if (!records_graph({&x, &scale, &zero_point})) {
+    return call_below_autograd(learnable_op(), x, scale, zero_point, axis, quant_min, quant_max, grad_factor);
+  }
+  return FakeQuantLearnable::apply(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fakequant, Autograd, m) {
@@ -252,6 +311,7 @@ TORCH_LIBRARY_IMPL(fakequant, Autograd, m) {
   m.impl("fake_quant_per_channel", &fake_quant_per_channel_autograd);
   m.impl("binarize", &binarize_autograd);
   m.impl("bn_fold_fake_quant_weight", &bn_fold_fake_quant_weight_autograd);
+  m.impl("fake_quant_learnable", &fake_quant_learnable_autograd);
 }
 
 }  // namespace fakequant::autograd

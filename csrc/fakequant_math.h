@@ -97,6 +97,52 @@ C10_HOST_DEVICE inline float bn_fold_divided_grad_factor(float slope_sum, float 
 }
 
 // ----------------------------------------------------------------------------------------------
+// Learned step size (LSQ): the backward of fake_quant_learnable, element by element. Each product is rounded
+// to fp32 in the order torch._fake_quantize_learnable_* use (explicitly on the GPU, where a multiply and a
+// subtraction would otherwise be contracted into an FMA).
+// ----------------------------------------------------------------------------------------------
+
+C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+C10_HOST_DEVICE inline float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// grad_x and the terms whose sums are the scale's and the zero point's gradients (reference.
+// fake_quant_learnable_backward): in range, grad, ((x_fq - x) * inv_scale) * grad * grad_factor and 0; below
+// (above) the range, 0, (grad * (quant_min - zero_point)) * grad_factor (quant_max) and ((-grad) * scale) *
+// grad_factor; a NaN level (x NaN), 0 everywhere.
+C10_HOST_DEVICE inline float learnable_grad_terms(float x, float grad, const QuantParams& p, float grad_factor,
+                                                  float& scale_term, float& zero_point_term) {
+  const float q = quantize_level(x, p);
+  if (q >= p.quant_min && q <= p.quant_max) {
+    const float x_fq = dequantize_level(q, p);
+    scale_term = mul_rn(mul_rn(mul_rn(sub_rn(x_fq, x), p.inv_scale), grad), grad_factor);
+    zero_point_term = 0.0f;
+    return grad;
+  }
+  if (q < p.quant_min || q > p.quant_max) {
+    const float bound = q < p.quant_min ? p.quant_min : p.quant_max;
+    scale_term = mul_rn(mul_rn(grad, bound - p.zero_point), grad_factor);
+    zero_point_term = mul_rn(mul_rn(-grad, p.scale), grad_factor);
+    return 0.0f;
+  }
+  scale_term = 0.0f;
+  zero_point_term = 0.0f;
+  return 0.0f;
+}
+
+// ----------------------------------------------------------------------------------------------
 // Range observation and quantization parameters (the observe_range op). NaN propagates everywhere, as
 // in torch's min/max reductions and clamps, so a NaN in an observed tensor makes its scale NaN and the
 // next fake quantization fails loudly instead of quantizing with a stale range.

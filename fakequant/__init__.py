@@ -8,9 +8,11 @@ from fakequant._backend import available_backends, extension_error, extension_lo
 from fakequant.functional import (
     binarize,
     bn_fold_fake_quant_weight,
+    fake_quant_learnable,
     fake_quant_per_channel,
     fake_quant_per_tensor,
     fold_bias,
+    lsq_grad_factor,
 )
 from fakequant.memory import retain_freed_memory
 from fakequant.qparams import PerChannel, PerTensor, QuantSpec, choose_qparams, quant_range
@@ -40,10 +42,12 @@ __all__ = [
     "choose_qparams",
     "extension_error",
     "extension_loaded",
+    "fake_quant_learnable",
     "fake_quant_per_channel",
     "fake_quant_per_tensor",
     "fold_bias",
     "get_backend",
+    "lsq_grad_factor",
     "PerChannel",
     "PerTensor",
     "QuantSpec",

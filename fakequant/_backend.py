@@ -205,12 +205,13 @@ def set_backend(name: str) -> None:
         _override_lib._destroy()
         _override_lib = None
     if name == "reference":
-        _register_override({key: _ops.DEFAULT_KERNELS for key in ("CPU", "CUDA")})
+        kernels = {op: _ops.DEFAULT_KERNELS[op] for op in _ops.KERNEL_OPS}
+        _register_override({key: kernels for key in ("CPU", "CUDA")})
     elif name == "triton":
         # On CPU tensors without the interpreter the Triton host wrappers raise an error that says so.
         _register_override({key: _triton_kernels.OPS for key in ("CPU", "CUDA")})
     elif name == "auto" and not _extension_has_cuda and importlib.util.find_spec("triton") is not None:
-        _register_override({"CUDA": {op: _auto_cuda_kernel(op) for op in _ops.OP_NAMES}})
+        _register_override({"CUDA": {op: _auto_cuda_kernel(op) for op in _ops.KERNEL_OPS}})
     _backend = name
 
 

@@ -36,6 +36,15 @@ divide_by_fold=False) -> (grad_weight, grad_gamma, grad_var)``
     gamma/var gradients sum ``grad * (mask * w - out)``, the quantization error; with a float16/bfloat16 weight
     ``out`` is the rounded half output, so those two gradients are only as exact as that rounding (a few percent
     of their size in fp16), while the weight's gradient is exact.
+``fake_quant_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor) -> out``
+    Fake quantization per tensor (``axis`` None) or per channel whose gradient also reaches ``scale`` and, when
+    it is float32 (a learned zero point, rounded and clamped in the forward), ``zero_point``: LSQ's. A
+    composite op (``COMPOSITE_OPS``): its forward is the per-tensor/per-channel op of the chosen backend, and its
+    backward, ``fake_quant_learnable_backward``, recomputes the mask from ``x`` instead of storing one.
+``fake_quant_learnable_backward(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+-> (grad_x, grad_scale, grad_zero_point)``
+    One pass over ``grad`` and ``x``: ``grad_x`` and the per-tensor/per-channel sums of LSQ's terms
+    (``reference.fake_quant_learnable_backward``), summed in a fixed order (the same bits run to run).
 ``observe_range(x, tracked_range!, scale!, zero_point!, axis, averaging_constant, quant_min, quant_max, symmetric,
 fold=None, relu=False) -> ()``
     Updates the tracked ``[min, max]`` with ``x``'s range (replaced when ``averaging_constant == 1``, else
@@ -79,12 +88,25 @@ SCHEMAS = {
         "float averaging_constant, int quant_min, int quant_max, bool symmetric, Tensor? fold=None, "
         "bool relu=False) -> ()"
     ),
+    "fake_quant_learnable": (
+        "(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, float grad_factor) "
+        "-> Tensor"
+    ),
+    "fake_quant_learnable_backward": (
+        "(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, "
+        "float grad_factor) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_zero_point)"
+    ),
 }
 
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
 
 OP_NAMES = tuple(SCHEMAS)
+# Ops whose default kernel calls other fakequant:: ops (so runs on whatever kernels serve those) and that no
+# backend overrides: fake_quant_learnable is fake_quant_per_tensor/_per_channel with the LSQ autograd.
+COMPOSITE_OPS = ("fake_quant_learnable",)
+# The ops with a kernel of their own on every backend (C++, CUDA, Triton, reference).
+KERNEL_OPS = tuple(name for name in OP_NAMES if name not in COMPOSITE_OPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +177,19 @@ def observe_range_default(
     )
 
 
+def fake_quant_learnable_default(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+    # Composite: the per-tensor / per-channel op of whichever backend is chosen, without a mask.
+    reference.check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+    zero_point = reference.learnable_zero_point(zero_point, quant_min, quant_max)
+    if axis is None:
+        return torch.ops.fakequant.fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max, False)[0]
+    return torch.ops.fakequant.fake_quant_per_channel(x, scale, zero_point, axis, quant_min, quant_max, False)[0]
+
+
+def fake_quant_learnable_backward_default(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+    return reference.fake_quant_learnable_backward(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+
+
 DEFAULT_KERNELS = {
     "fake_quant_per_tensor": fake_quant_per_tensor_default,
     "fake_quant_per_channel": fake_quant_per_channel_default,
@@ -163,6 +198,8 @@ DEFAULT_KERNELS = {
     "masked_grad": masked_grad_default,
     "bn_fold_fake_quant_weight_backward": bn_fold_fake_quant_weight_backward_default,
     "observe_range": observe_range_default,
+    "fake_quant_learnable": fake_quant_learnable_default,
+    "fake_quant_learnable_backward": fake_quant_learnable_backward_default,
 }
 
 for _name, _kernel in DEFAULT_KERNELS.items():
@@ -229,8 +266,23 @@ def _(
     )
 
 
+@torch.library.register_fake(f"{LIBRARY}::fake_quant_learnable", lib=_lib)
+def _(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+    reference.check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor, check_values=False)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake(f"{LIBRARY}::fake_quant_learnable_backward", lib=_lib)
+def _(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+    reference.check_learnable_backward_args(
+        grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor, check_values=False
+    )
+    return (torch.empty_like(x), torch.empty_like(scale, dtype=torch.float32),
+            torch.empty_like(zero_point, dtype=torch.float32))  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
-# Autograd: straight-through estimators. Scales and zero points get no gradient.
+# Autograd: straight-through estimators. Scales and zero points get no gradient, except in the learnable op.
 # csrc/autograd.cpp computes the same in C++; tests/test_autograd.py checks that both agree bit for bit.
 # ---------------------------------------------------------------------------------------------
 
@@ -305,11 +357,31 @@ def _bn_fold_backward(ctx, grad_out, _grad_mask):
     return grad_weight, grad_gamma, grad_var, None, None, None, None, None, None, None
 
 
+def _learnable_setup(ctx, inputs, output):
+    x, scale, zero_point, axis, quant_min, quant_max, grad_factor = inputs
+    ctx.set_materialize_grads(False)
+    ctx.arguments = (axis, quant_min, quant_max, grad_factor)
+    ctx.zero_point_learned = zero_point.is_floating_point()
+    # Copies of the parameters: an optimizer step may update them in place before this backward runs.
+    ctx.save_for_backward(x, scale.detach().clone(), zero_point.detach().clone())
+
+
+def _learnable_backward(ctx, grad_out):
+    if grad_out is None:
+        return None, None, None, None, None, None, None
+    x, scale, zero_point = ctx.saved_tensors
+    grad_x, grad_scale, grad_zero_point = torch.ops.fakequant.fake_quant_learnable_backward(
+        grad_out, x, scale, zero_point, *ctx.arguments
+    )
+    return grad_x, grad_scale, grad_zero_point if ctx.zero_point_learned else None, None, None, None, None
+
+
 PYTHON_AUTOGRAD = {
     "fake_quant_per_tensor": (_fake_quant_per_tensor_backward, _fake_quant_per_tensor_setup),
     "fake_quant_per_channel": (_fake_quant_per_channel_backward, _fake_quant_per_channel_setup),
     "binarize": (_binarize_backward, _binarize_setup),
     "bn_fold_fake_quant_weight": (_bn_fold_backward, _bn_fold_setup),
+    "fake_quant_learnable": (_learnable_backward, _learnable_setup),
 }
 
 

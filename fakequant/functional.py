@@ -6,6 +6,8 @@ input that requires grad); inference skips that byte per element.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fakequant import reference
@@ -16,6 +18,8 @@ __all__ = [
     "binarize",
     "bn_fold_fake_quant_weight",
     "fold_bias",
+    "fake_quant_learnable",
+    "lsq_grad_factor",
 ]
 
 
@@ -185,3 +189,60 @@ def fold_bias(
     """
     centred = -mean.float() if bias is None else bias.float() - mean.float()
     return beta.float() + centred * reference.bn_fold_factor(gamma, var, eps)
+
+
+def lsq_grad_factor(x: torch.Tensor, quant_max: int, axis: int | None = None) -> float:
+    """LSQ's gradient scale for a step size: ``1 / sqrt(n * quant_max)``, ``n`` the elements one scale covers.
+
+    Args:
+        x: the tensor the scale quantizes.
+        quant_max: the highest integer level (LSQ's ``Q_P``).
+        axis: the channel axis of a per-channel scale (each covers ``x.numel() / x.size(axis)`` elements).
+
+    Example:
+        >>> round(lsq_grad_factor(torch.zeros(64, 32), 127), 6)
+        0.001961
+    """
+    count = x.numel() // max(x.size(axis), 1) if axis is not None else x.numel()
+    return 1.0 / math.sqrt(max(count, 1) * max(quant_max, 1))
+
+
+def fake_quant_learnable(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float | None = None,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """Fake quantization with a learned step size (LSQ, Esser et al., ICLR 2020): gradients reach ``scale``.
+
+    The forward is :func:`fake_quant_per_tensor` (``axis`` None) or :func:`fake_quant_per_channel`. The backward
+    gives ``x`` the straight-through gradient, ``scale`` the sum of ``round(x / s) - x / s`` inside the range
+    and ``quant_min - zero_point`` / ``quant_max - zero_point`` outside it (times the output gradient and
+    ``grad_factor``), and a float32 ``zero_point`` (learned, rounded and clamped in the forward) the sum of
+    ``-scale`` outside the range. One fused pass each way; the sums are deterministic.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor.
+        scale: fp32, one element (per tensor) or ``x.size(axis)`` elements, finite and > 0.
+        zero_point: int32/int64 (fixed) or float32 (learned), the shape of ``scale``.
+        quant_min: lowest integer level.
+        quant_max: highest integer level.
+        grad_factor: multiplies the scale's and zero point's gradients; default :func:`lsq_grad_factor`.
+        axis: the channel axis for a per-channel scale, or None.
+
+    Returns:
+        A tensor of ``x``'s shape, dtype and layout.
+
+    Example:
+        >>> x = torch.tensor([0.04, 0.26, 2.0])
+        >>> scale = torch.tensor([0.1], requires_grad=True)
+        >>> fake_quant_learnable(x, scale, torch.tensor([0]), -8, 7, grad_factor=1.0).sum().backward()
+        >>> scale.grad
+        tensor([7.])
+    """
+    if grad_factor is None:
+        grad_factor = lsq_grad_factor(x, quant_max, axis)
+    return torch.ops.fakequant.fake_quant_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)

@@ -431,6 +431,148 @@ def bn_fold_fake_quant_weight_backward(
 
 
 # ---------------------------------------------------------------------------------------------
+# Learned ranges (LSQ): fake quantization whose backward also gives the scale's (and zero point's) gradient.
+# ---------------------------------------------------------------------------------------------
+
+LEARNABLE_ZERO_POINT_DTYPES = (torch.int32, torch.int64, torch.float32)
+
+
+def check_learnable_args(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float,
+    check_values: bool = True,
+) -> int | None:
+    """Validates the learnable ops' arguments; returns the normalized axis (None per tensor).
+
+    ``zero_point`` may be float32 (a learned zero point): it is rounded half to even and clamped to
+    ``[quant_min, quant_max]``, as ``torch._fake_quantize_learnable_*`` do; an integer one must lie in the range.
+    """
+    _check_x(x)
+    _check_range(quant_min, quant_max)
+    channels = None
+    if axis is not None:
+        axis = normalize_axis(axis, x.dim())
+        channels = x.size(axis)
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t.device != x.device:
+            raise ValueError(
+                f"fakequant: {name} is on {t.device} but x is on {x.device}; they must be on the same device"
+            )
+    if scale.dtype != torch.float32:
+        raise ValueError(f"fakequant: scale has dtype {scale.dtype}; allowed: float32")
+    if zero_point.dtype not in LEARNABLE_ZERO_POINT_DTYPES:
+        raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: int32, int64, float32")
+    _check_qparam_shapes(scale, zero_point, channels)
+    if not math.isfinite(grad_factor):
+        raise ValueError(f"fakequant: grad_factor must be finite, got {grad_factor}")
+    if check_values:  # a float zero point is clamped into the range, not checked against it
+        checked = zero_point.new_empty(0, dtype=torch.int32) if zero_point.is_floating_point() else zero_point
+        _check_qparam_values(scale, checked, quant_min, quant_max)
+    return axis
+
+
+def learnable_zero_point(zero_point: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
+    """The integer zero point the learnable ops quantize with: a float one rounded (half to even) and clamped."""
+    if zero_point.dtype == torch.float32:
+        return torch.round(zero_point).clamp(quant_min, quant_max).to(torch.int32)
+    return zero_point
+
+
+def fake_quant_learnable_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float,
+) -> torch.Tensor:
+    """The forward of the learnable op: :func:`fake_quant_per_tensor_forward` (``axis`` None) or
+    :func:`fake_quant_per_channel_forward`, no mask (the backward recomputes everything from ``x``)."""
+    axis = check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+    zero_point = learnable_zero_point(zero_point, quant_min, quant_max)
+    if axis is None:
+        return fake_quant_per_tensor_forward(x, scale, zero_point, quant_min, quant_max, False)[0]
+    return fake_quant_per_channel_forward(x, scale, zero_point, axis, quant_min, quant_max, False)[0]
+
+
+def check_learnable_backward_args(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor,
+                                  check_values: bool = True) -> int | None:  # fmt: skip
+    axis = check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor, check_values)
+    if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
+        raise ValueError(
+            f"fakequant: grad must match x (shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}); got shape "
+            f"{tuple(grad.shape)}, dtype {grad.dtype}, device {grad.device}"
+        )
+    return axis
+
+
+def fake_quant_learnable_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int | None,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_scale, grad_zero_point)`` of the learnable fake quantization (LSQ, Esser et al. 2020).
+
+    With ``v = x / scale`` (as ``x * (1 / scale)``), ``q = round(v) + zero_point`` and ``g = grad``, element by
+    element (each product rounded to fp32 in this order, as ``torch._fake_quantize_learnable_*`` compute it):
+
+    * ``q`` in range: ``grad_x = g``; scale term ``((x_fq - x) * (1 / scale)) * g * grad_factor``, which is
+      ``(round(v) - v) * g * grad_factor``; zero-point term 0;
+    * ``q < quant_min`` (``> quant_max``): ``grad_x = 0``; scale term ``(g * (quant_min - zero_point)) *
+      grad_factor`` (``quant_max``); zero-point term ``((-g) * scale) * grad_factor``;
+    * ``x`` NaN: everything 0.
+
+    The terms are summed (per tensor, or per channel along ``axis``) in float64 here; the kernels sum fp32
+    partials in a fixed order, so their sums agree with this to a relative 1e-5 of the sum of the terms'
+    magnitudes. ``grad_scale`` and ``grad_zero_point`` are float32 in the shapes of ``scale`` and ``zero_point``.
+    """
+    axis = check_learnable_backward_args(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+    ndim = x.dim()
+    zp = learnable_zero_point(zero_point, quant_min, quant_max).to(torch.float32)
+    if axis is None:
+        s, z = scale.reshape(()), zp.reshape(())
+    else:
+        s, z = _channel_view(scale, axis, ndim), _channel_view(zp, axis, ndim)
+    xf, g = x.float(), grad.float()
+    inv_scale = 1.0 / s
+    q = torch.round(xf * inv_scale) + z
+    below, above = q < quant_min, q > quant_max
+    inside = (q >= quant_min) & (q <= quant_max)
+    x_fq = (q.clamp(quant_min, quant_max) - z) * s
+    factor = torch.tensor(grad_factor, dtype=torch.float32, device=x.device)
+    zero = torch.zeros((), device=x.device)
+    scale_terms = torch.where(
+        inside,
+        ((x_fq - xf) * inv_scale) * g * factor,
+        torch.where(below, (g * (quant_min - z)) * factor, torch.where(above, (g * (quant_max - z)) * factor, zero)),
+    )
+    zero_point_terms = torch.where(below | above, (-g * s) * factor, zero)
+    grad_x = masked_grad(grad, inside)
+    if axis is None:
+        grad_scale, grad_zero_point = scale_terms.double().sum(), zero_point_terms.double().sum()
+    else:
+        dims = [d for d in range(ndim) if d != axis]
+        grad_scale = scale_terms.double().sum(dim=dims) if dims else scale_terms.double()
+        grad_zero_point = zero_point_terms.double().sum(dim=dims) if dims else zero_point_terms.double()
+    return (
+        grad_x,
+        grad_scale.float().reshape(scale.shape),
+        grad_zero_point.float().reshape(zero_point.shape),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Range observation: the activation and weight ranges behind the scales (SPEC §2).
 # ---------------------------------------------------------------------------------------------
 
@@ -621,3 +763,23 @@ def bn_fold_fake_quant_weight(weight, gamma, var, eps, scale, zero_point, quant_
         False, torch.float32,
     )
     return (_StraightThrough.apply(quantized, _masked_source(folded, mask)) / factor).to(weight.dtype)
+
+
+class _LearnableFakeQuant(torch.autograd.Function):
+    """The reference's autograd of the learnable op: :func:`fake_quant_learnable_backward`."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.arguments = (axis, quant_min, quant_max, grad_factor)
+        return fake_quant_learnable_forward(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        grad_x, grad_scale, grad_zero_point = fake_quant_learnable_backward(grad, x, scale, zero_point, *ctx.arguments)
+        return grad_x, grad_scale, grad_zero_point if zero_point.is_floating_point() else None, None, None, None, None
+
+
+def fake_quant_learnable(x, scale, zero_point, quant_min, quant_max, grad_factor, axis=None):
+    return _LearnableFakeQuant.apply(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)

@@ -23,7 +23,8 @@ import torch
 import fakequant
 from fakequant import _ops, reference
 
-OPS = _ops.OP_NAMES
+# Every op with a kernel of its own (the composite fake_quant_learnable runs the per-tensor/per-channel kernels).
+OPS = _ops.KERNEL_OPS
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

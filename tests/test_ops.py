@@ -382,6 +382,14 @@ def _op_samples():
              True),
             (x, torch.zeros(2), torch.ones(1), torch.zeros(1, dtype=torch.int32), None, 1.0, -8, 7, True, gamma),
         ],
+        "fake_quant_learnable": [
+            (x, scale_t, zp_t, None, -128, 127, 0.1),
+            (x, scale_c, zp_c.float(), 0, -128, 127, 0.05),  # a learned (float) zero point
+        ],
+        "fake_quant_learnable_backward": [
+            (x * 0.5, x, scale_t, zp_t, None, -128, 127, 0.1),
+            ((x * 0.5).transpose(0, 2), x.transpose(0, 2), scale_c, zp_c.float(), 2, -8, 7, 0.05),
+        ],
     }
 
 
@@ -394,10 +402,13 @@ def test_opcheck(backend, op_name):
         )
         # The BN fold's backward recomputes the mask instead of reading it.
         differentiable = op_name == "bn_fold_fake_quant_weight" or compute_mask and op_name not in (
-            "masked_grad", "bn_fold_fake_quant_weight_backward", "observe_range"
+            "masked_grad", "bn_fold_fake_quant_weight_backward", "observe_range", "fake_quant_learnable_backward"
         )
         if differentiable:
             args = (args[0].clone().requires_grad_(),) + args[1:]
+        if op_name == "fake_quant_learnable":  # gradients to the scale and a float zero point too
+            args = (args[0], args[1].clone().requires_grad_(), args[2].clone().requires_grad_(
+                args[2].is_floating_point()), *args[3:])  # fmt: skip
         torch.library.opcheck(op, args)
 
 

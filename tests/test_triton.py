@@ -964,7 +964,7 @@ def test_unimportable_triton_says_why(monkeypatch, auto_backend):
 
 
 def _dispatch_tables() -> dict[str, str]:
-    return {name: torch._C._dispatch_dump(f"fakequant::{name}") for name in fakequant._ops.OP_NAMES}
+    return {name: torch._C._dispatch_dump(f"fakequant::{name}") for name in fakequant._ops.KERNEL_OPS}
 
 
 def test_auto_after_triton_restores_the_previous_kernels(auto_backend):

@@ -48,6 +48,13 @@ struct KernelTable {
   // grad and grad_weight are in weight's dtype and layout; sums has params.channels entries.
   void (*bn_fold_backward)(c10::ScalarType dtype, const void* grad, const void* weight, void* grad_weight, int64_t n,
                            const ChannelParams& params, float* sums);
+  // The learnable (LSQ) fake quantization's backward: recomputes each element's level from x with `params`
+  // (runs mode), grad_x = (in range ? grad : 0), and per channel the fp32 sums of learnable_grad_terms'
+  // scale and zero-point terms over fixed chunks (deterministic). grad and grad_x are in x's dtype and layout;
+  // scale_sums and zero_point_sums have params.channels entries.
+  void (*learnable_backward)(c10::ScalarType dtype, const void* grad, const void* x, void* grad_x, int64_t n,
+                             const ChannelParams& params, float grad_factor, double* scale_sums,
+                             double* zero_point_sums);
   // lo[c] / hi[c] = min / max (fp32, NaN-propagating) over the elements of channel c, where storage offset
   // o belongs to channel (o / run) % channels (channels = 1, run = n: the whole tensor). n >= 1.
   void (*minmax)(c10::ScalarType dtype, const void* x, int64_t n, int64_t run, int64_t channels, float* lo,

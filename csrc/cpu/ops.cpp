@@ -466,6 +466,41 @@ void observe_range_cpu(const at::Tensor& x, const at::Tensor& tracked_range, con
   store_zero_points(zero_point, zero_points);
 }
 
+// ----------------------------------------------------------------------------------------------
+// Learned step size (LSQ): the backward of fake_quant_learnable (whose forward is the per-tensor / per-channel
+// op). grad_x and the fp64-combined per-channel sums of fixed fp32 chunks, recomputed from x.
+// ----------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_learnable_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+    std::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
+  const int64_t dim = checks::check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor);
+  const at::Tensor zp = checks::learnable_zero_point(zero_point, quant_min, quant_max);
+  // A learned (float) zero point is clamped into the range rather than checked against it.
+  check_qparam_values(scale, zero_point.scalar_type() == at::kFloat ? zp.new_empty({0}) : zp, quant_min, quant_max);
+  checks::check_learnable_grad(grad, x);
+  const at::Tensor xd = dense(x);
+  const at::Tensor gd = with_layout_of(grad, xd);
+  // Per tensor: a size-1 leading axis (a view), whose one channel covers the whole storage.
+  const int64_t channels = dim < 0 ? 1 : x.size(dim);
+  ChannelArrays arrays(dim < 0 ? xd.unsqueeze(0) : xd, dim < 0 ? 0 : dim, scale.reshape({-1}), zp.reshape({-1}),
+                       nullptr, quant_min, quant_max, /*allow_pattern=*/false);
+  at::Tensor grad_x = at::empty_like(xd);
+  std::vector<double> scale_sums(channels, 0.0), zp_sums(channels, 0.0);
+  if (xd.numel() > 0) {  // else every sum is 0 (a size-0 axis has no channel to sum over)
+    kernels().learnable_backward(xd.scalar_type(), gd.const_data_ptr(), xd.const_data_ptr(),
+                                 grad_x.mutable_data_ptr(), xd.numel(), arrays.params,
+                                 static_cast<float>(grad_factor), scale_sums.data(), zp_sums.data());
+  }
+  at::Tensor grad_scale = at::empty({channels}, at::kFloat);
+  at::Tensor grad_zero_point = at::empty({channels}, at::kFloat);
+  for (int64_t c = 0; c < channels; ++c) {
+    grad_scale.mutable_data_ptr<float>()[c] = static_cast<float>(scale_sums[c]);
+    grad_zero_point.mutable_data_ptr<float>()[c] = static_cast<float>(zp_sums[c]);
+  }
+  return {grad_x, grad_scale.view(scale.sizes()), grad_zero_point.view(zero_point.sizes())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fakequant, CPU, m) {
@@ -476,6 +511,7 @@ TORCH_LIBRARY_IMPL(fakequant, CPU, m) {
   m.impl("masked_grad", &masked_grad_cpu);
   m.impl("bn_fold_fake_quant_weight_backward", &bn_fold_fake_quant_weight_backward_cpu);
   m.impl("observe_range", &observe_range_cpu);
+  m.impl("fake_quant_learnable_backward", &fake_quant_learnable_backward_cpu);
 }
 
 }  // namespace fakequant::cpu

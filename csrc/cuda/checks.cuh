@@ -166,6 +166,47 @@ inline int64_t check_fake_quant_args(const at::Tensor& x, const at::Tensor& scal
   return normalized;
 }
 
+// reference.check_learnable_args without the value checks (the CPU kernel adds them); returns the normalized
+// axis (-1 for per-tensor). A float32 zero point is a learned one, rounded and clamped by the op.
+inline int64_t check_learnable_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                                    std::optional<int64_t> axis, int64_t quant_min, int64_t quant_max,
+                                    double grad_factor) {
+  check_float_input(x, "x");
+  check_quant_range(quant_min, quant_max);
+  int64_t channels = -1;
+  int64_t normalized = -1;
+  if (axis.has_value()) {
+    normalized = normalize_axis(*axis, x.dim());
+    channels = x.size(normalized);
+  }
+  check_same_device(scale, "scale", x, "x");
+  check_same_device(zero_point, "zero_point", x, "x");
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "fakequant: scale has dtype ",
+                    python_dtype(scale.scalar_type()), "; allowed: float32");
+  const at::ScalarType zp_type = zero_point.scalar_type();
+  TORCH_CHECK_VALUE(zp_type == at::kInt || zp_type == at::kLong || zp_type == at::kFloat,
+                    "fakequant: zero_point has dtype ", python_dtype(zp_type), "; allowed: int32, int64, float32");
+  check_qparam_shapes(scale, zero_point, channels);
+  TORCH_CHECK_VALUE(std::isfinite(grad_factor), "fakequant: grad_factor must be finite, got ",
+                    python_float(grad_factor));
+  return normalized;
+}
+
+// The rest of reference.check_learnable_backward_args: grad matches x.
+inline void check_learnable_grad(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.device() == x.device(),
+                    "fakequant: grad must match x (shape ", python_shape(x.sizes()), ", dtype ",
+                    python_dtype(x.scalar_type()), ", device ", x.device().str(), "); got shape ",
+                    python_shape(grad.sizes()), ", dtype ", python_dtype(grad.scalar_type()), ", device ",
+                    grad.device().str());
+}
+
+// The integer zero point the learnable op quantizes with: a float32 one rounded half to even and clamped.
+inline at::Tensor learnable_zero_point(const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max) {
+  if (zero_point.scalar_type() != at::kFloat) return zero_point;
+  return zero_point.round().clamp(quant_min, quant_max).to(at::kInt);
+}
+
 // gamma / var of a BatchNorm: same device as weight, a float dtype, 1-D with weight.size(0) elements.
 inline void check_bn_param(const at::Tensor& t, const char* name, const at::Tensor& weight) {
   check_same_device(t, name, weight, "weight");

@@ -106,6 +106,28 @@ struct BnFoldBackwardArgs {
 };
 cudaError_t launch_bn_fold_backward(const BnFoldBackwardArgs& args);
 
+// fake_quant_learnable_backward (LSQ): `splits` blocks per channel (grid-stride over the channels * splits
+// tasks), each over `per_split` of the channel's elements at storage offsets (o * channels + c) * inner + i (as
+// in BnFoldBackwardArgs), writing grad_x and one partial sum of the scale terms and of the zero-point terms of
+// learnable_grad_terms to partial_scale / partial_zero_point[c * splits + s]; the host adds the partials.
+// zero_point holds the integer zero point the forward quantized with (a learned one already rounded).
+struct LearnableBackwardArgs {
+  const void* grad;
+  const void* x;
+  void* grad_x;
+  FloatType type;
+  AxisLayout layout;
+  int64_t per_channel;
+  int64_t splits;
+  int64_t per_split;
+  Vector1d scale, zero_point;
+  float quant_min, quant_max, grad_factor;
+  float* partial_scale;
+  float* partial_zero_point;
+  cudaStream_t stream;
+};
+cudaError_t launch_learnable_backward(const LearnableBackwardArgs& args);
+
 // observe_range over the storage of a dense x: per-channel min/max partials (layout.channels = 1 with
 // layout.inner = numel for the whole tensor; `splits` blocks per channel), then `entries` outputs (one per
 // channel, or one over all channels when a folded weight's range is per tensor) written to the tracked

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -254,6 +255,56 @@ std::tuple<Tensor, Tensor, Tensor> bn_fold_fake_quant_weight_backward_cuda(
   return {grad_weight, grad_gamma, grad_var};
 }
 
+// Elements per block-task of the learnable backward's reduction: a channel of n elements is split into
+// ceil(n / kLearnableSplit) blocks, each writing one partial sum. Not tuned on a GPU (none here): 64 elements
+// per thread of 256, and one partial per 64 KiB of fp32 input.
+constexpr int64_t kLearnableSplit = int64_t{1} << 14;
+
+std::tuple<Tensor, Tensor, Tensor> fake_quant_learnable_backward_cuda(const Tensor& grad, const Tensor& x,
+                                                                      const Tensor& scale, const Tensor& zero_point,
+                                                                      std::optional<int64_t> axis, int64_t quant_min,
+                                                                      int64_t quant_max, double grad_factor) {
+  const int64_t dim = checks::check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor);
+  checks::check_learnable_grad(grad, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor zp = checks::learnable_zero_point(zero_point, quant_min, quant_max);
+  const Tensor dense_x = dense_input(x);
+  const Tensor dense_grad = with_layout_of(grad, dense_x);
+  Tensor grad_x = at::empty_like(dense_x);
+  const int64_t channels = dim < 0 ? 1 : x.size(dim);
+  const auto float_options = x.options().dtype(at::kFloat);
+  if (x.numel() == 0) {
+    return {grad_x, at::zeros(scale.sizes(), float_options), at::zeros(zero_point.sizes(), float_options)};
+  }
+  const int64_t per_channel = x.numel() / channels;
+  AxisLayout layout = dim < 0 ? AxisLayout{1, 1} : axis_layout(dense_x, dim);
+  // One channel: its reduction runs over all the storage, offsets k = 0 .. per_channel - 1.
+  if (layout.channels == 1) layout = AxisLayout{per_channel, 1};
+  const int64_t splits = std::max<int64_t>(1, (per_channel + kLearnableSplit - 1) / kLearnableSplit);
+  const int64_t per_split = (per_channel + splits - 1) / splits;
+  Tensor partial = at::empty({2, channels * splits}, float_options);
+  const LearnableBackwardArgs args{dense_grad.const_data_ptr(),
+                                   dense_x.const_data_ptr(),
+                                   grad_x.data_ptr(),
+                                   float_type(dense_x),
+                                   layout,
+                                   per_channel,
+                                   splits,
+                                   per_split,
+                                   vector1d(scale.reshape({-1})),
+                                   vector1d(zp.reshape({-1})),
+                                   static_cast<float>(quant_min),
+                                   static_cast<float>(quant_max),
+                                   static_cast<float>(grad_factor),
+                                   partial.data_ptr<float>(),
+                                   partial.data_ptr<float>() + channels * splits,
+                                   c10::cuda::getCurrentCUDAStream()};
+  C10_CUDA_CHECK(launch_learnable_backward(args));
+  // Each channel's partials, added in float64 in a fixed order (at::sum on a fixed shape is deterministic).
+  const Tensor sums = partial.to(at::kDouble).view({2, channels, splits}).sum(2).to(at::kFloat);
+  return {grad_x, sums[0].clone().view(scale.sizes()), sums[1].clone().view(zero_point.sizes())};
+}
+
 // Row `row` of the tracked range, (2,) or (2, C), as a strided vector.
 Vector1d range_row(const Tensor& tracked_range, int64_t row) {
   return vector1d(tracked_range.dim() == 1 ? tracked_range[row] : tracked_range.select(0, row));
@@ -308,4 +359,5 @@ TORCH_LIBRARY_IMPL(fakequant, CUDA, m) {
   m.impl("masked_grad", &fakequant::cuda::masked_grad_cuda);
   m.impl("bn_fold_fake_quant_weight_backward", &fakequant::cuda::bn_fold_fake_quant_weight_backward_cuda);
   m.impl("observe_range", &fakequant::cuda::observe_range_cuda);
+  m.impl("fake_quant_learnable_backward", &fakequant::cuda::fake_quant_learnable_backward_cuda);
 }
