@@ -1147,7 +1147,10 @@ def fake_quant_learnable_backward(
     if xd.numel() > 0:
         run, channels = (xd.numel(), 1) if axis is None else _channel_geometry(xd, axis)
         rows = xd.numel() // run
-        chunks = triton.cdiv(run, BLOCK_SIZE * LEARNABLE_STEPS)
+        # Short rows (a channel axis that is innermost in memory) get a block and step count to their length.
+        block = max(16, min(BLOCK_SIZE, triton.next_power_of_2(run)))
+        steps = min(LEARNABLE_STEPS, triton.cdiv(run, block))
+        chunks = triton.cdiv(run, block * steps)
         partial_scale = torch.empty(rows * chunks, dtype=torch.float32, device=x.device)
         partial_zero_point = torch.empty_like(partial_scale)
         zero_point_f = reference.learnable_zero_point(zero_point, quant_min, quant_max).to(torch.float32)
@@ -1155,7 +1158,7 @@ def fake_quant_learnable_backward(
             wrap_triton(_fake_quant_learnable_backward_kernel)[(rows * chunks,)](
                 _dense_like(grad, xd), xd, grad_x, scale.reshape(-1).contiguous(),
                 zero_point_f.reshape(-1).contiguous(), partial_scale, partial_zero_point, run, channels, chunks,
-                quant_min, quant_max, grad_factor, BLOCK=BLOCK_SIZE, STEPS=LEARNABLE_STEPS, num_warps=NUM_WARPS,
+                quant_min, quant_max, grad_factor, BLOCK=block, STEPS=steps, num_warps=NUM_WARPS,
             )  # fmt: skip
         # Row r is channel r % channels: sum over the rows of each channel and their chunks, in a fixed order.
         grad_scale = partial_scale.double().view(-1, channels, chunks).sum(dim=(0, 2)).float()
