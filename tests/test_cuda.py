@@ -639,6 +639,7 @@ def _sample_inputs(dtype=torch.float32):
         "masked_grad": (x, mask),
         "bn_fold_fake_quant_weight_backward": (x, x, gamma, var, 1e-5, bn_scales, bn_zps, -128, 127, False),
         "observe_range": (x, torch.randn(2, 3, device="cuda"), scales.clone(), zps.clone(), 1, 0.01, -128, 127, True),
+        "fake_quant_learnable_backward": (x * 0.5, x, scales, zps.float(), 1, -128, 127, 0.01),
     }
 
 
@@ -783,6 +784,56 @@ def test_more_than_2_31_elements(auto_backend):
     assert_bitwise_equal(mask[-4096:], expected[1])
 
 
+# --------------------------- Learned step size (LSQ) ----------------------------------------
+
+LEARNABLE_BAD = {
+    "axis out of range": (_f32(4, 3), _f32(4, 3), _SCALE.reshape(1), _ZP.reshape(1), 5, -8, 7, 1.0),
+    "zero_point float64": (_f32(4, 3), _f32(4, 3), _SCALE.reshape(1), torch.zeros(1, dtype=torch.float64), None, -8,
+                           7, 1.0),
+    "grad_factor inf": (_f32(4, 3), _f32(4, 3), _SCALE.reshape(1), _ZP.reshape(1), None, -8, 7, float("inf")),
+    "three scales on axis 0": (_f32(4, 3), _f32(4, 3), torch.ones(3), torch.zeros(3, dtype=torch.int32), 0, -8, 7,
+                               1.0),
+    "grad shape": (_f32(3, 4), _f32(4, 3), _SCALE.reshape(1), _ZP.reshape(1), None, -8, 7, 1.0),
+    "grad dtype": (torch.zeros(4, 3, dtype=torch.float16), _f32(4, 3), _SCALE.reshape(1), _ZP.reshape(1), None, -8, 7,
+                   1.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LEARNABLE_BAD)
+def test_learnable_backward_errors_match_reference(case, auto_backend):
+    require_cuda_build()
+    args = LEARNABLE_BAD[case]
+    assert _cuda_kernel_error("fake_quant_learnable_backward", *args) == _reference_error(
+        reference.fake_quant_learnable_backward, *args
+    )
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape, axis", [((1000003,), None), ((64, 3, 7, 5), 0), ((8, 16, 9, 9), 1),
+                                         ((5, 7, 300), 2), ((0,), None), ((3, 0, 2), 1)])  # fmt: skip
+@pytest.mark.parametrize("learned", [False, True])
+def test_learnable_backward_matches_reference(dtype, shape, axis, learned, auto_backend):
+    generator = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=generator) * 3).to(dtype)
+    channels = 1 if axis is None else shape[axis]
+    scale = torch.rand(channels, generator=generator) * 0.05 + 0.01
+    zero_point = torch.randint(-10, 10, (channels,), generator=generator, dtype=torch.int32)
+    zero_point = zero_point.float() + 0.3 if learned else zero_point
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    args = (grad, x, scale, zero_point, axis, -128, 127, 0.01)
+    want = reference.fake_quant_learnable_backward(*args)
+    got = torch.ops.fakequant.fake_quant_learnable_backward(*(_to_cuda(a) for a in args))
+    assert_bitwise_equal(got[0].cpu(), want[0])
+    bound = 0.01 * float(grad.float().abs().sum()) * 255
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert g.shape == w.shape and g.dtype == torch.float32
+        assert float((g.cpu() - w).abs().max()) <= 1e-6 * bound + 1e-12 if w.numel() else True
+    again = torch.ops.fakequant.fake_quant_learnable_backward(*(_to_cuda(a) for a in args))
+    for first, second in zip(got, again, strict=True):
+        assert_bitwise_equal(first, second)  # deterministic sums
+
+
 # --------------------------- CUDA vs Triton -------------------------------------------------
 
 
@@ -807,8 +858,11 @@ def test_cuda_matches_triton(name, dtype, auto_backend):
     got = _call(op, inputs)
     _select("triton")
     want = _call(op, inputs)
-    for g, w in zip(got, want, strict=True):
-        if name == "bn_fold_fake_quant_weight_backward" and g.dim() == 1 and g.shape[0] == 4:
+    for index, (g, w) in enumerate(zip(got, want, strict=True)):
+        per_channel_sums = (name == "bn_fold_fake_quant_weight_backward" and g.dim() == 1 and g.shape[0] == 4) or (
+            name == "fake_quant_learnable_backward" and index > 0
+        )
+        if per_channel_sums:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)  # per-channel sums in another order
         else:
             assert_bitwise_equal(g, w)
