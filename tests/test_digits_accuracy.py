@@ -10,6 +10,7 @@ FP32        98.89 / 98.89 / 98.44  (the reference)
 QAT 8-bit   98.89 / 98.89 / 98.44  FP32 - 1 point
 DoReFa w4a4 97.78 / 97.78 / -      FP32 - 4 points
 BNN         93.33 / 94.22 / 90.67  85 %
+LSQ w4a8    99.11 (seed 0, 2026-12-06)  FP32 - 1 point
 ==========  =====================  =====================
 
 The test runs seed 0 only (about 25 s on the busy machine).
@@ -71,6 +72,12 @@ def train_and_test(kind: str, digits) -> float:
             {"q_bits": 4, "op_types": "default"},
             {"quant_types": ["output"], "quant_bits": 4, "op_types": ["ReLU6"]},
         ], optimizer).compress()
+    elif kind == "lsq":
+        # 4-bit per-channel weights and 8-bit inputs with learned step sizes (and learned input zero points)
+        fakequant.LsqQuantizer(model, [{
+            "quant_types": ["weight", "input"], "quant_bits": {"weight": 4, "input": 8}, "op_types": "default",
+            "quant_scheme": {"weight": "per_channel_symmetric", "input": "per_tensor_affine"},
+        }], optimizer, dummy_input=x_train[:BATCH]).compress()
     elif kind == "bnn":
         # as in the BNN paper: the first and last layers keep float weights
         weighted = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][1:-1]
@@ -113,8 +120,11 @@ def test_quantized_training_accuracy_on_digits(digits, one_thread):
     qat = train_and_test("qat", digits)
     dorefa = train_and_test("dorefa", digits)
     bnn = train_and_test("bnn", digits)
-    print(f"digits test accuracy: fp32 {fp32:.2f}  qat8 {qat:.2f}  dorefa w4a4 {dorefa:.2f}  bnn {bnn:.2f}")
+    lsq = train_and_test("lsq", digits)
+    print(f"digits test accuracy: fp32 {fp32:.2f}  qat8 {qat:.2f}  dorefa w4a4 {dorefa:.2f}  bnn {bnn:.2f}  "
+          f"lsq w4a8 {lsq:.2f}")
     assert fp32 > 95.0
     assert abs(qat - fp32) <= 1.0
     assert dorefa >= fp32 - DOREFA_MAX_DROP
     assert bnn >= BNN_FLOOR
+    assert lsq >= fp32 - 1.0  # measured 99.11 against FP32's 98.89

@@ -1,14 +1,16 @@
-"""NNI-style quantizers on the fakequant ops: Naive, QAT, DoReFa and BNN (SPEC §3)."""
+"""NNI-style quantizers on the fakequant ops: Naive, QAT, DoReFa, BNN (SPEC §3) and LSQ."""
 
 from fakequant.quantizers.base import QuantizedLayer, Quantizer
 from fakequant.quantizers.bnn import BNNQuantizer
 from fakequant.quantizers.dorefa import DoReFaQuantizer
+from fakequant.quantizers.lsq import LsqQuantizer
 from fakequant.quantizers.naive import NaiveQuantizer
 from fakequant.quantizers.qat import QAT_Quantizer, QATQuantizer
 
 __all__ = [
     "BNNQuantizer",
     "DoReFaQuantizer",
+    "LsqQuantizer",
     "NaiveQuantizer",
     "QAT_Quantizer",
     "QATQuantizer",

@@ -82,6 +82,7 @@ class QuantizedLayer:
         self._relu_output: torch.Tensor | None = None  # from the ReLU pre-hook to the output hook
         self._own_hook_ids: set[int] = set()
         self._buffer_names: list[str] = []
+        self._parameter_names: list[str] = []
 
     # -- state ------------------------------------------------------------------------------------
     def add_buffer(self, name: str, value: torch.Tensor, persistent: bool = True) -> None:
@@ -91,6 +92,20 @@ class QuantizedLayer:
             raise ValueError(f"module {self.name!r} already has an attribute {full!r}; was it quantized twice?")
         self.module.register_buffer(full, value.to(self.quantizer.device), persistent=persistent)
         self._buffer_names.append(full)
+
+    def add_parameter(self, name: str, value: torch.Tensor) -> nn.Parameter:
+        """Registers ``fakequant_<name>`` as an ``nn.Parameter`` of the module (a learned scale or zero point):
+        in ``model.parameters()`` and the state_dict, removed again by :meth:`detach`."""
+        full = BUFFER_PREFIX + name
+        if hasattr(self.module, full):
+            raise ValueError(f"module {self.name!r} already has an attribute {full!r}; was it quantized twice?")
+        parameter = nn.Parameter(value.to(self.quantizer.device))
+        self.module.register_parameter(full, parameter)
+        self._parameter_names.append(full)
+        return parameter
+
+    def parameter(self, name: str) -> nn.Parameter:
+        return self.module._parameters[BUFFER_PREFIX + name]
 
     def buffer(self, name: str) -> torch.Tensor:
         return self.module._buffers[BUFFER_PREFIX + name]
@@ -134,6 +149,9 @@ class QuantizedLayer:
         for name in self._buffer_names:
             del self.module._buffers[name]
         self._buffer_names.clear()
+        for name in self._parameter_names:
+            del self.module._parameters[name]
+        self._parameter_names.clear()
 
     def _input_hook(self, module: nn.Module, args: tuple):
         if not args or not isinstance(args[0], torch.Tensor):
