@@ -5,6 +5,7 @@ from fakequant import (
     _ops,  # noqa: F401  (defines the fakequant:: op schemas before _C registers kernels)
 )
 from fakequant._backend import available_backends, extension_error, extension_loaded, get_backend, set_backend
+from fakequant.calibration import calibrate
 from fakequant.functional import (
     binarize,
     bn_fold_fake_quant_weight,
@@ -41,6 +42,7 @@ __all__ = [
     "Quantizer",
     "binarize",
     "bn_fold_fake_quant_weight",
+    "calibrate",
     "choose_qparams",
     "extension_error",
     "extension_loaded",
