@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python bench/kernel_smoke.py` puts bench/ first
 
 import fakequant  # noqa: E402
-from fakequant import _ops  # noqa: E402
+from fakequant import _ops, reference  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # 4x3x5x7: an odd element count (420) with every dimension > 1; 1000003 (prime) covers a vector tail and
@@ -110,6 +110,13 @@ def cases(device: str, generator: torch.Generator) -> Iterator[tuple[str, str, t
                         yield tag, "fake_quant_learnable", args
                         grad = on(torch.randn(base.shape, generator=generator).to(dtype))
                         yield tag, "fake_quant_learnable_backward", (grad, *args)
+                if layout == "contiguous" and x.dim() >= 2 and x.size(1) > 0 and x.size(1) % 3 == 0:
+                    # per group of 3 input channels: the [out, in, 1, 1] view of a 1x1 conv weight
+                    weight = x.reshape(x.size(0), x.size(1), 1, -1)[..., :1].contiguous()
+                    group_scales, group_zps = qparams(x.size(0) * x.size(1) // 3)
+                    shape = (x.size(0), x.size(1) // 3)
+                    yield label, "fake_quant_per_group", (weight, group_scales.reshape(shape), group_zps.reshape(shape),
+                                                          3, -8, 7, True)  # fmt: skip
                 if x.numel() == 0:
                     continue  # observe_range of an empty tensor is an error (no range to observe)
                 for axis, constant, fold, relu in ((None, 1.0, False, False), (None, 0.01, False, True),
@@ -123,6 +130,11 @@ def cases(device: str, generator: torch.Generator) -> Iterator[tuple[str, str, t
                     folds = on(torch.rand(x.size(0), generator=generator) + 0.5) if fold else None
                     args = (finite, tracked, scale_out, zp_out, axis, constant, -128, 127, True, folds, relu)
                     yield f"{label} axis={axis} c={constant} fold={fold} relu={relu}", "observe_range", args
+
+
+# The reference of every op; fake_quant_per_group has no default kernel of its own (it decomposes into
+# fake_quant_per_channel), so its reference composition is named here.
+REFERENCE = {**_ops.DEFAULT_KERNELS, "fake_quant_per_group": reference.fake_quant_per_group_forward}
 
 
 def call(op, args: tuple) -> tuple[torch.Tensor, ...]:
@@ -180,7 +192,7 @@ def main(argv=None) -> int:
         try:
             got = call(getattr(torch.ops.fakequant, name), op_args)
             cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in op_args)
-            want = call(_ops.DEFAULT_KERNELS[name], cpu_args)
+            want = call(REFERENCE[name], cpu_args)
             problem = compare(name, got, want, sum_tolerance(name, cpu_args))
         except Exception as error:  # noqa: BLE001  (report every failing case, not only the first)
             problem = f"{type(error).__name__}: {error}"

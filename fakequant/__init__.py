@@ -11,12 +11,13 @@ from fakequant.functional import (
     bn_fold_fake_quant_weight,
     fake_quant_learnable,
     fake_quant_per_channel,
+    fake_quant_per_group,
     fake_quant_per_tensor,
     fold_bias,
     lsq_grad_factor,
 )
 from fakequant.memory import retain_freed_memory
-from fakequant.qparams import PerChannel, PerTensor, QuantSpec, choose_qparams, quant_range
+from fakequant.qparams import PerChannel, PerGroup, PerTensor, QuantSpec, choose_qparams, quant_range
 from fakequant.quantizers import (
     BNNQuantizer,
     DoReFaQuantizer,
@@ -48,11 +49,13 @@ __all__ = [
     "extension_loaded",
     "fake_quant_learnable",
     "fake_quant_per_channel",
+    "fake_quant_per_group",
     "fake_quant_per_tensor",
     "fold_bias",
     "get_backend",
     "lsq_grad_factor",
     "PerChannel",
+    "PerGroup",
     "PerTensor",
     "QuantSpec",
     "quant_range",

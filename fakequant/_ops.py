@@ -88,6 +88,10 @@ SCHEMAS = {
         "float averaging_constant, int quant_min, int quant_max, bool symmetric, Tensor? fold=None, "
         "bool relu=False) -> ()"
     ),
+    "fake_quant_per_group": (
+        "(Tensor x, Tensor scale, Tensor zero_point, int group_size, int quant_min, int quant_max, "
+        "bool compute_mask=True) -> (Tensor out, Tensor mask)"
+    ),
     "fake_quant_learnable": (
         "(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, float grad_factor) "
         "-> Tensor"
@@ -104,7 +108,9 @@ for _name, _schema in SCHEMAS.items():
 OP_NAMES = tuple(SCHEMAS)
 # Ops whose default kernel calls other fakequant:: ops (so runs on whatever kernels serve those) and that no
 # backend overrides: fake_quant_learnable is fake_quant_per_tensor/_per_channel with the LSQ autograd.
-COMPOSITE_OPS = ("fake_quant_learnable",)
+# fake_quant_per_group is fake_quant_per_channel of the [out * in / group_size, group_size] view (a
+# CompositeImplicitAutograd kernel: autograd and compile see the per-channel op).
+COMPOSITE_OPS = ("fake_quant_learnable", "fake_quant_per_group")
 # The ops with a kernel of their own on every backend (C++, CUDA, Triton, reference).
 KERNEL_OPS = tuple(name for name in OP_NAMES if name not in COMPOSITE_OPS)
 
@@ -186,6 +192,15 @@ def fake_quant_learnable_default(x, scale, zero_point, axis, quant_min, quant_ma
     return torch.ops.fakequant.fake_quant_per_channel(x, scale, zero_point, axis, quant_min, quant_max, False)[0]
 
 
+def fake_quant_per_group_implicit(x, scale, zero_point, group_size, quant_min, quant_max, compute_mask=True):
+    reference.check_per_group_args(x, scale, zero_point, group_size)
+    out, mask = torch.ops.fakequant.fake_quant_per_channel(
+        reference.per_group_view(x, group_size), scale.reshape(-1), zero_point.reshape(-1), 0, quant_min, quant_max,
+        compute_mask,
+    )
+    return out.reshape(x.shape), mask.reshape(x.shape) if compute_mask else mask
+
+
 def fake_quant_learnable_backward_default(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
     return reference.fake_quant_learnable_backward(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
@@ -204,6 +219,9 @@ DEFAULT_KERNELS = {
 
 for _name, _kernel in DEFAULT_KERNELS.items():
     torch.library.impl(f"{LIBRARY}::{_name}", "default", lib=_lib)(_kernel)
+torch.library.impl(f"{LIBRARY}::fake_quant_per_group", "CompositeImplicitAutograd", lib=_lib)(
+    fake_quant_per_group_implicit
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ __all__ = [
     "bn_fold_fake_quant_weight",
     "fold_bias",
     "fake_quant_learnable",
+    "fake_quant_per_group",
     "lsq_grad_factor",
 ]
 
@@ -246,3 +247,36 @@ def fake_quant_learnable(
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x, quant_max, axis)
     return torch.ops.fakequant.fake_quant_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+
+
+def fake_quant_per_group(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    group_size: int,
+    quant_min: int,
+    quant_max: int,
+) -> torch.Tensor:
+    """Fake-quantizes a Linear or 1x1 Conv weight per group of ``group_size`` input channels.
+
+    Each output channel's ``in`` input channels are split into ``in / group_size`` groups of consecutive
+    channels, each with its own scale and zero point (``scale[o, g]``): the per-channel op on the
+    ``[out * in / group_size, group_size]`` view, one fused pass, with the straight-through gradient.
+
+    Args:
+        x: a ``[out, in]`` or ``[out, in, 1, 1]`` weight.
+        scale: fp32, shape ``[out, in / group_size]``, finite and > 0.
+        zero_point: int32/int64, the shape of ``scale``.
+        group_size: input channels per group; must divide ``in``.
+        quant_min: lowest integer level.
+        quant_max: highest integer level.
+
+    Example:
+        >>> w = torch.tensor([[0.1, 0.2, 1.0, 2.0]])
+        >>> fake_quant_per_group(w, torch.tensor([[0.1, 1.0]]), torch.zeros(1, 2, dtype=torch.int32), 2, -8, 7)
+        tensor([[0.1000, 0.2000, 1.0000, 2.0000]])
+    """
+    out, _ = torch.ops.fakequant.fake_quant_per_group(
+        x, scale, zero_point, group_size, quant_min, quant_max, _needs_grad(x)
+    )
+    return out

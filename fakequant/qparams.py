@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PerTensor", "PerChannel", "Granularity", "QuantSpec", "quant_range", "choose_qparams"]
+__all__ = ["PerTensor", "PerChannel", "PerGroup", "Granularity", "QuantSpec", "quant_range", "choose_qparams"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,28 @@ class PerChannel:
             raise ValueError(f"PerChannel: axis must be an int, got {self.axis!r}")
 
 
-Granularity = PerTensor | PerChannel
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale and zero point per group of ``group_size`` consecutive input channels of each output channel:
+    weights of Linear (``[out, in]``) and 1x1 Conv (``[out, in, 1, 1]``) layers, scales shaped
+    ``[out, in / group_size]`` (the LLM practice of 32 to 256).
+
+    Args:
+        group_size: input channels per group; must divide the layer's input channels.
+
+    Example:
+        >>> PerGroup(32)
+        PerGroup(group_size=32)
+    """
+
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+            raise ValueError(f"PerGroup: group_size must be an int >= 1, got {self.group_size!r}")
+
+
+Granularity = PerTensor | PerChannel | PerGroup
 
 
 def quant_range(bits: int, signed: bool = True, narrow_range: bool = False) -> tuple[int, int]:
@@ -131,7 +152,7 @@ class QuantSpec:
         signed: signed ``[-2^(b-1), 2^(b-1) - 1]`` or unsigned ``[0, 2^b - 1]`` levels.
         symmetric: symmetric (zero point fixed) or affine (zero point from the range).
         narrow_range: drop the most negative signed level.
-        granularity: :class:`PerTensor` or :class:`PerChannel`.
+        granularity: :class:`PerTensor`, :class:`PerChannel` or :class:`PerGroup` (weights only).
 
     Example:
         >>> spec = QuantSpec(bits=8, granularity=PerChannel(0))
@@ -143,14 +164,15 @@ class QuantSpec:
     signed: bool = True
     symmetric: bool = True
     narrow_range: bool = False
-    granularity: PerTensor | PerChannel = PerTensor()
+    granularity: PerTensor | PerChannel | PerGroup = PerTensor()
 
     def __post_init__(self) -> None:
         # Validates bits and the flags; kept because the quantizers read both ends on every forward.
         object.__setattr__(self, "_levels", quant_range(self.bits, self.signed, self.narrow_range))
-        if not isinstance(self.granularity, (PerTensor, PerChannel)):
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
             raise ValueError(
-                f"QuantSpec: granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}"
+                f"QuantSpec: granularity must be PerTensor(), PerChannel(axis) or PerGroup(group_size), got "
+                f"{self.granularity!r}"
             )
 
     @property

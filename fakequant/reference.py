@@ -431,6 +431,47 @@ def bn_fold_fake_quant_weight_backward(
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-group weights: per-channel fake quantization of the [out * in / group_size, group_size] view.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_per_group_args(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int) -> int:
+    """Checks the per-group layout; returns the number of groups per output channel."""
+    _check_x(x)
+    if x.dim() < 2 or math.prod(x.shape[2:]) != 1:
+        raise ValueError(
+            f"fakequant: per-group fake quantization takes a Linear [out, in] or 1x1 Conv [out, in, 1, 1] weight, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if not isinstance(group_size, int) or group_size < 1 or x.size(1) % group_size != 0:
+        raise ValueError(
+            f"fakequant: group_size {group_size} does not divide the {x.size(1)} input channels of the weight; "
+            "allowed: a divisor of the input channels (e.g. 32, 64, 128)"
+        )
+    groups = x.size(1) // group_size
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if tuple(t.shape) != (x.size(0), groups):
+            raise ValueError(
+                f"fakequant: per-group {name} must have shape {(x.size(0), groups)} (out, in / group_size), got "
+                f"{tuple(t.shape)}"
+            )
+    return groups
+
+
+def per_group_view(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` as ``[out * in / group_size, group_size]``: each row one group (a view of a contiguous weight)."""
+    return x.reshape(-1, group_size)
+
+
+def fake_quant_per_group_forward(x, scale, zero_point, group_size, quant_min, quant_max, compute_mask=True):
+    check_per_group_args(x, scale, zero_point, group_size)
+    out, mask = fake_quant_per_channel_forward(
+        per_group_view(x, group_size), scale.reshape(-1), zero_point.reshape(-1), 0, quant_min, quant_max, compute_mask
+    )
+    return out.reshape(x.shape), mask.reshape(x.shape) if compute_mask else mask
+
+
+# ---------------------------------------------------------------------------------------------
 # Learned ranges (LSQ): fake quantization whose backward also gives the scale's (and zero point's) gradient.
 # ---------------------------------------------------------------------------------------------
 

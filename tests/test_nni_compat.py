@@ -244,7 +244,8 @@ def test_nni3_compress_with_training_arguments_is_explained():
 
 @pytest.mark.parametrize("entry, hint", [
     ({"op_types": ["Conv2d"], "target_names": ["weight"]}, r"NNI 3.0's config format.*quant_types"),
-    ({"op_types": ["Conv2d"], "quant_types": ["weight"], "granularity": "out_channel"}, r"per_channel_affine"),
+    ({"op_types": ["Conv2d"], "quant_types": ["weight"], "granularity": "out_channel"},
+     r"NNI 3.0's 'out_channel' is written granularity 'per_channel'"),
     ({"op_types": ["Conv2d"], "quant_types": ["weight"], "quant_dtype": "int8"},
      r"NNI 3.0's 'int8' is written quant_dtype 'int' with quant_bits 8"),
     ({"op_types": ["Conv2d"], "quant_types": ["weight"], "quant_scheme": "symmetric"},

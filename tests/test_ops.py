@@ -382,6 +382,12 @@ def _op_samples():
              True),
             (x, torch.zeros(2), torch.ones(1), torch.zeros(1, dtype=torch.int32), None, 1.0, -8, 7, True, gamma),
         ],
+        "fake_quant_per_group": [
+            (torch.randn(6, 8, generator=g), torch.rand(6, 2, generator=g) + 0.05, torch.zeros(6, 2, dtype=torch.int32),
+             4, -8, 7),
+            (torch.randn(6, 8, 1, 1, generator=g), torch.rand(6, 4, generator=g) + 0.05,
+             torch.randint(-2, 3, (6, 4), generator=g, dtype=torch.int32), 2, -8, 7, False),
+        ],
         "fake_quant_learnable": [
             (x, scale_t, zp_t, None, -128, 127, 0.1),
             (x, scale_c, zp_c.float(), 0, -128, 127, 0.05),  # a learned (float) zero point

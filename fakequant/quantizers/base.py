@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from fakequant import functional
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import PerChannel, QuantSpec, choose_qparams
+from fakequant.qparams import PerChannel, PerGroup, QuantSpec, choose_qparams
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig, resolve_config_list
 
 __all__ = ["Quantizer", "QuantizedLayer", "WeightFakeQuant", "BUFFER_PREFIX", "STEP_BUFFER"]
@@ -400,10 +400,23 @@ class Quantizer:
         granularity = layer.config.specs["weight"].granularity
         return granularity.axis if isinstance(granularity, PerChannel) else None
 
+    @staticmethod
+    def _weight_group_size(layer: QuantizedLayer) -> int | None:
+        granularity = layer.config.specs["weight"].granularity
+        return granularity.group_size if isinstance(granularity, PerGroup) else None
+
     def _add_weight_state(self, layer: QuantizedLayer) -> None:
         """Scale and zero point of a weight whose range is taken from the current weight on every forward."""
         axis = self._weight_axis(layer)
-        channels = None if axis is None else layer.module.weight.shape[axis]
+        group_size = self._weight_group_size(layer)
+        weight_shape = layer.module.weight.shape
+        if group_size is not None:  # [out, in / group_size] scales; the range op sees the flat view of the groups
+            shape = (weight_shape[0], weight_shape[1] // group_size)
+            layer.add_buffer("weight_scale", torch.ones(shape, dtype=torch.float32))
+            layer.add_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.int32))
+            layer.add_buffer("weight_range", torch.zeros((2, shape[0] * shape[1])), persistent=False)
+            return
+        channels = None if axis is None else weight_shape[axis]
         self._add_qparam_buffers(layer, "weight", channels)
         # The op's scratch for the range: recomputed on every forward, so not part of the state_dict.
         layer.add_buffer("weight_range", torch.zeros((2,) if channels is None else (2, channels)), persistent=False)
@@ -413,6 +426,13 @@ class Quantizer:
         returns them."""
         spec = layer.config.specs["weight"]
         scale, zero_point = layer.buffer("weight_scale"), layer.buffer("weight_zero_point")
+        group_size = self._weight_group_size(layer)
+        if group_size is not None:  # the per-channel range of the [out * in / group_size, group_size] view
+            torch.ops.fakequant.observe_range(
+                weight.detach().reshape(-1, group_size), layer.buffer("weight_range"), scale.view(-1),
+                zero_point.view(-1), 0, 1.0, spec.quant_min, spec.quant_max, spec.symmetric,
+            )
+            return scale, zero_point
         torch.ops.fakequant.observe_range(
             weight.detach(), layer.buffer("weight_range"), scale, zero_point, self._weight_axis(layer), 1.0,
             spec.quant_min, spec.quant_max, spec.symmetric,
@@ -428,6 +448,10 @@ class Quantizer:
             return weight
         # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
         scale = scale.float()
+        group_size = self._weight_group_size(layer)
+        if group_size is not None:
+            return functional.fake_quant_per_group(weight, scale, zero_point, group_size, spec.quant_min,
+                                                   spec.quant_max)  # fmt: skip
         axis = self._weight_axis(layer)
         if axis is not None:
             return functional.fake_quant_per_channel(weight, scale, zero_point, axis, spec.quant_min, spec.quant_max)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fakequant.qparams import PerChannel, PerTensor, QuantSpec
+from fakequant.qparams import PerChannel, PerGroup, PerTensor, QuantSpec
 
 __all__ = [
     "QUANT_TYPES",
@@ -126,12 +126,53 @@ def _per_type(index: int, key: str, value: object, quant_types: list[str], check
     return {quant_type: value for quant_type in quant_types}
 
 
-def _spec_for(rules: AlgorithmRules, quant_type: str, bits: int, scheme: str | None, dtype: str | None) -> QuantSpec:
+GRANULARITY_ALLOWED = (
+    "fakequant.PerTensor(), PerChannel(0), PerGroup(group_size) or an int group size, 'per_tensor' or 'per_channel' "
+    "(weights; inputs and outputs are per tensor), or a dict {'weight': ...}"
+)
+
+
+def _parse_granularity(index: int, value: object) -> PerTensor | PerChannel | PerGroup:
+    if isinstance(value, (PerTensor, PerChannel, PerGroup)):
+        return value
+    if value == "per_tensor":
+        return PerTensor()
+    if value == "per_channel":
+        return PerChannel(0)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return PerGroup(value)
+    raise _fail(index, "granularity", value, GRANULARITY_ALLOWED + _nni3_hint(value))
+
+
+def _weight_granularity(index: int, entry: Mapping) -> PerTensor | PerChannel | PerGroup | None:
+    """The ``granularity`` key: the weight's granularity (it overrides the per-tensor/per-channel part of
+    ``quant_scheme``; the symmetry stays the scheme's)."""
+    if "granularity" not in entry:
+        return None
+    value = entry["granularity"]
+    if isinstance(value, Mapping):
+        if set(value) - {"weight"}:
+            raise _fail(index, "granularity", value, "a dict with the key 'weight' only (inputs and outputs are "
+                        "quantized per tensor)")  # fmt: skip
+        if "weight" not in value:
+            return None
+        value = value["weight"]
+    granularity = _parse_granularity(index, value)
+    quant_types = entry.get("quant_types", ["weight"])
+    if "weight" not in (quant_types if isinstance(quant_types, (list, tuple)) else [quant_types]):
+        raise _fail(index, "granularity", entry["granularity"], "an entry whose quant_types include 'weight'")
+    return granularity
+
+
+def _spec_for(rules: AlgorithmRules, quant_type: str, bits: int, scheme: str | None, dtype: str | None,
+              granularity_override: PerTensor | PerChannel | PerGroup | None = None) -> QuantSpec:  # fmt: skip
     default = rules.default_specs[quant_type]
     symmetric, granularity = default.symmetric, default.granularity
     if scheme is not None:
         symmetric = scheme.endswith("symmetric")
         granularity = PerChannel(0) if scheme.startswith("per_channel") else PerTensor()
+    if granularity_override is not None and quant_type == "weight":
+        granularity = granularity_override
     signed = default.signed if dtype is None else dtype == "int"
     narrow_range = default.narrow_range and signed and bits >= 2
     return QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow_range,
@@ -141,8 +182,6 @@ def _spec_for(rules: AlgorithmRules, quant_type: str, bits: int, scheme: str | N
 # NNI 3.0's config_list keys, which fakequant does not read: each names what to write instead (NNI 2.x's keys).
 NNI3_KEYS = {
     "target_names": "quant_types (['weight', 'input', 'output'] for target_names ['weight', '_input_', '_output_'])",
-    "granularity": "quant_scheme 'per_channel_affine' or 'per_channel_symmetric' (weights) for a per-channel "
-    "granularity, 'per_tensor_*' for 'default'",
     "target_settings": "one entry per quant type with quant_types, quant_bits, quant_dtype and quant_scheme",
     "op_names_re": "op_names (exact qualified module names)",
     "fuse_names": "nothing: QAT_Quantizer finds and folds Conv+BN pairs itself (bn_folding=True)",
@@ -154,6 +193,10 @@ NNI3_VALUES = {
     "int2": "quant_dtype 'int' with quant_bits 2", "uint2": "quant_dtype 'uint' with quant_bits 2",
     "affine": "quant_scheme 'per_tensor_affine' (or 'per_channel_affine' for weights)",
     "symmetric": "quant_scheme 'per_tensor_symmetric' (or 'per_channel_symmetric' for weights)",
+    "out_channel": "granularity 'per_channel' (or quant_scheme 'per_channel_*')",
+    "per_channel": "granularity 'per_channel'",
+    "default": "granularity 'per_tensor'",
+    "in_channel": "granularity PerGroup(group_size) (groups of input channels)",
 }  # fmt: skip
 
 
@@ -273,16 +316,35 @@ def _validate_entry(index: int, entry: object, rules: AlgorithmRules, known_type
         "quant_scheme" in entry) else {}
     dtypes = _per_type(index, "quant_dtype", entry["quant_dtype"], quant_types, check_dtype) if (
         "quant_dtype" in entry) else {}
+    weight_granularity = _weight_granularity(index, entry) if "granularity" in rules.keys else None
     specs = {}
     for quant_type in quant_types:
         try:
             specs[quant_type] = _spec_for(rules, quant_type, bits[quant_type], schemes.get(quant_type),
-                                          dtypes.get(quant_type))
+                                          dtypes.get(quant_type), weight_granularity)
         except ValueError as error:
             raise _fail(index, "quant_bits", entry.get("quant_bits", entry.get("q_bits")),
                         f"a width that {quant_type!r} with this scheme/dtype supports ({error})") from None
     out["specs"] = specs
     return out
+
+
+def _check_group_layout(config: LayerConfig, name: str, module: nn.Module, group_size: int) -> None:
+    shape = tuple(module.weight.shape)
+    per_group_layout = len(shape) >= 2 and all(d == 1 for d in shape[2:]) and not isinstance(
+        module, nn.modules.conv._ConvTransposeNd)  # fmt: skip
+    if not per_group_layout:
+        raise ValueError(
+            f"config_list[{config.entry_index}]: key 'granularity' has value PerGroup(group_size={group_size}) but "
+            f"module {name!r} ({config.op_type}) has a weight of shape {shape}; allowed: per-group weights on "
+            "Linear and 1x1 Conv layers, PerTensor()/PerChannel(0) elsewhere"
+        )
+    if shape[1] % group_size != 0:
+        raise ValueError(
+            f"config_list[{config.entry_index}]: key 'granularity' has value PerGroup(group_size={group_size}) but "
+            f"module {name!r} ({config.op_type}) has {shape[1]} input channels, not a multiple of {group_size}; "
+            "allowed: a group size that divides the input channels of every module the entry selects"
+        )
 
 
 def _matches(entry: dict, name: str, module: nn.Module) -> bool:
@@ -347,6 +409,8 @@ def resolve_config_list(model: nn.Module, config_list: object, rules: AlgorithmR
                     "with a weight (Conv*, Linear, ...) or only 'input'/'output' for this module"
                 )
             spec = config.specs["weight"]
+            if isinstance(spec.granularity, PerGroup):
+                _check_group_layout(config, name, module, spec.granularity.group_size)
             if isinstance(spec.granularity, PerChannel):
                 # ConvTranspose weights hold output channels on axis 1.
                 axis = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0

@@ -16,7 +16,7 @@ from torch import nn
 
 from fakequant import functional
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import PerChannel, PerTensor, QuantSpec
+from fakequant.qparams import PerChannel, PerGroup, PerTensor, QuantSpec
 from fakequant.quantizers.base import QuantizedLayer, Quantizer
 from fakequant.quantizers.config import AlgorithmRules
 
@@ -31,7 +31,8 @@ class LsqQuantizer(Quantizer):
 
     * Scales: one ``nn.Parameter`` per quantized tensor (per output channel for weights with
       ``quant_scheme='per_channel_*'``), named ``fakequant_<type>_scale`` on the module, initialised as LSQ
-      does, ``2 * mean(|x|) / sqrt(quant_max)``: weights when :meth:`compress` runs, activations on their first
+      does, ``2 * mean(|x|) / sqrt(quant_max)`` (per group of input channels with ``granularity=PerGroup(n)``,
+      scales ``[out, in / n]``): weights when :meth:`compress` runs, activations on their first
       training batch (or on ``dummy_input``). Their gradient is scaled by ``1 / sqrt(n * quant_max)``, ``n``
       the elements one scale covers (:func:`fakequant.lsq_grad_factor`).
     * Zero points: fixed by the scheme when symmetric (0 for signed, the middle of the range for unsigned);
@@ -62,7 +63,7 @@ class LsqQuantizer(Quantizer):
 
     rules = AlgorithmRules(
         name="LsqQuantizer",
-        keys=("quant_scheme", "quant_dtype"),
+        keys=("quant_scheme", "quant_dtype", "granularity"),
         quant_types=("weight", "input", "output"),
         min_bits=2,
         max_bits=16,
@@ -124,11 +125,29 @@ class LsqQuantizer(Quantizer):
         granularity = layer.config.specs[quant_type].granularity
         return granularity.axis if isinstance(granularity, PerChannel) else None
 
+    @staticmethod
+    def _group_size(layer: QuantizedLayer, quant_type: str) -> int | None:
+        granularity = layer.config.specs[quant_type].granularity
+        return granularity.group_size if isinstance(granularity, PerGroup) else None
+
+    def _view(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """``x`` as the learnable op sees it, and the axis of its scales: per-group weights as the
+        ``[out * in / group_size, group_size]`` view with one scale per row."""
+        group_size = self._group_size(layer, quant_type)
+        if group_size is not None:
+            return x.reshape(-1, group_size), 0
+        return x, self._axis(layer, quant_type)
+
     def _init_layer_state(self, layer: QuantizedLayer) -> None:
         for quant_type in layer.config.quant_types:
             spec = layer.config.specs[quant_type]
             axis = self._axis(layer, quant_type)
-            shape = (1,) if axis is None else (layer.module.weight.shape[axis],)
+            group_size = self._group_size(layer, quant_type)
+            if group_size is not None:
+                weight_shape = layer.module.weight.shape
+                shape = (weight_shape[0], weight_shape[1] // group_size)
+            else:
+                shape = (1,) if axis is None else (layer.module.weight.shape[axis],)
             layer.add_parameter(quant_type + "_scale", torch.ones(shape))
             if spec.symmetric:
                 # SPEC §2's symmetric zero point: 0 for a signed range, the middle of an unsigned one
@@ -150,16 +169,17 @@ class LsqQuantizer(Quantizer):
         """LSQ's initial scale ``2 * mean|x| / sqrt(quant_max)`` (per channel along the axis), and an affine
         zero point that puts the minimum of ``x`` (or 0) on ``quant_min``."""
         spec = layer.config.specs[quant_type]
-        axis = self._axis(layer, quant_type)
-        xf = x.detach().float()
+        xf, axis = self._view(layer, quant_type, x.detach().float())
         dims = [d for d in range(xf.dim()) if d != axis] if axis is not None else list(range(xf.dim()))
         mean_abs = xf.abs().mean(dim=dims) if dims else xf.abs()
         scale = (2.0 * mean_abs / math.sqrt(max(spec.quant_max, 1))).clamp_min(_MIN_SCALE).reshape(-1)
-        layer.parameter(quant_type + "_scale").copy_(scale)
+        parameter = layer.parameter(quant_type + "_scale")
+        parameter.copy_(scale.reshape(parameter.shape))
         if not spec.symmetric:
             low = (xf.amin(dim=dims) if dims else xf).clamp_max(0.0).reshape(-1)
             zero_point = (spec.quant_min - torch.round(low / scale)).clamp(spec.quant_min, spec.quant_max)
-            layer.parameter(quant_type + "_zero_point").copy_(zero_point)
+            parameter = layer.parameter(quant_type + "_zero_point")
+            parameter.copy_(zero_point.reshape(parameter.shape))
         layer.buffer(quant_type + "_observed").fill_(1)
         layer.observed[quant_type] = True
 
@@ -173,14 +193,15 @@ class LsqQuantizer(Quantizer):
         if not layer.active():
             return x
         spec = layer.config.specs[quant_type]
-        axis = self._axis(layer, quant_type)
+        view, axis = self._view(layer, quant_type, x)
         # .float(): model.half() casts parameters too, and the op takes an fp32 scale
-        scale = layer.parameter(quant_type + "_scale").float()
-        zero_point = self._zero_point(layer, quant_type)
-        return functional.fake_quant_learnable(
-            x, scale, zero_point.float() if zero_point.is_floating_point() else zero_point, spec.quant_min,
-            spec.quant_max, functional.lsq_grad_factor(x, spec.quant_max, axis), axis,
+        scale = layer.parameter(quant_type + "_scale").float().reshape(-1)
+        zero_point = self._zero_point(layer, quant_type).reshape(-1)
+        out = functional.fake_quant_learnable(
+            view, scale, zero_point.float() if zero_point.is_floating_point() else zero_point, spec.quant_min,
+            spec.quant_max, functional.lsq_grad_factor(view, spec.quant_max, axis), axis,
         )
+        return out.reshape(x.shape)
 
     def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
         return self._fake_quant(layer, "weight", weight)
@@ -214,6 +235,11 @@ class LsqQuantizer(Quantizer):
         constant = quant_type == "weight"
         quant_min, quant_max = onnx_qdq_range(layer.name, quant_type, spec.quant_min, spec.quant_max,
                                               constant=constant)  # fmt: skip
+        if self._group_size(layer, quant_type) is not None:
+            raise ValueError(
+                f"layer {layer.name!r} {quant_type}: per-group scales have no ONNX QuantizeLinear/DequantizeLinear "
+                "form in this exporter (that needs opset 21's block_size); allowed: PerTensor() or PerChannel(0)"
+            )
         if not (layer.active() and layer.observed[quant_type]):
             return None
         axis = self._axis(layer, quant_type)

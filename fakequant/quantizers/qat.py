@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fakequant.bn_fold import ConvBnQAT, find_conv_bn_pairs, fold_conv_bn, unfold_conv_bn
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import PerChannel, PerTensor, QuantSpec
+from fakequant.qparams import PerChannel, PerGroup, PerTensor, QuantSpec
 from fakequant.quantizers.base import EmaRangeQuantizer, QuantizedLayer
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig
 
@@ -106,7 +106,7 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
 
     rules = AlgorithmRules(
         name="QAT_Quantizer",
-        keys=("quant_scheme", "quant_dtype"),
+        keys=("quant_scheme", "quant_dtype", "granularity"),
         quant_types=("weight", "input", "output"),
         min_bits=2,
         max_bits=16,
@@ -146,8 +146,10 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
 
     # -- BatchNorm folding ------------------------------------------------------------------------
     def _foldable_conv(self, name: str) -> bool:
+        # Per-group weights are not folded: the BN factor is per output channel, the groups split input channels.
         config = self.layer_configs.get(name)
-        return config is not None and "weight" in config.quant_types
+        return (config is not None and "weight" in config.quant_types
+                and not isinstance(config.specs["weight"].granularity, PerGroup))  # fmt: skip
 
     def _check_explicit_pairs(self, pairs: list[tuple[str, str]]) -> None:
         modules = dict(self.bound_model.named_modules())
@@ -280,6 +282,12 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             if not module.per_channel:
                 scale, zero_point, axis = scale[0], zero_point[0], None
         else:
+            if isinstance(spec.granularity, PerGroup):
+                raise ValueError(
+                    f"layer {layer.name!r} weight: per-group scales ({spec.granularity}) have no ONNX "
+                    "QuantizeLinear/DequantizeLinear form in this exporter (that needs opset 21's block_size); "
+                    "allowed: PerTensor() or PerChannel(0) weights"
+                )
             if not layer.active():
                 return None  # _minmax_fake_quant_weight returns the float weight
             weight, bias = module.weight, None  # the parametrization: the eval forward's fake-quantized weight
