@@ -328,6 +328,7 @@ class OpBench:
         nni_differentiable: NNI's fake-quant function (only called when NNI imports).
         differentiable_inputs: names of the inputs that get gradients in fwd+bwd (``x`` first).
         mask_recomputed: see :func:`bytes_moved`.
+        modes: the modes the fused and reference providers run (an op without a mask has no ``fwd+mask``).
     """
 
     op: str
@@ -343,6 +344,7 @@ class OpBench:
     nni_differentiable: DiffFn | None = None
     differentiable_inputs: tuple[str, ...] = ("x",)
     mask_recomputed: bool = False
+    modes: tuple[str, ...] = MODES
     _compiled: dict = field(default_factory=dict)
 
     def providers(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -350,13 +352,13 @@ class OpBench:
         # copy-alloc: the same copy into a new tensor, as every functional op allocates its output; the gap to
         # `copy` is what the allocation (page faults of fresh memory included) costs.
         rows = [("copy", (COPY_MODE,)), ("copy-alloc", (COPY_MODE,))]
-        rows += [(name, MODES) for name in FAKEQUANT_BACKENDS]
-        rows.append(("reference", MODES))
+        rows += [(name, self.modes) for name in FAKEQUANT_BACKENDS]
+        rows.append(("reference", self.modes))
         if self.torch_differentiable is not None:
             rows.append(("torch", ("fwd", "fwd+bwd")))
         if self.composition_forward is not None:
-            modes = ("fwd", "fwd+mask") + (("fwd+bwd",) if self.composition_differentiable else ())
-            rows.append(("compile", modes))
+            modes = tuple(m for m in ("fwd", "fwd+mask") if m in self.modes)
+            rows.append(("compile", modes + (("fwd+bwd",) if self.composition_differentiable else ())))
         if self.nni_differentiable is not None and NNI:
             rows.append(("nni", ("fwd", "fwd+bwd")))
         return [(p, m) for p, m in rows if selected(p)]
