@@ -21,7 +21,10 @@ def group_qparams(out: int, groups: int, generator: torch.Generator):
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("shape, group_size", [((6, 64), 32), ((5, 24, 1, 1), 8), ((3, 7), 7), ((4, 6), 1)])
+# (1500, 64) by 32: 3000 groups, past the CPU op's 1024-parameter limit above which it prepares and checks them with
+# vectorized ATen ops instead of an element loop.
+@pytest.mark.parametrize("shape, group_size", [((6, 64), 32), ((5, 24, 1, 1), 8), ((3, 7), 7), ((4, 6), 1),
+                                               ((1500, 64), 32)])  # fmt: skip
 def test_matches_reference_and_the_per_channel_view(backend, dtype, shape, group_size):
     g = torch.Generator().manual_seed(shape[1])
     x = (torch.randn(shape, generator=g) * 0.3).to(dtype)
@@ -37,6 +40,18 @@ def test_matches_reference_and_the_per_channel_view(backend, dtype, shape, group
     row = x.reshape(shape[0], shape[1])[o, j * group_size :]
     expected_row = fakequant.fake_quant_per_tensor(row, scale[o, j], zero_point[o, j], -8, 7)
     assert torch.equal(out.reshape(shape[0], shape[1])[o, j * group_size :], expected_row)
+
+
+def test_bad_values_among_many_groups_are_reported(backend):
+    scale = torch.full((1500, 2), 0.1)
+    scale[1200, 1] = float("nan")
+    zero_point = torch.zeros(1500, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"scale must be finite and > 0, got nan"):
+        torch.ops.fakequant.fake_quant_per_group(torch.zeros(1500, 64), scale, zero_point, 32, -8, 7)
+    zero_point[7, 0] = 9
+    with pytest.raises(ValueError, match=r"zero_point 9 is outside \[quant_min, quant_max\] = \[-8, 7\]"):
+        torch.ops.fakequant.fake_quant_per_group(torch.zeros(1500, 64), torch.full((1500, 2), 0.1), zero_point, 32,
+                                                 -8, 7)  # fmt: skip
 
 
 def test_straight_through_gradient(backend):

@@ -83,6 +83,29 @@ struct BlockIO<float> {
   }
 };
 
+// One vector of kVec elements, for runs shorter than a block (per-group weights: groups of 32 input channels are
+// half an AVX-512 block), converted like BlockIO.
+template <typename T>
+struct VectorIO {
+  static inline Vec load(const T* p) {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, kVec)));
+  }
+  static inline void store(T* p, const Vec& v) { at::vec::convert_from_float<T>(v, Vec(0.0f)).store(p, kVec); }
+};
+
+template <>
+struct VectorIO<float> {
+  static inline Vec load(const float* p) { return Vec::loadu(p); }
+  static inline void store(float* p, const Vec& v) { v.store(p); }
+};
+
+// Writes kVec bools (0/1 bytes) from one comparison mask.
+inline void store_mask_vector(bool* p, const Vec& m) {
+  alignas(64) uint32_t bits[kVec];
+  m.store(bits);
+  for (int64_t j = 0; j < kVec; ++j) p[j] = bits[j] != 0;
+}
+
 // Writes kBlock bools (0/1 bytes) from 4 comparison masks (all-ones / all-zeros lanes).
 inline void store_mask(bool* p, const Vec m[4]) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -174,25 +197,35 @@ void fake_quant_run(const T* x, T* out, bool* mask, int64_t len, const QuantPara
   const VecQuant vq{Vec(p.scale), Vec(p.inv_scale), Vec(p.zero_point), Vec(p.quant_min), Vec(p.quant_max)};
   const Vec fold_v(fold);
   const Vec zero(0.0f);
+  auto apply = [&](Vec& v, Vec& m) {
+    if constexpr (kRelu) {
+      // clamp_min keeps NaN and -0, as relu_value does.
+      if constexpr (kMask) m = v > zero;
+      Vec in_range;
+      v = vq.apply_nonnegative<kMask>(at::vec::clamp_min(v, zero), in_range);
+      if constexpr (kMask) m = m & in_range;
+    } else if constexpr (kFold) {
+      v = vq.apply_folded<kMask, kDivide>(v, fold_v, m);
+    } else {
+      v = vq.apply<kMask>(v, m);
+    }
+  };
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
     Vec v[4], m[4];
     BlockIO<T>::load(x + i, v);
-    for (int k = 0; k < 4; ++k) {
-      if constexpr (kRelu) {
-        // clamp_min keeps NaN and -0, as relu_value does.
-        if constexpr (kMask) m[k] = v[k] > zero;
-        Vec in_range;
-        v[k] = vq.apply_nonnegative<kMask>(at::vec::clamp_min(v[k], zero), in_range);
-        if constexpr (kMask) m[k] = m[k] & in_range;
-      } else if constexpr (kFold) {
-        v[k] = vq.apply_folded<kMask, kDivide>(v[k], fold_v, m[k]);
-      } else {
-        v[k] = vq.apply<kMask>(v[k], m[k]);
-      }
-    }
+    for (int k = 0; k < 4; ++k) apply(v[k], m[k]);
     BlockIO<T>::store(out + i, v);
     if constexpr (kMask) store_mask(mask + i, m);
+  }
+  // Single vectors before the scalar tail: a per-group run of 32 elements is shorter than one AVX-512 block,
+  // and went element by element (measured 2026-12-06, 1024x4096 fp32, groups of 32, 2 threads: 2.2 ms against
+  // a 0.60 ms copy).
+  for (; i + kVec <= len; i += kVec) {
+    Vec v = VectorIO<T>::load(x + i), m;
+    apply(v, m);
+    VectorIO<T>::store(out + i, v);
+    if constexpr (kMask) store_mask_vector(mask + i, m);
   }
   for (; i < len; ++i) {
     float xf = static_cast<float>(x[i]);
