@@ -17,12 +17,13 @@ loan for one rerun), and a step that no longer fits is recorded as not run:
    CUDA, Triton and reference backends (``tests/test_ops.py -k torch_compile``), junit XML.
 5. ``memcheck``: ``compute-sanitizer --tool memcheck`` over ``kernel_smoke.py`` (every CUDA kernel, tiny sizes).
 6. ``tests-triton``: ``tests/test_triton.py`` with ``FAKEQUANT_BACKEND=triton`` on CUDA tensors, junit XML.
-7. ``bench-fp32``: every op, fwd / fwd+mask / fwd+bwd, 2^20..2^26 elements, providers fakequant-cuda,
+7. ``bench-fp32``: every QAT op, fwd / fwd+mask / fwd+bwd, 2^20..2^26 elements, providers fakequant-cuda,
    fakequant-triton, reference, ``torch.fake_quantize_*``, ``torch.compile`` of the reference, the copy
    (``bench/run.py --interleaved``): CSV, PNG, and the bandwidth targets.
 8. ``resnet50``: ResNet-50 QAT training steps at 224x224, batch 64 (32 if 64 runs out of memory): FP32, QAT with
    BN folding on the CUDA, Triton and reference backends, each also under bf16 autocast.
-9. ``bench-bf16``: the op benchmark again with bf16 tensors.
+9. ``bench-lsq-fp32``: the learned-step-size (LSQ) and per-group ops, the same way.
+10. ``bench-bf16``: the QAT ops' benchmark again with bf16 tensors.
 
 ``<out>/summary.md`` is rewritten after every step, so a run cut off at any point still leaves what it measured,
 with the GPU, driver, torch, CUDA and Triton versions. Without a CUDA GPU the command exits at once (status 3)
@@ -223,7 +224,7 @@ def plan(out: Path, rehearse: bool) -> list[Step]:
     ))  # fmt: skip
     bench = [py, "bench/run.py", "--interleaved", "--device", device, "--out", str(out / "bench")]
     if rehearse:
-        bench += ["--sizes", "10", "--rounds", "1", "--providers", "fakequant", "reference", "torch", "copy"]
+        bench += ["--sizes", "18", "--rounds", "1", "--providers", "fakequant", "reference", "torch", "copy"]
     else:
         bench += ["--sizes", "20", "22", "24", "26", "--rounds", "10"]
     resnet = [py, "examples/resnet50_qat.py", "--device", device, "--json", str(out / "resnet50.json"),
@@ -233,9 +234,14 @@ def plan(out: Path, rehearse: bool) -> list[Step]:
     else:
         resnet += ["--image-size", "224", "--batch-size", "64", "--steps", "8", "--warmup", "3",
                    "--backends", "cuda", "triton"]  # fmt: skip
-    steps.append(Step("bench-fp32", "op benchmark, fp32", [*bench, "--dtype", "float32"], 200))
+    # The op benchmark in two runs, so that a run cut off by its time limit loses only its own ops (bench/run.py
+    # writes its results when it finishes): the QAT ops first, the learned-range and per-group ops after ResNet-50.
+    core_ops = ["--ops", "per_tensor", "per_channel", "binarize", "bn_fold", "bn_fold_divided"]
+    steps.append(Step("bench-fp32", "op benchmark, fp32", [*bench, *core_ops, "--dtype", "float32"], 200))
     steps.append(Step("resnet50", "ResNet-50 QAT training steps, fp32 and bf16 autocast", resnet, 200))
-    steps.append(Step("bench-bf16", "op benchmark, bf16", [*bench, "--dtype", "bfloat16"], 150))
+    steps.append(Step("bench-lsq-fp32", "op benchmark of the LSQ and per-group ops, fp32",
+                      [*bench, "--ops", "learnable", "per_group", "--dtype", "float32"], 120))  # fmt: skip
+    steps.append(Step("bench-bf16", "op benchmark, bf16", [*bench, *core_ops, "--dtype", "bfloat16"], 150))
     return steps
 
 
@@ -349,16 +355,17 @@ def bench_section(out: Path, device: str, dtype: str) -> list[str]:
     suffix = ("" if device == "cpu" else f"-{device}") + ("" if dtype == "float32" else f"-{dtype}")
     pattern = re.compile(r"\d{4}-\d\d-\d\d_\d{4}(-quick)?" + re.escape(suffix))
     runs = sorted(p for p in (out / "bench").glob("*.json") if pattern.fullmatch(p.stem))
-    if not runs:
-        return []
-    rows, _ = bench_run.load_rows(runs[-1])
+    rows = []
+    for run_path in runs:  # every run of this device and dtype (the kit splits the ops over two runs)
+        run_rows, _ = bench_run.load_rows(run_path)
+        rows += [{**r, "order": len(rows) + r["order"]} for r in run_rows]
     if not rows:
         return []
     rows = bench_run.sort_rows(bench_run.derive(rows))
     largest = sorted({r["numel"] for r in rows})[-2:]
     picked = [r for r in rows if r["numel"] in largest]
-    csv_name, png_name = runs[-1].with_suffix(".csv").name, runs[-1].with_suffix(".png").name
-    lines = [f"### Op benchmark, {dtype} ({csv_name}, plot {png_name})", "", bench_run.format_markdown(picked), ""]
+    files = ", ".join(p.with_suffix(".csv").name for p in runs)
+    lines = [f"### Op benchmark, {dtype} ({files} and their PNG plots)", "", bench_run.format_markdown(picked), ""]
     targets = bench_run.format_targets(rows)
     if targets:
         lines += ["```", targets, "```", ""]

@@ -54,7 +54,7 @@ def test_gpu_plan_holds_every_step_in_order(monkeypatch, tmp_path):
     steps = gpu_check.plan(tmp_path, rehearse=False)
     assert [s.name for s in steps] == [
         "build", "smoke-cuda", "smoke-triton", "tests-cuda", "compile", "memcheck", "tests-triton",
-        "bench-fp32", "resnet50", "bench-bf16",
+        "bench-fp32", "resnet50", "bench-lsq-fp32", "bench-bf16",
     ]  # fmt: skip
     by_name = {s.name: s for s in steps}
     assert by_name["tests-triton"].env["FAKEQUANT_BACKEND"] == "triton"
@@ -141,7 +141,7 @@ def test_rehearsal_runs_every_step_and_writes_the_summary(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     statuses = {s["name"]: s["status"] for s in json.loads((tmp_path / "status.json").read_text())}
     assert statuses.pop("memcheck") == "not run"
-    assert len(statuses) == 7 and set(statuses.values()) == {"passed"}, statuses  # no build, one smoke run
+    assert len(statuses) == 8 and set(statuses.values()) == {"passed"}, statuses  # no build, one smoke run
     for name in statuses:
         assert f"| {name} | " in summary
     assert "kernel smoke: " in summary and ", 0 failed" in summary
