@@ -36,6 +36,10 @@ divide_by_fold=False) -> (grad_weight, grad_gamma, grad_var)``
     gamma/var gradients sum ``grad * (mask * w - out)``, the quantization error; with a float16/bfloat16 weight
     ``out`` is the rounded half output, so those two gradients are only as exact as that rounding (a few percent
     of their size in fp16), while the weight's gradient is exact.
+``fake_quant_per_group(x, scale, zero_point, group_size, quant_min, quant_max, compute_mask=True) -> (out, mask)``
+    A Linear ``[out, in]`` or 1x1 Conv ``[out, in, 1, 1]`` weight fake-quantized per group of ``group_size``
+    consecutive input channels, ``scale``/``zero_point`` shaped ``[out, in / group_size]``: a composite
+    (CompositeImplicitAutograd) of ``fake_quant_per_channel`` on the ``[out * in / group_size, group_size]`` view.
 ``fake_quant_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor) -> out``
     Fake quantization per tensor (``axis`` None) or per channel whose gradient also reaches ``scale`` and, when
     it is float32 (a learned zero point, rounded and clamped in the forward), ``zero_point``: LSQ's. A
