@@ -1080,6 +1080,12 @@ BACKWARD_TYPES = {**COMMON, **{p: "*fp32" for p in ("grad_ptr", "weight_ptr", "f
                   "channel_size": "i32"}
 for mode, divide in (("bn_fold_backward", False), ("bn_fold_backward_divided", True)):
     KERNELS[mode] = (tk._bn_fold_fake_quant_weight_backward_kernel, BACKWARD_TYPES, {"DIVIDE_BY_FOLD": divide})
+# The learnable (LSQ) backward: x_fq = (q - zp) * scale as mul.rn, so that x_fq - x is not contracted into an FMA.
+LEARNABLE_TYPES = {**{p: "*fp32" for p in ("grad_ptr", "x_ptr", "grad_x_ptr", "scale_ptr", "zero_point_ptr",
+                                           "partial_scale_ptr", "partial_zero_point_ptr")},
+                   "run": "i64", "channels": "i64", "chunks": "i64", "quant_min": "i32", "quant_max": "i32",
+                   "grad_factor": "fp32", "BLOCK": "constexpr", "STEPS": "constexpr"}
+KERNELS["learnable_backward"] = (tk._fake_quant_learnable_backward_kernel, LEARNABLE_TYPES, {"STEPS": 2})
 nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 report = {}
 for name, (kernel, types, extra_constexprs) in KERNELS.items():
@@ -1096,6 +1102,8 @@ for name, (kernel, types, extra_constexprs) in KERNELS.items():
         "ptx_add_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0f4B000000", ptx)),
         "ptx_sub_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0fCB000000", ptx)),
         "ptx_div_rn": ptx.count("div.rn.f32"),
+        "ptx_mul_rn": len(re.findall(r"mul\\.rn\\.f32", ptx)),
+        "learnable": "grad_factor" in kernel.arg_names,
         "divide_by_fold": extra_constexprs.get("DIVIDE_BY_FOLD", False),
         "per_channel_sum": "channel_size" in kernel.arg_names,
         "ptx_approx": len(re.findall(r"(div|rcp|sqrt)\\.(approx|full)", ptx)),
@@ -1176,6 +1184,12 @@ def build_all():
         for kernel in (tk._observe_range_partial_kernel, tk._observe_range_finalize_kernel):
             triton.compile(observe_source(kernel, types), target=GPUTarget("cuda", 90, 32))
             built.append(f"{kernel.fn.__name__}:{dtype}")
+        types = {**LEARNABLE_TYPES, **{p: "*" + dtype for p in ("grad_ptr", "x_ptr", "grad_x_ptr")}}
+        kernel = tk._fake_quant_learnable_backward_kernel
+        source = triton.compiler.ASTSource(fn=kernel, signature={p: types[p] for p in kernel.arg_names},
+                                           constexprs={"BLOCK": 1024, "STEPS": 16})
+        triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        built.append(f"{kernel.fn.__name__}:{dtype}")
     return built
 
 
@@ -1198,8 +1212,9 @@ def test_gpu_build_keeps_exact_arithmetic():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    # 6 element-wise/backward kernels, the two BN-fold ones in both modes, and observe_range's two; 3 dtypes.
-    assert len(report.pop("built_for_sm_90")) == 10 * 3
+    # 6 element-wise/backward kernels, the two BN-fold ones in both modes, observe_range's two and the learnable
+    # backward; 3 dtypes.
+    assert len(report.pop("built_for_sm_90")) == 11 * 3
     observe = report.pop("observe_range")
     assert observe.pop("partial")["ptx_offsets_64"] > 0, observe
     for mode, counts in observe.items():
@@ -1214,6 +1229,8 @@ def test_gpu_build_keeps_exact_arithmetic():
         assert counts["sass_add_abs_2_23"] == counts["ptx_add_2_23"], (name, counts)
         assert counts["sass_sub_2_23"] == counts["ptx_sub_2_23"], (name, counts)
         assert counts["ptx_div_rn"] > 0 and counts["ptx_approx"] == 0, (name, counts)
+        if counts["learnable"]:  # x_fq explicitly rounded before x_fq - x
+            assert counts["ptx_mul_rn"] > 0, (name, counts)
         if counts["divide_by_fold"]:  # 1 / scale and out / f
             assert counts["ptx_div_rn"] >= 2, (name, counts)
         assert counts["ptx_min_max"] == 0, (name, counts)
