@@ -107,6 +107,10 @@ class QuantizedLayer:
     def parameter(self, name: str) -> nn.Parameter:
         return self.module._parameters[BUFFER_PREFIX + name]
 
+    def learned_parameters(self) -> list[nn.Parameter]:
+        """The parameters :meth:`add_parameter` registered, in registration order."""
+        return [self.module._parameters[name] for name in self._parameter_names]
+
     def buffer(self, name: str) -> torch.Tensor:
         return self.module._buffers[BUFFER_PREFIX + name]
 

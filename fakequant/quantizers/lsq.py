@@ -98,11 +98,7 @@ class LsqQuantizer(Quantizer):
     def learned_parameters(self) -> list[nn.Parameter]:
         """The scales and learned zero points of every quantized tensor (what :meth:`compress` gives the
         optimizer)."""
-        return [
-            layer.parameter(name)
-            for layer in self.layers.values()
-            for name in [n.removeprefix("fakequant_") for n in layer._parameter_names]
-        ]
+        return [parameter for layer in self.layers.values() for parameter in layer.learned_parameters()]
 
     def _initialize_from(self, dummy_input: Any) -> None:
         """One forward pass that initialises every activation scale, in eval mode (BatchNorm statistics and
