@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -260,15 +261,20 @@ def run_step(step: Step, out: Path, index: int, remaining_s: float) -> None:
         log.write("$ " + " ".join(step.argv) + "\n" + "".join(f"  {k}={v}\n" for k, v in step.env.items()) + "\n")
         log.flush()
         try:
-            result = subprocess.run(
-                step.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                start_new_session=True,
-            )  # fmt: skip
-            step.status = "passed" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
-        except subprocess.TimeoutExpired:
-            step.status = f"TIMED OUT ({timeout:.0f} s)"
+            # Its own process group, so that a time-out also ends what the step started (pytest workers,
+            # torch.compile's compile workers, the python under compute-sanitizer), which would hold the GPU.
+            process = subprocess.Popen(step.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # fmt: skip
         except OSError as error:
             step.status = f"FAILED to start ({error})"
+        else:
+            try:
+                returncode = process.wait(timeout=timeout)
+                step.status = "passed" if returncode == 0 else f"FAILED (exit {returncode})"
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                step.status = f"TIMED OUT ({timeout:.0f} s)"
     step.seconds = time.monotonic() - start
     step.detail = describe(step)
 

@@ -74,13 +74,20 @@ def test_a_step_that_no_longer_fits_the_budget_is_recorded_as_not_run(tmp_path):
     assert step.status == "not run" and "budget" in step.detail
 
 
-def test_a_step_past_its_time_limit_times_out_and_keeps_its_log(tmp_path):
+def test_a_step_past_its_time_limit_times_out_ends_its_children_and_keeps_its_log(tmp_path):
     (tmp_path / "logs").mkdir()
-    step = gpu_check.Step("sleeper", "sleeps", ["python3", "-c", "print('started', flush=True); import time; "
-                                                "time.sleep(60)"], timeout_s=16)  # fmt: skip
+    marker = tmp_path / "child-survived"
+    child = f"import time; time.sleep(30); open({str(marker)!r}, 'w').close()"
+    script = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "print('started', flush=True); time.sleep(60)")  # fmt: skip
+    step = gpu_check.Step("sleeper", "sleeps", ["python3", "-c", script], timeout_s=16)
     gpu_check.run_step(step, tmp_path, 1, remaining_s=100)
     assert step.status.startswith("TIMED OUT") and step.seconds < 40
     assert "started" in step.log.read_text()
+    import time
+
+    time.sleep(16)  # the grandchild would have written the marker 30 s after it started
+    assert not marker.exists()
 
 
 def test_junit_counts_and_failures(tmp_path):
