@@ -390,7 +390,7 @@ class Quantizer:
         """
         raise ValueError(
             f"layer {layer.name!r} {quant_type}: {type(self).__name__} has no QuantizeLinear/DequantizeLinear "
-            "export; allowed: QAT_Quantizer and NaiveQuantizer"
+            "export; allowed: QAT_Quantizer, NaiveQuantizer and LsqQuantizer"
         )
 
     # -- shared helpers ---------------------------------------------------------------------------
