@@ -48,15 +48,29 @@ int64_t zero_point_at(const at::Tensor& zero_point, int64_t i) {
 // The values of scale and zero point (after checks::check_qparams): free to check here, since these are CPU
 // tensors. Read in place (no copies: this runs on every call, and a contiguous()/to() pair cost ~7 us of the
 // ~10 us that a 16-element call took).
-// Above this many parameters (per-group weights: one per group) the checks run as ATen reductions instead of an
-// element loop, which took 0.2 ms of a 2 ms call for 131072 groups.
+// Above this many parameters (per-group weights: one per group) the checks first run as one branch-free pass over
+// contiguous values, which the compiler vectorizes, instead of the element-by-element reads below (0.2 ms of a 2 ms
+// call for 131072 groups; ATen reductions in its place still cost ~0.1 ms in ~10 small ops).
 constexpr int64_t kLoopCheckLimit = 1024;
+
+template <typename T>
+bool all_within(const at::Tensor& t, T low, T high) {
+  const at::Tensor c = t.contiguous();
+  const T* p = c.const_data_ptr<T>();
+  bool ok = true;
+  for (int64_t i = 0, n = c.numel(); i < n; ++i) ok &= (p[i] >= low) & (p[i] <= high);  // NaN fails both
+  return ok;
+}
 
 void check_qparam_values(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                          int64_t quant_max) {
   if (scale.numel() > kLoopCheckLimit || zero_point.numel() > kLoopCheckLimit) {
-    const bool scales_ok = (at::isfinite(scale) & (scale > 0)).all().item<bool>();
-    const bool zero_points_ok = ((zero_point >= quant_min) & (zero_point <= quant_max)).all().item<bool>();
+    const bool scales_ok = all_within<float>(scale, std::numeric_limits<float>::denorm_min(),
+                                             std::numeric_limits<float>::max());
+    const bool zero_points_ok = zero_point.scalar_type() == at::kInt
+                                    ? all_within<int32_t>(zero_point, static_cast<int32_t>(quant_min),
+                                                          static_cast<int32_t>(quant_max))
+                                    : all_within<int64_t>(zero_point, quant_min, quant_max);
     if (scales_ok && zero_points_ok) return;  // else the loop below finds the first bad value for the message
   }
   const int64_t scale_count = scale.numel();
