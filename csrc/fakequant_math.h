@@ -98,10 +98,11 @@ C10_HOST_DEVICE inline float bn_fold_divided_grad_factor(float slope_sum, float 
 
 // ----------------------------------------------------------------------------------------------
 // Learned step size (LSQ): the backward of fake_quant_learnable, element by element. Each product is rounded
-// to fp32 in the order torch._fake_quantize_learnable_* use (explicitly on the GPU, where a multiply and a
-// subtraction would otherwise be contracted into an FMA).
+// to fp32 in the order torch._fake_quantize_learnable_* use.
 // ----------------------------------------------------------------------------------------------
 
+// a * b, a - b, a + b, each rounded to fp32 on its own: explicitly on the GPU, where nvcc would otherwise contract a
+// multiply and an addition into an FMA (setup.py compiles the host side with -ffp-contract=off).
 C10_HOST_DEVICE inline float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fmul_rn(a, b);
@@ -115,6 +116,14 @@ C10_HOST_DEVICE inline float sub_rn(float a, float b) {
   return __fsub_rn(a, b);
 #else
   return a - b;
+#endif
+}
+
+C10_HOST_DEVICE inline float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
 #endif
 }
 
@@ -155,11 +164,7 @@ C10_HOST_DEVICE inline float nan_max(float a, float b) { return (a != a || a > b
 // The moving average tracked + c * (observed - tracked), rounded after each operation like the
 // reference's separate tensor ops (setup.py compiles with -ffp-contract=off, so no FMA on the host).
 C10_HOST_DEVICE inline float moving_average(float tracked, float observed, float averaging_constant) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(tracked, __fmul_rn(__fsub_rn(observed, tracked), averaging_constant));
-#else
-  return tracked + (observed - tracked) * averaging_constant;
-#endif
+  return add_rn(tracked, mul_rn(sub_rn(observed, tracked), averaging_constant));
 }
 
 // Scale and zero point from a range, as fakequant.qparams.choose_qparams (SPEC §2), operation by

@@ -86,9 +86,12 @@ def normalize_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def _check_zero_point_dtype(zero_point: torch.Tensor) -> None:
-    if zero_point.dtype not in INT_DTYPES:
-        raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: int32, int64")
+def _check_zero_point_dtype(zero_point: torch.Tensor, learned: bool = False) -> None:
+    """int32/int64; ``learned``: also float32 (a learned zero point, rounded and clamped by the learnable ops)."""
+    if zero_point.dtype in INT_DTYPES or (learned and zero_point.dtype == torch.float32):
+        return
+    allowed = "int32, int64, float32" if learned else "int32, int64"
+    raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: {allowed}")
 
 
 def _check_qparam_shapes(scale: torch.Tensor, zero_point: torch.Tensor, channels: int | None) -> None:
@@ -113,6 +116,7 @@ def _check_qparams(
     quant_max: int,
     channels: int | None,
     check_values: bool,
+    learned_zero_point: bool = False,
 ) -> None:
     for name, t in (("scale", scale), ("zero_point", zero_point)):
         if t.device != x.device:
@@ -121,7 +125,7 @@ def _check_qparams(
             )
     if scale.dtype != torch.float32:
         raise ValueError(f"fakequant: scale has dtype {scale.dtype}; allowed: float32")
-    _check_zero_point_dtype(zero_point)
+    _check_zero_point_dtype(zero_point, learned_zero_point)
     _check_qparam_shapes(scale, zero_point, channels)
     if check_values:
         _check_qparam_values(scale, zero_point, quant_min, quant_max)
@@ -130,13 +134,14 @@ def _check_qparams(
 def _check_qparam_values(scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int) -> None:
     # Value checks are free on CPU tensors; on a GPU they would cost a device-to-host sync on every
     # call, so there the quantizers (which compute the values) guarantee them instead. Fake tensors
-    # (tracing, compile) have no values to check.
+    # (tracing, compile) have no values to check. A float (learned) zero point is clamped into the range by the
+    # learnable ops, not checked against it.
     if scale.device.type == "cpu" and scale.numel() > 0:
         bad = ~(torch.isfinite(scale) & (scale > 0))
         if bool(bad.any()):
             value = scale[bad].flatten()[0].item()
             raise ValueError(f"fakequant: scale must be finite and > 0, got {value}")
-    if zero_point.device.type == "cpu" and zero_point.numel() > 0:
+    if zero_point.device.type == "cpu" and zero_point.numel() > 0 and not zero_point.is_floating_point():
         bad = (zero_point < quant_min) | (zero_point > quant_max)
         if bool(bad.any()):
             value = zero_point[bad].flatten()[0].item()
@@ -153,15 +158,17 @@ def check_fake_quant_args(
     quant_max: int,
     axis: int | None = None,
     check_values: bool = True,
+    learned_zero_point: bool = False,
 ) -> int | None:
-    """Validates fake-quant arguments; returns the normalized axis (None for per-tensor)."""
+    """Validates fake-quant arguments; returns the normalized axis (None for per-tensor). ``learned_zero_point``
+    also accepts a float32 zero point (the learnable ops')."""
     _check_x(x)
     _check_range(quant_min, quant_max)
     channels = None
     if axis is not None:
         axis = normalize_axis(axis, x.dim())
         channels = x.size(axis)
-    _check_qparams(x, scale, zero_point, quant_min, quant_max, channels, check_values)
+    _check_qparams(x, scale, zero_point, quant_min, quant_max, channels, check_values, learned_zero_point)
     return axis
 
 
@@ -475,9 +482,6 @@ def fake_quant_per_group_forward(x, scale, zero_point, group_size, quant_min, qu
 # Learned ranges (LSQ): fake quantization whose backward also gives the scale's (and zero point's) gradient.
 # ---------------------------------------------------------------------------------------------
 
-LEARNABLE_ZERO_POINT_DTYPES = (torch.int32, torch.int64, torch.float32)
-
-
 def check_learnable_args(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -493,27 +497,12 @@ def check_learnable_args(
     ``zero_point`` may be float32 (a learned zero point): it is rounded half to even and clamped to
     ``[quant_min, quant_max]``, as ``torch._fake_quantize_learnable_*`` do; an integer one must lie in the range.
     """
-    _check_x(x)
-    _check_range(quant_min, quant_max)
-    channels = None
-    if axis is not None:
-        axis = normalize_axis(axis, x.dim())
-        channels = x.size(axis)
-    for name, t in (("scale", scale), ("zero_point", zero_point)):
-        if t.device != x.device:
-            raise ValueError(
-                f"fakequant: {name} is on {t.device} but x is on {x.device}; they must be on the same device"
-            )
-    if scale.dtype != torch.float32:
-        raise ValueError(f"fakequant: scale has dtype {scale.dtype}; allowed: float32")
-    if zero_point.dtype not in LEARNABLE_ZERO_POINT_DTYPES:
-        raise ValueError(f"fakequant: zero_point has dtype {zero_point.dtype}; allowed: int32, int64, float32")
-    _check_qparam_shapes(scale, zero_point, channels)
+    axis = check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis, check_values=False,
+                                 learned_zero_point=True)
     if not math.isfinite(grad_factor):
         raise ValueError(f"fakequant: grad_factor must be finite, got {grad_factor}")
-    if check_values:  # a float zero point is clamped into the range, not checked against it
-        checked = zero_point.new_empty(0, dtype=torch.int32) if zero_point.is_floating_point() else zero_point
-        _check_qparam_values(scale, checked, quant_min, quant_max)
+    if check_values:
+        _check_qparam_values(scale, zero_point, quant_min, quant_max)
     return axis
 
 

@@ -843,20 +843,37 @@ def _channel_ranges(
 
 
 @triton.jit
+def _mul_rn(a, b):
+    """``a * b`` rounded to fp32 on its own (PTX's mul.rn, never contracted into an FMA)."""
+    if _INTERPRETED:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+
+
+@triton.jit
+def _sub_rn(a, b):
+    if _INTERPRETED:
+        return a - b
+    else:
+        return tl.inline_asm_elementwise("sub.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+
+
+@triton.jit
+def _add_rn(a, b):
+    if _INTERPRETED:
+        return a + b
+    else:
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+
+
+@triton.jit
 def _moving_average(tracked, observed, averaging_constant):
     """``tracked + (observed - tracked) * c``, each operation rounded to fp32 (no FMA)."""
-    if _INTERPRETED:
-        return tracked + (observed - tracked) * averaging_constant
-    else:
-        difference = tl.inline_asm_elementwise(
-            "sub.rn.f32 $0, $1, $2;", "=r,r,r", [observed, tracked], dtype=tl.float32, is_pure=True, pack=1
-        )
-        step = tl.inline_asm_elementwise(
-            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [difference, averaging_constant], dtype=tl.float32, is_pure=True, pack=1
-        )
-        return tl.inline_asm_elementwise(
-            "add.rn.f32 $0, $1, $2;", "=r,r,r", [tracked, step], dtype=tl.float32, is_pure=True, pack=1
-        )
+    return _add_rn(tracked, _mul_rn(_sub_rn(observed, tracked), averaging_constant))
 
 
 @triton.jit
@@ -1060,17 +1077,6 @@ LEARNABLE_STEPS = 16
 
 
 @triton.jit
-def _mul_rn(a, b):
-    """``a * b`` rounded to fp32 on its own: a product followed by a subtraction would otherwise be contracted
-    into an FMA on a GPU (see _moving_average)."""
-    if _INTERPRETED:
-        return a * b
-    else:
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
-                                         pack=1)  # fmt: skip
-
-
-@triton.jit
 def _fake_quant_learnable_backward_kernel(
     grad_ptr,
     x_ptr,
@@ -1112,7 +1118,7 @@ def _fake_quant_learnable_backward_kernel(
         inside = (q >= qmin) & (q <= qmax)
         below = q < qmin
         above = q > qmax
-        x_fq = _mul_rn(q - zero_point, scale)
+        x_fq = _mul_rn(q - zero_point, scale)  # rounded on its own: x_fq - x would be contracted into an FMA
         in_term = (((x_fq - x) * inv_scale) * grad) * grad_factor
         out_term = (grad * tl.where(below, qmin - zero_point, qmax - zero_point)) * grad_factor
         term = tl.where(inside, in_term, tl.where(below | above, out_term, 0.0))

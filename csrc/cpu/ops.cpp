@@ -67,10 +67,11 @@ void check_qparam_values(const at::Tensor& scale, const at::Tensor& zero_point, 
   if (scale.numel() > kLoopCheckLimit || zero_point.numel() > kLoopCheckLimit) {
     const bool scales_ok = all_within<float>(scale, std::numeric_limits<float>::denorm_min(),
                                              std::numeric_limits<float>::max());
-    const bool zero_points_ok = zero_point.scalar_type() == at::kInt
-                                    ? all_within<int32_t>(zero_point, static_cast<int32_t>(quant_min),
-                                                          static_cast<int32_t>(quant_max))
-                                    : all_within<int64_t>(zero_point, quant_min, quant_max);
+    const bool zero_points_ok = zero_point.is_floating_point() ||
+                                (zero_point.scalar_type() == at::kInt
+                                     ? all_within<int32_t>(zero_point, static_cast<int32_t>(quant_min),
+                                                           static_cast<int32_t>(quant_max))
+                                     : all_within<int64_t>(zero_point, quant_min, quant_max));
     if (scales_ok && zero_points_ok) return;  // else the loop below finds the first bad value for the message
   }
   const int64_t scale_count = scale.numel();
@@ -79,7 +80,8 @@ void check_qparam_values(const at::Tensor& scale, const at::Tensor& zero_point, 
     TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f, "fakequant: scale must be finite and > 0, got ",
                       checks::python_float(s));
   }
-  const int64_t zp_count = zero_point.numel();
+  // A float (learned) zero point is clamped into the range by the learnable ops, not checked against it.
+  const int64_t zp_count = zero_point.is_floating_point() ? 0 : zero_point.numel();
   for (int64_t i = 0; i < zp_count; ++i) {
     const int64_t z = zero_point_at(zero_point, i);
     TORCH_CHECK_VALUE(quant_min <= z && z <= quant_max, "fakequant: zero_point ", z,
@@ -514,9 +516,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_learnable_backward_cpu
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
     std::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
   const int64_t dim = checks::check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor);
+  check_qparam_values(scale, zero_point, quant_min, quant_max);
   const at::Tensor zp = checks::learnable_zero_point(zero_point, quant_min, quant_max);
-  // A learned (float) zero point is clamped into the range rather than checked against it.
-  check_qparam_values(scale, zero_point.scalar_type() == at::kFloat ? zp.new_empty({0}) : zp, quant_min, quant_max);
   checks::check_learnable_grad(grad, x);
   const at::Tensor xd = dense(x);
   const at::Tensor gd = with_layout_of(grad, xd);

@@ -119,10 +119,12 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
                     " is on ", x.device().str(), suffix);
 }
 
-inline void check_zero_point_dtype(const at::Tensor& zero_point) {
-  TORCH_CHECK_VALUE(zero_point.scalar_type() == at::kInt || zero_point.scalar_type() == at::kLong,
-                    "fakequant: zero_point has dtype ", python_dtype(zero_point.scalar_type()),
-                    "; allowed: int32, int64");
+// int32/int64; `learned`: also float32 (a learned zero point, rounded and clamped by the learnable ops).
+inline void check_zero_point_dtype(const at::Tensor& zero_point, bool learned = false) {
+  const at::ScalarType type = zero_point.scalar_type();
+  TORCH_CHECK_VALUE(type == at::kInt || type == at::kLong || (learned && type == at::kFloat),
+                    "fakequant: zero_point has dtype ", python_dtype(type), "; allowed: ",
+                    learned ? "int32, int64, float32" : "int32, int64");
 }
 
 // scale and zero_point shapes. `channels` < 0 means per-tensor (one element each).
@@ -142,18 +144,20 @@ inline void check_qparam_shapes(const at::Tensor& scale, const at::Tensor& zero_
 
 // scale and zero_point: device, dtype and shape. `channels` < 0 means per-tensor (one element each).
 inline void check_qparams(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                          int64_t channels) {
+                          int64_t channels, bool learned_zero_point = false) {
   check_same_device(scale, "scale", x, "x");
   check_same_device(zero_point, "zero_point", x, "x");
   TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "fakequant: scale has dtype ",
                     python_dtype(scale.scalar_type()), "; allowed: float32");
-  check_zero_point_dtype(zero_point);
+  check_zero_point_dtype(zero_point, learned_zero_point);
   check_qparam_shapes(scale, zero_point, channels);
 }
 
-// reference.check_fake_quant_args; returns the normalized axis (-1 for per-tensor).
+// reference.check_fake_quant_args; returns the normalized axis (-1 for per-tensor). `learned_zero_point` also
+// accepts a float32 zero point (the learnable ops').
 inline int64_t check_fake_quant_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                                     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
+                                     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis,
+                                     bool learned_zero_point = false) {
   check_float_input(x, "x");
   check_quant_range(quant_min, quant_max);
   int64_t channels = -1;
@@ -162,7 +166,7 @@ inline int64_t check_fake_quant_args(const at::Tensor& x, const at::Tensor& scal
     normalized = normalize_axis(*axis, x.dim());
     channels = x.size(normalized);
   }
-  check_qparams(x, scale, zero_point, channels);
+  check_qparams(x, scale, zero_point, channels, learned_zero_point);
   return normalized;
 }
 
@@ -171,22 +175,8 @@ inline int64_t check_fake_quant_args(const at::Tensor& x, const at::Tensor& scal
 inline int64_t check_learnable_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                                     std::optional<int64_t> axis, int64_t quant_min, int64_t quant_max,
                                     double grad_factor) {
-  check_float_input(x, "x");
-  check_quant_range(quant_min, quant_max);
-  int64_t channels = -1;
-  int64_t normalized = -1;
-  if (axis.has_value()) {
-    normalized = normalize_axis(*axis, x.dim());
-    channels = x.size(normalized);
-  }
-  check_same_device(scale, "scale", x, "x");
-  check_same_device(zero_point, "zero_point", x, "x");
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat, "fakequant: scale has dtype ",
-                    python_dtype(scale.scalar_type()), "; allowed: float32");
-  const at::ScalarType zp_type = zero_point.scalar_type();
-  TORCH_CHECK_VALUE(zp_type == at::kInt || zp_type == at::kLong || zp_type == at::kFloat,
-                    "fakequant: zero_point has dtype ", python_dtype(zp_type), "; allowed: int32, int64, float32");
-  check_qparam_shapes(scale, zero_point, channels);
+  const int64_t normalized = check_fake_quant_args(x, scale, zero_point, quant_min, quant_max, axis,
+                                                   /*learned_zero_point=*/true);
   TORCH_CHECK_VALUE(std::isfinite(grad_factor), "fakequant: grad_factor must be finite, got ",
                     python_float(grad_factor));
   return normalized;
