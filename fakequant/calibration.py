@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fakequant.qparams import choose_qparams
 from fakequant.quantizers.qat import QAT_Quantizer
 
 __all__ = ["calibrate", "OBSERVERS"]
@@ -152,13 +151,5 @@ def calibrate(
         observed = recorder.range()
         if observed is None:
             continue  # the tensor never appeared in a forward pass: it stays float, as QAT leaves it
-        layer = quantizer.layers[name]
-        spec = layer.config.specs[quant_type]
-        tracked = layer.buffer(quant_type + "_range")
-        tracked.copy_(torch.stack(observed).to(tracked))
-        scale, zero_point = choose_qparams(tracked[0], tracked[1], spec.quant_min, spec.quant_max, spec.symmetric)
-        layer.buffer(quant_type + "_scale").copy_(scale)
-        layer.buffer(quant_type + "_zero_point").copy_(zero_point)
-        layer.buffer(quant_type + "_observed").fill_(1)
-        layer.observed[quant_type] = True
+        quantizer.set_activation_range(quantizer.layers[name], quant_type, *observed)
     return quantizer

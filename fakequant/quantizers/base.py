@@ -640,17 +640,22 @@ class EmaRangeQuantizer(Quantizer):
             layer = self.layers[name]
             for quant_type in layer.config.quant_types:
                 low, high = record.get(f"tracked_min_{quant_type}"), record.get(f"tracked_max_{quant_type}")
-                if quant_type == "weight" or low is None or high is None:
-                    continue
-                spec = layer.config.specs[quant_type]
-                tracked = layer.buffer(quant_type + "_range")
-                tracked.copy_(torch.tensor([float(low), float(high)]))
-                scale, zero_point = choose_qparams(tracked[0], tracked[1], spec.quant_min, spec.quant_max,
-                                                   spec.symmetric)  # fmt: skip
-                layer.buffer(quant_type + "_scale").copy_(scale)
-                layer.buffer(quant_type + "_zero_point").copy_(zero_point)
-                layer.buffer(quant_type + "_observed").fill_(1)
-                layer.observed[quant_type] = True
+                if quant_type != "weight" and low is not None and high is not None:
+                    self.set_activation_range(layer, quant_type, torch.tensor(float(low)), torch.tensor(float(high)))
+
+    def set_activation_range(
+        self, layer: QuantizedLayer, quant_type: str, low: torch.Tensor, high: torch.Tensor
+    ) -> None:
+        """Makes ``[low, high]`` the tracked range of ``layer``'s input or output, with the scale and zero point
+        that follow (SPEC §2), as if it had been observed: what calibration and loaded records set."""
+        spec = layer.config.specs[quant_type]
+        tracked = layer.buffer(quant_type + "_range")
+        tracked.copy_(torch.stack([low, high]).to(tracked))
+        scale, zero_point = choose_qparams(tracked[0], tracked[1], spec.quant_min, spec.quant_max, spec.symmetric)
+        layer.buffer(quant_type + "_scale").copy_(scale)
+        layer.buffer(quant_type + "_zero_point").copy_(zero_point)
+        layer.buffer(quant_type + "_observed").fill_(1)
+        layer.observed[quant_type] = True
 
     def _fake_quant_activation(
         self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor, relu: bool = False

@@ -8,6 +8,7 @@ default for inputs and outputs) learn their zero point too (LSQ+, Bhalgat et al.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -16,9 +17,9 @@ from torch import nn
 
 from fakequant import functional
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import PerChannel, PerGroup, PerTensor, QuantSpec
+from fakequant.qparams import PerChannel, PerGroup
 from fakequant.quantizers.base import QuantizedLayer, Quantizer
-from fakequant.quantizers.config import AlgorithmRules
+from fakequant.quantizers.qat import QAT_Quantizer
 
 __all__ = ["LsqQuantizer"]
 
@@ -61,19 +62,8 @@ class LsqQuantizer(Quantizer):
         2
     """
 
-    rules = AlgorithmRules(
-        name="LsqQuantizer",
-        keys=("quant_scheme", "quant_dtype", "granularity"),
-        quant_types=("weight", "input", "output"),
-        min_bits=2,
-        max_bits=16,
-        default_bits=8,
-        default_specs={
-            "weight": QuantSpec(signed=True, symmetric=True, granularity=PerTensor()),
-            "input": QuantSpec(signed=False, symmetric=False),
-            "output": QuantSpec(signed=False, symmetric=False),
-        },
-    )
+    # QAT_Quantizer's keys, widths and defaults: signed symmetric per-tensor weights, unsigned affine activations.
+    rules = dataclasses.replace(QAT_Quantizer.rules, name="LsqQuantizer")
 
     def __init__(
         self,
