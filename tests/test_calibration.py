@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fakequant
-from tests.test_digits_accuracy import BATCH, cnn
+from tests.test_digits_accuracy import BATCH, cnn, digits_split
 
 CONFIG = [
     {"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
@@ -21,14 +21,7 @@ CONFIG = [
 @pytest.fixture(scope="module")
 def trained():
     """A float CNN trained on digits (8 epochs of Adam, 1 thread), and the data."""
-    from sklearn import datasets
-
-    data = datasets.load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    x_train, y_train, x_test, y_test = images[order[:1347]], labels[order[:1347]], images[order[1347:]], labels[
-        order[1347:]]  # fmt: skip
+    x_train, y_train, x_test, y_test = digits_split()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)

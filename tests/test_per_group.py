@@ -9,6 +9,7 @@ from torch import nn
 
 import fakequant
 from fakequant import reference
+from tests.test_digits_accuracy import digits_split
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -168,13 +169,7 @@ def train_mlp(quantizer: str | None, digits, epochs: int = 10, lr: float = 3e-3)
 @pytest.mark.slow
 def test_4bit_per_group_mlp_trains_within_one_point_of_fp32():
     # Measured 2026-12-06 (1 thread): FP32 98.00%, QAT_Quantizer 4-bit PerGroup(32) 97.78%, LsqQuantizer 97.78%.
-    from sklearn import datasets
-
-    data = datasets.load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    digits = images[order[:1347]], labels[order[:1347]], images[order[1347:]], labels[order[1347:]]
+    digits = digits_split()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
