@@ -47,6 +47,8 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python bench/gpu_check.py` puts bench/ first; bench.run is imported from the root
 NO_GPU_STATUS = 3
 DEFAULT_BUDGET_S = 450
 SETUP_DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # setup.py's DEFAULT_CUDA_ARCH_LIST; tests/test_gpu_check.py keeps them equal
@@ -302,9 +304,8 @@ def describe(step: Step) -> str:
             counts = {v: verdicts.count(v) for v in ("met", "MISSED", "DEFECT")}
             return "GPU bandwidth targets: " + ", ".join(f"{n} {v}" for v, n in counts.items())
     for line in reversed(text.splitlines()):
-        if line.startswith(("kernel smoke:", "========= ERROR SUMMARY", "wrote ", "exported ")) or "Error" in line:
-            return line.strip()[:300]
-        if " collected in " in line or line.startswith("no tests ran"):
+        found = line.startswith(("kernel smoke:", "========= ERROR SUMMARY", "wrote ", "exported ", "no tests ran"))
+        if found or "Error" in line or " collected in " in line:
             return line.strip()[:300]
     return ""
 
@@ -354,7 +355,6 @@ def bench_section(out: Path, device: str, dtype: str) -> list[str]:
     """The benchmark rows at the two largest sizes, with the GPU targets, from the newest run of ``dtype``."""
     import re
 
-    sys.path.insert(0, str(ROOT))
     from bench import run as bench_run
 
     # bench/run.py names a run <date>_<time>[-quick][-<device>][-<dtype>], the float32 and cpu parts left out.

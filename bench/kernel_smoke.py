@@ -137,9 +137,9 @@ def cases(device: str, generator: torch.Generator) -> Iterator[tuple[str, str, t
 REFERENCE = {**_ops.DEFAULT_KERNELS, "fake_quant_per_group": reference.fake_quant_per_group_forward}
 
 
-def call(op, args: tuple) -> tuple[torch.Tensor, ...]:
+def call(name: str, op, args: tuple) -> tuple[torch.Tensor, ...]:
     """The op's outputs; for observe_range, which returns nothing, the state it writes (on copies)."""
-    if args and len(args) == 11:  # observe_range
+    if name == "observe_range":
         state = [t.clone() for t in args[1:4]]
         op(args[0], *state, *args[4:])
         return tuple(state)
@@ -190,9 +190,9 @@ def main(argv=None) -> int:
     for label, name, op_args in cases(args.device, generator):
         count += 1
         try:
-            got = call(getattr(torch.ops.fakequant, name), op_args)
+            got = call(name, getattr(torch.ops.fakequant, name), op_args)
             cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in op_args)
-            want = call(REFERENCE[name], cpu_args)
+            want = call(name, REFERENCE[name], cpu_args)
             problem = compare(name, got, want, sum_tolerance(name, cpu_args))
         except Exception as error:  # noqa: BLE001  (report every failing case, not only the first)
             problem = f"{type(error).__name__}: {error}"
