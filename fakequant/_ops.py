@@ -188,8 +188,9 @@ def observe_range_default(
 
 
 def fake_quant_learnable_default(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
-    # Composite: the per-tensor / per-channel op of whichever backend is chosen, without a mask.
-    reference.check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+    # Composite: the per-tensor / per-channel op of whichever backend is chosen, without a mask. The values of the
+    # scale and of an integer zero point are checked by that op (a learned one is clamped into the range first).
+    reference.check_learnable_args(x, scale, zero_point, axis, quant_min, quant_max, grad_factor, check_values=False)
     zero_point = reference.learnable_zero_point(zero_point, quant_min, quant_max)
     if axis is None:
         return torch.ops.fakequant.fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max, False)[0]
