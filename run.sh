@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The project's entry points. On a fresh clone with only python3 and pip, each command installs what
-# it needs (requirements.txt; requirements-dev.txt for test and bench), then builds fakequant._C in place.
+# it needs (requirements.txt; requirements-dev.txt for test and bench), builds fakequant._C in place, and
+# installs the checkout in editable mode, so that `python examples/...`, `python bench/...` and
+# `python tools/...` then run as written from the repository root, in any shell.
 #   bash run.sh demo    the main job
 #   bash run.sh test    the test suite (what CI runs)
 #   bash run.sh bench   the benchmark table (bench/run.py; --quick for a short run)
 #   bash run.sh setup   install and build only
 #   bash run.sh gpu-check   on a machine with a CUDA GPU: build for it, then tests, sanitizer, benchmarks and
 #                           ResNet-50 steps into $GPU_CHECK_OUT (default gpu-check/); installs nothing, and
-#                           without a GPU exits at once (status 3) saying what it needs (bench/gpu_check.py)
+#                           without a GPU exits at once (status 3) saying what it needs (tools/gpu_check.py)
 # Each stage prints one line and keeps its full output in build/*.log; a run with nothing to install or build
 # prints nothing about either.
 set -euo pipefail
@@ -49,10 +51,57 @@ build_extension() {  # ninja in build/ rebuilds only what changed; skipped when 
   touch fakequant/_C*.so  # ninja leaves an up-to-date library untouched; the check above compares with it
 }
 
+install_checkout() {  # an editable install: a .pth file in $PYTHON's site-packages finds fakequant in this checkout
+  # Not `pip install -e .`: that compiles fakequant._C again in a throwaway build folder on every install, where
+  # the in-place build above reuses build/ (ninja). The .pth finds only the package, as pip's editable finder does,
+  # and after the entries of sys.path (PYTHONPATH, the script's folder), which keep their precedence.
+  "$PYTHON" - "$PWD" <<'PYTHON' || exit 1
+import os, site, subprocess, sys, sysconfig
+
+root = os.path.realpath(sys.argv[1])
+# site.py exec()s a .pth line that starts with "import"; the lambda looks up only builtins and its argument.
+line = ("import sys; sys.meta_path.append(type('FakequantCheckout', (), {'find_spec': staticmethod(lambda name, "
+        "path=None, target=None: __import__('importlib.machinery').machinery.PathFinder.find_spec(name, [%r]) "
+        "if name == 'fakequant' else None)})())\n" % root)
+folders = [sysconfig.get_paths()["purelib"]] + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+paths = [os.path.join(folder, "fakequant-checkout.pth") for folder in folders]
+for path in paths:
+    try:
+        with open(path) as f:
+            if f.read() == line:
+                sys.exit(0)  # installed, from this checkout
+    except OSError:
+        pass
+written = None
+for path in paths:
+    try:
+        if written is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(line)
+            written = path
+        elif os.path.exists(path):
+            os.remove(path)  # another checkout's, which would be found first
+    except OSError:
+        continue
+if written is None:
+    sys.exit(f"run.sh: cannot write fakequant-checkout.pth into {' or '.join(folders)}; "
+             "install with `pip install --no-build-isolation -e .` instead")
+print(f"installing this checkout for {sys.executable} (editable: {written}; rm it to undo)")
+check = "import importlib.util as u; s = u.find_spec('fakequant'); print(s.origin if s else '')"
+found = subprocess.run([sys.executable, "-E", "-c", check], cwd=os.path.abspath(os.sep), capture_output=True,
+                       text=True).stdout.strip()
+if found != os.path.join(root, "fakequant", "__init__.py"):
+    sys.exit(f"run.sh: a new `import fakequant` finds {found or 'nothing'}, not this checkout; "
+             "`pip uninstall fakequant` removes an installed copy")
+PYTHON
+}
+
 setup() {  # setup <requirements file>
   mkdir -p "$LOGS"
   install_requirements "$1"
   build_extension
+  install_checkout
 }
 
 case "${1:-}" in
@@ -60,6 +109,6 @@ case "${1:-}" in
   demo) setup requirements.txt; "$PYTHON" examples/digits.py "${@:2}" ;;
   test) setup requirements-dev.txt; "$PYTHON" -m pytest tests "${@:2}" ;;
   bench) setup requirements-dev.txt; "$PYTHON" bench/run.py "${@:2}" ;;
-  gpu-check) "$PYTHON" bench/gpu_check.py "${@:2}" ;;
+  gpu-check) "$PYTHON" tools/gpu_check.py "${@:2}" ;;
   *) echo "usage: bash run.sh demo|test|bench|setup|gpu-check [args]" >&2; exit 2 ;;
 esac

@@ -12,6 +12,7 @@ import torch
 import fakequant
 from bench import common
 from fakequant import reference
+from tests import autograd_reference
 
 
 def make_inputs(case: common.Case) -> common.Inputs:
@@ -31,7 +32,7 @@ def reference_forward(i, compute_mask):
 
 
 def reference_differentiable(i):
-    return reference.binarize(i.x, clipped_ste=True)
+    return autograd_reference.binarize(i.x, clipped_ste=True)
 
 
 def nni_differentiable(i):

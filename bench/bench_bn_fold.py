@@ -4,8 +4,7 @@ torch.compile of it, copy. PyTorch and NNI have no fused fold; the composition i
 Sizes: the 2^16..2^24 sweep as (256, n / 256) weights and the ResNet-50 conv weights. forward+backward
 differentiates the weight and gamma (the running variance is a buffer); it moves 20 B/element for fp32:
 the forward writes no mask, and the backward reads the weight (for gamma's gradient) and recomputes the mask
-from it. Issue 5's target: 256x256x3x3 forward+backward
-at most 0.5 ms.
+from it. Target: 256x256x3x3 forward+backward at most 0.5 ms.
 
     python bench/run.py --ops bn_fold
     python -m pytest bench/bench_bn_fold.py --benchmark-only
@@ -18,6 +17,7 @@ import torch
 import fakequant
 from bench import common
 from fakequant import reference
+from tests import autograd_reference
 
 QUANT_MIN, QUANT_MAX = -127, 127
 EPS = 1e-5
@@ -53,20 +53,22 @@ def reference_forward(i, compute_mask):
 
 
 def reference_differentiable(i):
-    return reference.bn_fold_fake_quant_weight(i.x, i.gamma, i.var, EPS, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX)
+    return autograd_reference.bn_fold_fake_quant_weight(
+        i.x, i.gamma, i.var, EPS, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX
+    )
 
 
 def _folded(weight, gamma, var):
-    return weight.float() * reference._channel_view(reference.bn_fold_factor(gamma, var, EPS), 0, weight.dim())
+    return weight.float() * reference.channel_view(reference.bn_fold_factor(gamma, var, EPS), 0, weight.dim())
 
 
 def composition_forward(i, compute_mask):
     # The reference's value checks read tensor values (a graph break); torch.compile gets the arithmetic only.
     ndim = i.x.dim()
-    return reference._fake_quant_values(
+    return reference.fake_quant_values(
         _folded(i.x, i.gamma, i.var),
-        reference._channel_view(i.scale, 0, ndim),
-        reference._channel_view(i.zero_point, 0, ndim),
+        reference.channel_view(i.scale, 0, ndim),
+        reference.channel_view(i.zero_point, 0, ndim),
         QUANT_MIN,
         QUANT_MAX,
         compute_mask,

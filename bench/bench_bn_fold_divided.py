@@ -17,6 +17,7 @@ import fakequant
 from bench import common
 from bench.bench_bn_fold import CASES, EPS, QUANT_MAX, QUANT_MIN, make_inputs
 from fakequant import reference
+from tests import autograd_reference
 
 
 def fused_forward(i, compute_mask):
@@ -38,23 +39,23 @@ def reference_forward(i, compute_mask):
 
 
 def reference_differentiable(i):
-    return reference.bn_fold_fake_quant_weight(
+    return autograd_reference.bn_fold_fake_quant_weight(
         i.x, i.gamma, i.var, EPS, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX, True
     )
 
 
 def _factor(i):
-    return reference._channel_view(reference.bn_fold_training_factor(i.gamma, i.var, EPS), 0, i.x.dim())
+    return reference.channel_view(reference.bn_fold_training_factor(i.gamma, i.var, EPS), 0, i.x.dim())
 
 
 def composition_forward(i, compute_mask):
     # The reference's value checks read tensor values (a graph break); torch.compile gets the arithmetic only.
     ndim = i.x.dim()
     factor = _factor(i)
-    out, mask = reference._fake_quant_values(
+    out, mask = reference.fake_quant_values(
         i.x.float() * factor,
-        reference._channel_view(i.scale, 0, ndim),
-        reference._channel_view(i.zero_point, 0, ndim),
+        reference.channel_view(i.scale, 0, ndim),
+        reference.channel_view(i.zero_point, 0, ndim),
         QUANT_MIN,
         QUANT_MAX,
         compute_mask,
@@ -69,8 +70,8 @@ def composition_differentiable(i):
     factor = _factor(i)
     folded = i.x.float() * factor
     ndim = i.x.dim()
-    quantized, _ = reference._fake_quant_values(
-        folded.detach(), reference._channel_view(i.scale, 0, ndim), reference._channel_view(i.zero_point, 0, ndim),
+    quantized, _ = reference.fake_quant_values(
+        folded.detach(), reference.channel_view(i.scale, 0, ndim), reference.channel_view(i.zero_point, 0, ndim),
         QUANT_MIN, QUANT_MAX, False, torch.float32,
     )
     return (common.straight_through(quantized, mask, folded) / factor).to(i.x.dtype)

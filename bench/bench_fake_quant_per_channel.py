@@ -12,6 +12,7 @@ import torch
 import fakequant
 from bench import common
 from fakequant import reference
+from tests import autograd_reference
 
 QUANT_MIN, QUANT_MAX = -128, 127
 # Output channels of the flat sweep: 256 is a typical conv width, and leaves 256 elements per row at 2^16.
@@ -41,15 +42,15 @@ def reference_forward(i, compute_mask):
 
 
 def reference_differentiable(i):
-    return reference.fake_quant_per_channel(i.x, i.scale, i.zero_point, i.axis, QUANT_MIN, QUANT_MAX)
+    return autograd_reference.fake_quant_per_channel(i.x, i.scale, i.zero_point, i.axis, QUANT_MIN, QUANT_MAX)
 
 
 def composition_forward(i, compute_mask):
     ndim = i.x.dim()
-    return reference._fake_quant_values(
+    return reference.fake_quant_values(
         i.x.float(),
-        reference._channel_view(i.scale, i.axis, ndim),
-        reference._channel_view(i.zero_point, i.axis, ndim),
+        reference.channel_view(i.scale, i.axis, ndim),
+        reference.channel_view(i.zero_point, i.axis, ndim),
         QUANT_MIN,
         QUANT_MAX,
         compute_mask,
@@ -70,8 +71,8 @@ def nni_differentiable(i):
     from nni.compression.base.apply_method import QATClampRound
 
     ndim = i.x.dim()
-    scale = reference._channel_view(i.scale, i.axis, ndim)
-    zero_point = reference._channel_view(i.zero_point.float(), i.axis, ndim)
+    scale = reference.channel_view(i.scale, i.axis, ndim)
+    zero_point = reference.channel_view(i.zero_point.float(), i.axis, ndim)
     return QATClampRound.apply(i.x, common.nni_target_space(scale, zero_point, QUANT_MIN, QUANT_MAX, output=False))
 
 

@@ -2,7 +2,7 @@
 composition, ``torch.fake_quantize_per_channel_affine`` of the same grouped view, torch.compile, copy.
 
 Sizes: the 2^16..2^24 sweep as ``(1024, n / 1024)`` Linear weights (scales ``(1024, n / 1024 / 128)``).
-Issue 15's target: the per-channel op's factors of the copy (1.1x forward, 1.25x with the mask, 3x
+Target: the per-channel op's factors of the copy (1.1x forward, 1.25x with the mask, 3x
 forward+backward at 2^22 fp32, 2 threads).
 
     python bench/run.py --ops per_group
@@ -15,6 +15,7 @@ import torch
 import fakequant
 from bench import common
 from fakequant import reference
+from tests import autograd_reference
 
 QUANT_MIN, QUANT_MAX = -8, 7
 ROWS, GROUP_SIZE = 1024, 128
@@ -44,7 +45,7 @@ def reference_forward(i, compute_mask):
 
 def reference_differentiable(i):
     view = reference.per_group_view(i.x, GROUP_SIZE)
-    out = reference.fake_quant_per_channel(view, i.scale.reshape(-1), i.zero_point.reshape(-1), 0, QUANT_MIN,
+    out = autograd_reference.fake_quant_per_channel(view, i.scale.reshape(-1), i.zero_point.reshape(-1), 0, QUANT_MIN,
                                            QUANT_MAX)  # fmt: skip
     return out.reshape(i.x.shape)
 
@@ -58,7 +59,7 @@ def torch_differentiable(i):
 
 def composition_forward(i, compute_mask):
     view = i.x.reshape(-1, GROUP_SIZE).float()
-    out, mask = reference._fake_quant_values(view, i.scale.reshape(-1, 1), i.zero_point.reshape(-1, 1), QUANT_MIN,
+    out, mask = reference.fake_quant_values(view, i.scale.reshape(-1, 1), i.zero_point.reshape(-1, 1), QUANT_MIN,
                                              QUANT_MAX, compute_mask, i.x.dtype)  # fmt: skip
     return out.reshape(i.x.shape), mask
 

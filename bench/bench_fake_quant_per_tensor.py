@@ -2,7 +2,7 @@
 
 Sizes: the 2^16..2^24 sweep (1-D), ResNet-50 activations (batch 8, NCHW: per-tensor is how activations are
 quantized) and, in full runs, ResNet-50 weights. GB/s counts the bytes each mode must move at least (forward
-8 B/element without the mask, 9 with it, forward+backward 18; see bench/common.py). Issue 2's targets (2^22,
+8 B/element without the mask, 9 with it, forward+backward 18; see bench/common.py). Targets (2^22,
 same run): forward within 1.1x of the copy without the mask and 1.25x with it, forward+backward within 3x.
 
     python bench/run.py --ops per_tensor
@@ -16,6 +16,7 @@ import torch
 import fakequant
 from bench import common
 from fakequant import reference
+from tests import autograd_reference
 
 QUANT_MIN, QUANT_MAX = -128, 127
 
@@ -39,12 +40,12 @@ def reference_forward(i, compute_mask):
 
 
 def reference_differentiable(i):
-    return reference.fake_quant_per_tensor(i.x, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX)
+    return autograd_reference.fake_quant_per_tensor(i.x, i.scale, i.zero_point, QUANT_MIN, QUANT_MAX)
 
 
 def composition_forward(i, compute_mask):
     # The reference's value checks read tensor values (a graph break); torch.compile gets the arithmetic only.
-    return reference._fake_quant_values(
+    return reference.fake_quant_values(
         i.x.float(), i.scale.reshape(()), i.zero_point.reshape(()), QUANT_MIN, QUANT_MAX, compute_mask, i.x.dtype
     )
 

@@ -4,7 +4,7 @@
 ReLU outputs (8 bits). Variants: ``qat`` (compiled kernels, Conv+BN pairs folded, the default),
 ``qat-reference`` (the same on the reference kernels), ``qat-nofold`` (``bn_folding=False``) and
 ``qat-fold-frozen`` (BN statistics frozen from step 0). Targets: the QAT step without folding costs at most
-1.10x the FP32 step (issue 4), with folding at most 1.15x (issue 5).
+1.10x the FP32 step, with folding at most 1.15x.
 
 Run with pytest-benchmark::
 
@@ -15,50 +15,28 @@ or, for one interleaved table with the ratios (less sensitive to a machine whose
     python bench/bench_qat_step.py [rounds] [--default-malloc]   # FAKEQUANT_BENCH_THREADS=1 for one thread
 
 Both ways call ``fakequant.retain_freed_memory()`` first, through ``bench/common.py`` as the op benchmarks do
-(since 2026-12-01; ``--default-malloc`` or ``FAKEQUANT_BENCH_DEFAULT_MALLOC=1`` skips it): with glibc's defaults,
-how often each variant page-faults its freed memory back in depends on the other variants in the process.
-2026-12-01 02:53-02:58 UTC, four runs of ``60`` rounds: folded 1.124x to 1.128x, not folded 1.068x to 1.081x;
-with ``--default-malloc`` (02:53) 1.138x and 1.092x. The numbers below are from before, with glibc's defaults.
-
-Measured 2026-11-30 23:09 UTC on the 2-core AMD EPYC VM while it was otherwise idle, ``python
-bench/bench_qat_step.py 40`` three times (and ``20`` rounds at 1 thread), compiled CPU kernels; each cell is the
-median of the per-round ratios to the FP32 step of the same round (the ratio of the medians differs by up to
-0.016):
-
-=======================  ===========================  ==================
-variant                  2 threads (three runs)       1 thread
-=======================  ===========================  ==================
-fp32                     26.5 ms, 26.6 ms, 28.1 ms    45.5 ms
-qat (BN folded)          1.131x, 1.140x, 1.130x       1.105x
-qat-reference            1.94x, 2.11x, 2.01x          1.92x
-qat-nofold               1.081x, 1.104x, 1.098x       1.082x
-qat-fold-frozen          0.92x, 0.93x, 0.92x          0.87x
-=======================  ===========================  ==================
-
-On 2026-12-01, after the faster range observation and the AVX-512 kernels, ten runs of ``60`` rounds between
-00:11 and 02:02 UTC gave 1.121x to 1.141x with folding and 1.074x to 1.105x without (the two 1.105x at 01:55,
-when FP32 itself was slower); one thread (01:56): 1.108x and 1.075x.
-
-Half an hour after these (23:37-23:40, 60 and 100 rounds, seven runs, two of them on a build of the 23:09
-commit alternating with the current one) the same measurement gave 1.142x to 1.155x with folding and 1.086x to
-1.109x without, for both commits: the machine moved, not the code, and both targets (1.15x with folding, issue 5;
-1.10x without, issue 4) sit within the run-to-run spread of this VM. At the start of that day two runs (30
-rounds, ratios of medians) gave 1.230x and 1.231x with folding, 1.071x and 1.134x without (on 2026-11-22, on an
-Intel VM: 1.40x and 1.31x). What remains is split about evenly between the weights (three small ops and the
-parametrization's Python per layer and step) and the activations (one range pass and the mask of the quantized
-ReLU outputs), plus BN's own cost in the folded variant.
+(``--default-malloc`` or ``FAKEQUANT_BENCH_DEFAULT_MALLOC=1`` skips it): with glibc's defaults, how often each
+variant page-faults its freed memory back in depends on the other variants in the process. Each ratio is the
+median of the per-round ratios to the FP32 step of the same round. docs/benchmarks.md has the measured results
+and how they move from run to run.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import fakequant
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python bench/bench_qat_step.py` puts bench/ first; bench.common is in the root
+
+import fakequant  # noqa: E402
 
 BATCH = 32
 THREADS = int(os.environ.get("FAKEQUANT_BENCH_THREADS", "2"))
@@ -200,7 +178,7 @@ def _bench(benchmark, variant: str) -> None:
         benchmark.extra_info.update(
             variant=variant, extension_loaded=fakequant.extension_loaded(), freed_memory_retained=retained
         )
-        # 10 rounds: a round takes 0.2 s (1 thread) to 4 s (2 contended threads) on the shared machine
+        # 10 rounds: a round takes seconds on a contended machine, and the interleaved run is the precise one
         benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
     finally:
         fakequant.set_backend("auto")
@@ -251,7 +229,6 @@ def interleaved(rounds: int = 30) -> dict[str, list[float]]:
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
-    from pathlib import Path
 
     parser = argparse.ArgumentParser(description="QAT training-step variants of a small ResNet, interleaved")
     parser.add_argument("rounds", nargs="?", type=int, default=30, help="rounds of every variant (default 30)")

@@ -45,7 +45,9 @@ import pytest
 import torch
 
 import fakequant
-from fakequant import _backend, reference
+from bench.providers import rank
+from fakequant import _backend
+from tests import autograd_reference
 
 THREADS = int(os.environ.get("FAKEQUANT_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
@@ -64,17 +66,15 @@ def _dtype_from_environment() -> torch.dtype:
 
 DTYPE = _dtype_from_environment()
 # Every provider allocates its outputs on every call; with glibc's defaults a freed 2^22-element (16 MiB) output
-# is often, and a 2^24 one always, returned to the kernel and page-faulted in again on the next call, which
-# measured 530 us for a 2^22 clone against 187 us retained, and 16.7 ms against 1.4 ms at 2^24 (2026-12-01): the
-# table would time the page faults. FAKEQUANT_BENCH_DEFAULT_MALLOC=1 keeps glibc's defaults.
+# is often, and a 2^24 one always, returned to the kernel and page-faulted in again on the next call, so the
+# table would time the page faults (docs/benchmarks.md, "Numbers once quoted in bench comments", has how much).
+# FAKEQUANT_BENCH_DEFAULT_MALLOC=1 keeps glibc's defaults.
 FREED_MEMORY_RETAINED = (
     os.environ.get("FAKEQUANT_BENCH_DEFAULT_MALLOC", "") in ("", "0") and fakequant.retain_freed_memory()
 )
 
 MODES = ("fwd", "fwd+mask", "fwd+bwd")
 COPY_MODE = "copy"
-PROVIDER_ORDER = ("copy", "fakequant", "reference", "torch", "compile", "nni")
-
 
 
 def _sizes_from_environment() -> tuple[int, ...] | None:
@@ -155,9 +155,9 @@ def _shape_label(prefix: str, shape: Sequence[int]) -> str:
 # conv (layer4), 2048x512x1x1 the largest 1x1 expansion, 1000x2048 the classifier.
 RESNET50_WEIGHT_SHAPES = ((64, 64, 3, 3), (256, 256, 3, 3), (512, 512, 3, 3), (2048, 512, 1, 1), (1000, 2048))
 # ResNet-50 activations for a batch of 8 224x224 images (NCHW): the stem output, a layer1 output (6.4M
-# elements each, 25.7 MB) and the last stage. Batch 32 (103 MB each) takes minutes per op on 2 cores.
+# elements each, 25.7 MB) and the last stage; batch 32 (103 MB each) would make a full run far longer.
 RESNET50_ACTIVATION_SHAPES = ((8, 64, 112, 112), (8, 256, 56, 56), (8, 2048, 7, 7))
-QUICK_WEIGHT_SHAPES = ((256, 256, 3, 3),)  # issue 5 states its BN-fold target on this shape
+QUICK_WEIGHT_SHAPES = ((256, 256, 3, 3),)  # the BN fold's target is stated on this shape (bench_bn_fold.py)
 QUICK_ACTIVATION_SHAPES = ((8, 256, 56, 56),)
 
 
@@ -361,6 +361,7 @@ class OpBench:
             rows.append(("compile", modes + (("fwd+bwd",) if self.composition_differentiable else ())))
         if self.nni_differentiable is not None and NNI:
             rows.append(("nni", ("fwd", "fwd+bwd")))
+        rows.sort(key=lambda row: rank(row[0]))  # bench/providers.py's order; stable, so variants keep theirs
         return [(p, m) for p, m in rows if selected(p)]
 
     def params(self) -> list:
@@ -571,7 +572,7 @@ def interleaved(
 
 def straight_through(out: torch.Tensor, mask: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """``out`` in the forward pass; the gradient reaches ``source`` where ``mask`` holds (the reference's STE)."""
-    return reference._StraightThrough.apply(out, reference._masked_source(source, mask))
+    return autograd_reference._StraightThrough.apply(out, autograd_reference._masked_source(source, mask))
 
 
 def qparams_like(x: torch.Tensor, axis: int | None, quant_min: int = -128, quant_max: int = 127, seed: int = 0):

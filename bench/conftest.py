@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-# The targets (issue 2) are stated for 2 threads: the machine's core count, and a fixed number keeps runs
+# The targets are stated for 2 threads: the development machine's core count, and a fixed number keeps runs
 # comparable when the benchmarks run elsewhere. FAKEQUANT_BENCH_THREADS overrides it (with 1 thread,
 # --benchmark-timer=time.thread_time measures CPU time, which a busy machine disturbs less than wall time).
 THREADS = int(os.environ.get("FAKEQUANT_BENCH_THREADS", "2"))

@@ -20,13 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import run as bench_run  # noqa: E402
+from bench import report  # noqa: E402
+from bench.providers import PROVIDERS  # noqa: E402
 
-PROVIDERS = {"fakequant": "fakequant", "torch": "torch.fake_quantize_*", "compile": "torch.compile(reference)",
-             "nni": "NNI 3.0", "reference": "PyTorch ops (reference)"}  # fmt: skip
+# The bars of the left panel: every provider but the copy (the dashed line), in the table's order.
+BARS = {provider: label for provider, label in PROVIDERS.items() if provider != "copy"}
+# Training-step variant -> (its label, the provider whose colour it takes on the left).
 STEP_VARIANTS = {
-    "qat": "fakequant QAT\n(BN folded)", "qat-nofold": "fakequant QAT\n(no folding)",
-    "qat-nni": "NNI 3.0 QAT\n(no folding)", "qat-reference": "QAT on PyTorch ops\n(BN folded)",
+    "qat": ("fakequant QAT\n(BN folded)", "fakequant"), "qat-nofold": ("fakequant QAT\n(no folding)", "fakequant"),
+    "qat-nni": ("NNI 3.0 QAT\n(no folding)", "nni"), "qat-reference": ("QAT on PyTorch ops\n(BN folded)", "reference"),
 }  # fmt: skip
 
 
@@ -43,19 +45,20 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, _ = bench_run.load_rows(args.ops_json)
-    rows = [r for r in bench_run.derive(rows) if r["size"] == args.size and r["mode"] == "fwd+bwd"]
+    rows, _ = report.load_rows(args.ops_json)
+    rows = [r for r in report.derive(rows) if r["size"] == args.size and r["mode"] == "fwd+bwd"]
     meta = json.loads(args.ops_json.with_suffix(".meta.json").read_text())
     ops = list(dict.fromkeys(r["op"] for r in rows))
     step = json.loads(args.step_json.read_text())
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2, 1.1]})
-    width = 0.8 / len(PROVIDERS)
-    for i, (provider, label) in enumerate(PROVIDERS.items()):
+    colors = {provider: f"C{i}" for i, provider in enumerate(BARS)}
+    width = 0.8 / len(BARS)
+    for i, (provider, label) in enumerate(BARS.items()):
         values = {r["op"]: r["x_copy"] for r in rows if r["provider"] == provider}
-        xs = [k + (i - (len(PROVIDERS) - 1) / 2) * width for k, op in enumerate(ops) if op in values]
-        left.bar(xs, [values[op] for op in ops if op in values], width, label=label, color=f"C{i}")
-    left.axhline(1.0, color="black", linestyle="--", linewidth=1, label="one copy of the tensor")
+        xs = [k + (i - (len(BARS) - 1) / 2) * width for k, op in enumerate(ops) if op in values]
+        left.bar(xs, [values[op] for op in ops if op in values], width, label=label, color=colors[provider])
+    left.axhline(1.0, color="black", linestyle="--", linewidth=1, label=PROVIDERS["copy"])
     left.set_xticks(range(len(ops)), [op.replace("_", " ") for op in ops])
     left.set_yscale("log")
     left.set_ylim(0.8, 100)  # room above the bars for the legend
@@ -66,10 +69,10 @@ def main(argv=None) -> None:
 
     ratios = {r["variant"]: r["median_paired_ratio"] for r in step["rows"]}
     shown = [v for v in STEP_VARIANTS if v in ratios]
-    bars = right.bar(range(len(shown)), [ratios[v] for v in shown], color=["C0", "C0", "C3", "C4"][: len(shown)])
+    bars = right.bar(range(len(shown)), [ratios[v] for v in shown], color=[colors[STEP_VARIANTS[v][1]] for v in shown])
     right.bar_label(bars, [f"{ratios[v]:.2f}x" for v in shown], fontsize=8)
     right.axhline(1.0, color="black", linestyle="--", linewidth=1)
-    right.set_xticks(range(len(shown)), [STEP_VARIANTS[v] for v in shown], fontsize=7)
+    right.set_xticks(range(len(shown)), [STEP_VARIANTS[v][0] for v in shown], fontsize=7)
     right.set_ylabel("QAT step time / FP32 step time")
     right.set_title(f"training step, ResNet-style CNN, batch {step['meta']['batch']}", fontsize=10)
     right.grid(True, axis="y", alpha=0.3)

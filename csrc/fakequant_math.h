@@ -1,5 +1,6 @@
 // Per-element math shared by the CPU (scalar path) and CUDA kernels, so that the CPU tests exercise
-// exactly the arithmetic the GPU runs. Every function computes in fp32 (SPEC §1):
+// exactly the arithmetic the GPU runs. Every function computes in fp32 (docs/numerics.md, Per-tensor fake
+// quantization):
 //   q   = round_half_even(x * inv_scale) + zero_point   (inv_scale = 1.0f / scale, computed once)
 //   in  = quant_min <= q <= quant_max                    (the mask, on the unclamped q; NaN -> false)
 //   out = (clamp(q, quant_min, quant_max) - zero_point) * scale   (NaN stays NaN, +-inf -> range ends)
@@ -167,9 +168,10 @@ C10_HOST_DEVICE inline float moving_average(float tracked, float observed, float
   return add_rn(tracked, mul_rn(sub_rn(observed, tracked), averaging_constant));
 }
 
-// Scale and zero point from a range, as fakequant.qparams.choose_qparams (SPEC §2), operation by
-// operation: zero forced into the range, scale at least FLT_EPSILON. The divisors are the reference's
-// Python floats rounded to fp32; the zero point is the fp32 value the reference converts to an integer.
+// Scale and zero point from a range, as fakequant.qparams.choose_qparams (docs/numerics.md, Choosing scale and
+// zero point), operation by operation: zero forced into the range, scale at least FLT_EPSILON. The divisors are
+// the reference's Python floats rounded to fp32; the zero point is the fp32 value the reference converts to an
+// integer.
 C10_HOST_DEVICE inline void choose_qparams(float min_val, float max_val, int64_t quant_min, int64_t quant_max,
                                            bool symmetric, float& scale, float& zero_point) {
   const float min_neg = min_val != min_val ? min_val : (min_val < 0.0f ? min_val : 0.0f);

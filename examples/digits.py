@@ -184,8 +184,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    # One thread: these layers are too small to split. Measured on the shared 2-core machine (FP32 step,
-    # batch 64): 60 ms with 1 thread, 484 ms with 2 (the second thread waits on a busy core at every op).
+    # One thread: these layers are too small to split, and a second thread waits on a busy core at every op.
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--backend", default="auto", help="fakequant backend (auto or reference)")
     args = parser.parse_args(argv)

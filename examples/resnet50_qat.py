@@ -20,8 +20,8 @@ It finishes by ``export_model`` of the fakequant QAT model (float folded weights
 
 The default input is ImageNet's training resolution with a batch that 2 CPU cores finish in seconds per step. At
 64x64 the activations are 12 times smaller while the 25M weights are not, and the weights' extra passes (range,
-folded fake quant, its backward) weigh more: measured 2026-12-01, 1.07x-1.09x the FP32 step at 224x224 batch 16
-against 1.31x at 64x64 batch 8 (docs/benchmarks.md).
+folded fake quant, its backward) weigh more, so the QAT step costs more over the FP32 step there
+(docs/benchmarks.md has both).
 
 On the CPU the script first calls ``fakequant.retain_freed_memory()`` (``--default-malloc`` skips it), so that no
 configuration's steps are slowed by page-faulting its freed memory back in: with glibc's defaults the QAT step pays

@@ -2,22 +2,25 @@
 
 from fakequant import (
     _backend,
-    _ops,  # noqa: F401  (defines the fakequant:: op schemas before _C registers kernels)
+    ops,  # noqa: F401  (defines the fakequant:: ops before _C registers kernels)
 )
 from fakequant._backend import available_backends, extension_error, extension_loaded, get_backend, set_backend
 from fakequant.calibration import calibrate
-from fakequant.functional import (
-    binarize,
-    bn_fold_fake_quant_weight,
-    fake_quant_learnable,
-    fake_quant_per_channel,
-    fake_quant_per_group,
-    fake_quant_per_tensor,
-    fold_bias,
-    lsq_grad_factor,
-)
 from fakequant.memory import retain_freed_memory
-from fakequant.qparams import PerChannel, PerGroup, PerTensor, QuantSpec, choose_qparams, quant_range
+from fakequant.ops.binary import *  # noqa: F403
+from fakequant.ops.bn_fold import *  # noqa: F403
+from fakequant.ops.fake_quant import *  # noqa: F403
+from fakequant.ops.learnable import *  # noqa: F403
+from fakequant.qparams import (
+    FormatSpec,
+    Granularity,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    choose_qparams,
+    quant_range,
+)
 from fakequant.quantizers import (
     BNNQuantizer,
     DoReFaQuantizer,
@@ -41,19 +44,13 @@ __all__ = [
     "QAT_Quantizer",
     "QATQuantizer",
     "Quantizer",
-    "binarize",
-    "bn_fold_fake_quant_weight",
     "calibrate",
     "choose_qparams",
     "extension_error",
     "extension_loaded",
-    "fake_quant_learnable",
-    "fake_quant_per_channel",
-    "fake_quant_per_group",
-    "fake_quant_per_tensor",
-    "fold_bias",
+    "FormatSpec",
     "get_backend",
-    "lsq_grad_factor",
+    "Granularity",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -62,3 +59,5 @@ __all__ = [
     "retain_freed_memory",
     "set_backend",
 ]
+# The public op functions: each family module's __all__ (a new op in a family is exported there).
+__all__ += ops.binary.__all__ + ops.bn_fold.__all__ + ops.fake_quant.__all__ + ops.learnable.__all__

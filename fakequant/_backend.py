@@ -2,17 +2,17 @@
 
 The compiled extension ``fakequant._C`` registers C++ (and, in a CUDA build, CUDA) kernels on the
 CPU/CUDA dispatch keys when it is imported, and C++ autograd kernels on the Autograd key; without it,
-:func:`init` registers the Python autograd of :mod:`fakequant._ops` instead. A backend choice stacks at most one more
+:func:`init` registers the Python autograd of :mod:`fakequant.ops` instead. A backend choice stacks at most one more
 ``torch.library.Library`` of Python kernels on those keys; choosing another backend destroys it first,
 and the dispatcher falls back to what was registered before (``_C``'s kernels, else the reference
-registered as the ``"default"`` kernel in :mod:`fakequant._ops`).
+registered as the ``"default"`` kernel in :mod:`fakequant.ops`).
 
 Backends:
 
 * ``"auto"`` (the default): CPU tensors use ``_C``'s C++ kernels; CUDA tensors use ``_C``'s CUDA kernels
   when it was built with CUDA, else the Triton kernels when triton imports, else the reference.
 * ``"cuda"``: ``_C``'s kernels on every device (C++ on CPU tensors, CUDA on CUDA tensors).
-* ``"triton"``: the Triton kernels (:mod:`fakequant.triton_kernels`) on CUDA tensors, and on CPU tensors
+* ``"triton"``: the Triton kernels (:mod:`fakequant.triton`) on CUDA tensors, and on CPU tensors
   under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
 * ``"reference"``: the pure-PyTorch kernels on every device.
 
@@ -29,14 +29,14 @@ import warnings
 
 import torch
 
-from fakequant import _ops
+from fakequant import ops
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
 
 _extension = None
 _extension_error: str | None = None
 _extension_has_cuda = False
-_triton_kernels = None
+_triton = None
 _triton_error: str | None = None
 _override_lib: torch.library.Library | None = None
 _backend = "auto"
@@ -63,7 +63,7 @@ def load_extension() -> None:
         return
     # Asked before any backend override exists, so only _C's own CUDA registrations can answer yes.
     _extension_has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"{_ops.LIBRARY}::fake_quant_per_tensor", "CUDA"
+        f"{ops.LIBRARY}::fake_quant_per_tensor", "CUDA"
     )
 
 
@@ -83,14 +83,15 @@ def extension_has_cuda() -> bool:
 
 
 def load_triton_kernels():
-    """Imports :mod:`fakequant.triton_kernels` once; returns it, or None when triton cannot be used."""
-    global _triton_kernels, _triton_error
-    if _triton_kernels is None and _triton_error is None:
+    """Imports :mod:`fakequant.triton` once (which registers its kernels); returns it, or None when triton cannot
+    be used."""
+    global _triton, _triton_error
+    if _triton is None and _triton_error is None:
         try:
-            _triton_kernels = importlib.import_module("fakequant.triton_kernels")
+            _triton = importlib.import_module("fakequant.triton")
         except Exception as error:  # noqa: BLE001  (ImportError, or triton failing to set itself up)
             _triton_error = f"{type(error).__name__}: {error}"
-    return _triton_kernels
+    return _triton
 
 
 def backend_unavailable_reason(name: str) -> str | None:
@@ -133,7 +134,7 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     for name in BACKENDS:
         if backend_unavailable_reason(name) is not None:
             continue
-        if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and _triton_kernels.INTERPRETED)):
+        if name == "triton" and not (device.type == "cuda" or (device.type == "cpu" and _triton.INTERPRETED)):
             continue
         if name == "cuda" and device.type not in ("cpu", "cuda"):
             continue
@@ -148,7 +149,7 @@ def _check_name(name: str) -> None:
 
 def _register_override(kernels_by_key: dict[str, dict]) -> None:
     global _override_lib
-    lib = torch.library.Library(_ops.LIBRARY, "IMPL")
+    lib = torch.library.Library(ops.LIBRARY, "IMPL")
     with warnings.catch_warnings():
         # The dispatcher warns that a kernel is overridden: that is exactly what a backend choice does.
         warnings.simplefilter("ignore")
@@ -165,15 +166,14 @@ def _auto_cuda_kernel(name: str):
     """
 
     def kernel(*args, **kwargs):
-        triton_kernels = load_triton_kernels()
-        if triton_kernels is None:
+        if load_triton_kernels() is None:
             warnings.warn(
                 f"fakequant: triton cannot be imported ({_triton_error}); CUDA tensors use the reference kernels",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return _ops.DEFAULT_KERNELS[name](*args, **kwargs)
-        return triton_kernels.OPS[name](*args, **kwargs)
+            return ops.kernels("reference")[name](*args, **kwargs)
+        return ops.kernels("triton")[name](*args, **kwargs)
 
     return kernel
 
@@ -204,14 +204,11 @@ def set_backend(name: str) -> None:
     if _override_lib is not None:
         _override_lib._destroy()
         _override_lib = None
-    if name == "reference":
-        kernels = {op: _ops.DEFAULT_KERNELS[op] for op in _ops.KERNEL_OPS}
-        _register_override({key: kernels for key in ("CPU", "CUDA")})
-    elif name == "triton":
-        # On CPU tensors without the interpreter the Triton host wrappers raise an error that says so.
-        _register_override({key: _triton_kernels.OPS for key in ("CPU", "CUDA")})
+    if name in ("reference", "triton"):
+        # On CPU tensors without the interpreter the Triton host functions raise an error that says so.
+        _register_override({key: ops.kernels(name) for key in ("CPU", "CUDA")})
     elif name == "auto" and not _extension_has_cuda and importlib.util.find_spec("triton") is not None:
-        _register_override({"CUDA": {op: _auto_cuda_kernel(op) for op in _ops.KERNEL_OPS}})
+        _register_override({"CUDA": {op: _auto_cuda_kernel(op) for op in ops.kernel_op_names()}})
     _backend = name
 
 
@@ -222,5 +219,5 @@ def get_backend() -> str:
 
 def init() -> None:
     load_extension()
-    _ops.register_python_autograd()
+    ops.register_python_autograd()
     set_backend(os.environ.get("FAKEQUANT_BACKEND", "auto") or "auto")

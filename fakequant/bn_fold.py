@@ -30,7 +30,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from fakequant import functional, reference
+from fakequant import reference
+from fakequant.ops.bn_fold import bn_fold_fake_quant_weight, fold_bias
 from fakequant.qparams import PerChannel, QuantSpec
 
 __all__ = [
@@ -298,7 +299,7 @@ class ConvBnQAT(nn.Module):
         if not isinstance(weight_spec, QuantSpec):
             raise ValueError(f"ConvBnQAT: weight_spec must be a QuantSpec, got {weight_spec!r}")
         granularity = weight_spec.granularity
-        if isinstance(granularity, PerChannel) and granularity.axis not in (0, -conv.weight.dim()):
+        if granularity.axis is not None and granularity.axis not in (0, -conv.weight.dim()):
             raise ValueError(
                 f"ConvBnQAT: a BN-folded weight is quantized per output channel (axis 0) or per tensor, "
                 f"got {weight_spec.granularity!r}"
@@ -312,7 +313,7 @@ class ConvBnQAT(nn.Module):
         self.weight_spec = weight_spec
         self.quant_start_step = quant_start_step
         self.freeze_bn_step = freeze_bn_step
-        self.per_channel = isinstance(weight_spec.granularity, PerChannel)
+        self.per_channel = weight_spec.granularity.axis is not None
         channels = conv.out_channels if self.per_channel else 1
         device = conv.weight.device
         self.register_buffer("weight_scale", torch.ones(channels, device=device))
@@ -398,7 +399,7 @@ class ConvBnQAT(nn.Module):
         factor = reference.bn_fold_factor(gamma, var, self.bn.eps)
         scale, zero_point = self._update_qparams(factor)
         spec = self.weight_spec
-        return functional.bn_fold_fake_quant_weight(
+        return bn_fold_fake_quant_weight(
             self.conv.weight, gamma, var, self.bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
         )
 
@@ -419,7 +420,7 @@ class ConvBnQAT(nn.Module):
         # A copy: a later unfrozen forward may update running_var in place before this backward runs.
         var = _copy_running_stat(bn.running_var) if torch.is_grad_enabled() else bn.running_var
         weight = self._fake_quant_folded(gamma, var)
-        bias = functional.fold_bias(self.conv.bias, beta, bn.running_mean, gamma, var, bn.eps)
+        bias = fold_bias(self.conv.bias, beta, bn.running_mean, gamma, var, bn.eps)
         return weight, bias.to(weight.dtype)
 
     def _folded_inference(self, x: torch.Tensor) -> torch.Tensor:
@@ -434,12 +435,11 @@ class ConvBnQAT(nn.Module):
         weight = conv.weight
         # conv(x, q(w f)) / f per output channel equals conv(x, q(w f) / f) up to fp32 rounding; the fused op divides
         # the weight (divide_by_fold), whose backward recomputes q(w f) from the weight it reads anyway, instead of
-        # a few passes over the conv output and small ops with their autograd. Measured on ResNet-50 (64x64, batch
-        # 8, 2 threads, 2026-12-01): 1.24x-1.25x the FP32 step, against 1.30x-1.34x when the output was divided
-        # wherever it was the smaller tensor.
+        # a few passes over the conv output and small ops with their autograd (faster on ResNet-50:
+        # docs/benchmarks.md, Numbers once quoted in code comments).
         with torch.no_grad():
             scale, zero_point = self._update_qparams(reference.bn_fold_training_factor(gamma, var, bn.eps))
-        weight = functional.bn_fold_fake_quant_weight(
+        weight = bn_fold_fake_quant_weight(
             weight, gamma, var, bn.eps, scale, zero_point, spec.quant_min, spec.quant_max, divide_by_fold=True
         )
         return bn(conv._conv_forward(x, weight, conv.bias))
@@ -475,7 +475,7 @@ class ConvBnQAT(nn.Module):
         factor = reference.bn_fold_factor(gamma, bn.running_var, bn.eps)
         shape = [-1] + [1] * (self.conv.weight.dim() - 1)
         weight = (self.conv.weight.float() * factor.reshape(shape)).to(self.conv.weight.dtype)
-        bias = functional.fold_bias(self.conv.bias, beta, bn.running_mean, gamma, bn.running_var, bn.eps)
+        bias = fold_bias(self.conv.bias, beta, bn.running_mean, gamma, bn.running_var, bn.eps)
         return weight, bias
 
     @torch.no_grad()

@@ -3,12 +3,11 @@
 PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves large blocks with ``mmap`` and hands
 them back to the kernel when they are freed (and trims the top of its heap once enough there is free), so a
 training loop that allocates the same activations, gradients and fake-quantized weights on every step touches
-fresh pages on every step: a page fault per 4 KiB, which the kernel zero-fills. Measured on ResNet-50 (64x64,
-batch 8, 2 threads, 2026-12-01, one process per configuration): 5,300 to 7,800 page faults per FP32 step and
-10,600 to 17,600 per fakequant QAT step (the QAT step allocates each folded weight, its mask and its gradient
-besides); with :func:`retain_freed_memory` none after the first steps, and the FP32 step took 104-117 ms instead
-of 120-167 ms, the QAT step 143-153 ms instead of 189-237 ms. GPU training is not affected (PyTorch caches CUDA
-memory itself). Preloading jemalloc or tcmalloc (``LD_PRELOAD``) is the other common remedy.
+fresh pages on every step: a page fault per 4 KiB, which the kernel zero-fills, thousands per step on a
+ResNet-50 (the QAT step allocates each folded weight, its mask and its gradient besides; the measurements are in
+docs/benchmarks.md, Numbers once quoted in code comments). :func:`retain_freed_memory` leaves none after the first
+steps. GPU training is not affected (PyTorch caches CUDA memory itself). Preloading jemalloc or tcmalloc
+(``LD_PRELOAD``) is the other common remedy.
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ def retain_freed_memory() -> bool:
 
     Two ``mallopt`` settings for the rest of the process: no ``mmap`` for large blocks (they come from the heap,
     where freed blocks are reused), and no trimming of the heap's free top. The process's memory then stays near its
-    peak (a training loop reaches that peak on every step anyway; measured, the ResNet-50 example at 224x224 batch
-    16 peaked at 4.27 GB against 4.06 GB with glibc's defaults) and the steps after the first take no page
+    peak (a training loop reaches that peak on every step anyway; a few percent above glibc's defaults on the
+    ResNet-50 example) and the steps after the first take no page
     faults. It cannot be undone. A process-wide setting, so call it once at the start of a CPU training script,
     before comparing step times: it speeds up FP32 training too. Not called by the quantizers.
 

@@ -4,7 +4,7 @@
 
 1. The model is put in eval mode (each module's training flag is restored afterwards, also on error).
 2. The quantizer describes every tensor it fake-quantizes in eval mode as an :class:`OnnxQDQ` (its
-   ``_onnx_qdq`` method): scale, zero point, the 8-bit ONNX range and, for weights, the constant weight.
+   ``onnx_qdq`` hook): scale, zero point, the 8-bit ONNX range and, for weights, the constant weight.
    A weight is the tensor the eval forward itself computes, already fake-quantized by the fakequant op on
    the layer's own range (for a BN-folded Conv+BN, :meth:`fakequant.bn_fold.ConvBnQAT.inference_weight_and_bias`:
    ``q(w * f)`` and the folded bias, exported as one conv). Its values lie on the quantization grid, so
@@ -17,8 +17,9 @@
    shadowed by instance attributes that apply ``torch.fake_quantize_per_tensor_affine`` /
    ``torch.fake_quantize_per_channel_affine`` with those constants: ops that the ONNX exporter (torch's
    dynamo-based ``torch.onnx.export``, with onnxscript) turns into QuantizeLinear -> DequantizeLinear, per
-   channel with ``axis``. Their fp32 numerics are bit-identical to fakequant's (SPEC §1); the export form is
-   checked to give exactly the eval-mode output on the dummy input before it is exported.
+   channel with ``axis``. Their fp32 numerics are bit-identical to fakequant's (docs/numerics.md, Per-tensor
+   fake quantization); the export form is checked to give exactly the eval-mode output on the dummy input
+   before it is exported.
 4. The constants are attached to their module for the duration of the export, so the ONNX initializers
    carry readable names: ``<layer>.fakequant_onnx_weight`` (the fake-quantized weight),
    ``<layer>.fakequant_onnx_<type>_scale`` / ``_zero_point``, ``<layer>.fakequant_onnx_bias`` (folded bias).
@@ -28,7 +29,8 @@ Which ranges have a Q/DQ form: ONNX's 8-bit QuantizeLinear saturates to int8 ``[
 clamp to a narrower one. Weights are constants already clamped by the fakequant op, so any range inside
 one of them is exact too (NaiveQuantizer's narrow ``[-127, 127]``, 2- to 7-bit weights: int8/uint8 Q/DQ
 holding the layer's levels and scale). Wider ranges (9 to 16 bits), DoReFa weights (a grid without a zero
-level) and BNN's binarization have no Q/DQ form and are refused.
+level) and BNN's binarization have no Q/DQ form and are refused. Which quantizers export at all is declared by
+their class (``Quantizer.exports_onnx_qdq``); the others' ``onnx_qdq`` refuses every tensor.
 
 Nothing here imports ``onnx`` or ``onnxscript`` at module level: ``import fakequant`` stays light.
 """
@@ -59,7 +61,7 @@ class ExportableQuantizer(Protocol):
     device: torch.device
     _compressed: bool
 
-    def _onnx_qdq(self, layer: Any, quant_type: str) -> OnnxQDQ | None: ...
+    def onnx_qdq(self, layer: Any, quant_type: str) -> OnnxQDQ | None: ...
 
 
 #: prefix of the module attributes that name the exported constants
@@ -107,7 +109,7 @@ def _plans(quantizer: ExportableQuantizer) -> dict[str, dict[str, OnnxQDQ | None
         for quant_type in layer.config.quant_types:
             try:
                 with torch.no_grad():
-                    plans[name][quant_type] = quantizer._onnx_qdq(layer, quant_type)
+                    plans[name][quant_type] = quantizer.onnx_qdq(layer, quant_type)
             except ValueError as error:
                 message = str(error)
                 problems.append(message if message.startswith("layer ") else f"layer {name!r} {quant_type}: {message}")

@@ -1,6 +1,6 @@
 """How a quantizer describes one fake-quantized tensor to the ONNX exporter: an :class:`OnnxQDQ`.
 
-The quantizers build these (``Quantizer._onnx_qdq``) and :mod:`fakequant.onnx_export` turns them into
+The quantizers build these (``Quantizer.onnx_qdq``) and :mod:`fakequant.onnx_export` turns them into
 QuantizeLinear -> DequantizeLinear pairs. Kept apart from the exporter so that the quantizers depend on this
 small description only, and the exporter on the quantizers not at all (it takes any object with the
 attributes of :class:`fakequant.onnx_export.ExportableQuantizer`).

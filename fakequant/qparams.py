@@ -1,16 +1,74 @@
-"""Quantization parameters: integer ranges, granularities and scale/zero-point selection (SPEC §2)."""
+"""Quantization parameters: integer ranges, granularities, format specs and scale/zero-point selection.
+
+The rules are those of docs/numerics.md, Integer ranges and Choosing scale and zero point.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-__all__ = ["PerTensor", "PerChannel", "PerGroup", "Granularity", "QuantSpec", "quant_range", "choose_qparams"]
+__all__ = [
+    "Granularity",
+    "PerTensor",
+    "PerChannel",
+    "PerGroup",
+    "FormatSpec",
+    "QuantSpec",
+    "quant_range",
+    "choose_qparams",
+]
 
 
 @dataclass(frozen=True)
-class PerTensor:
+class Granularity(abc.ABC):
+    """Which elements of a tensor share one scale and zero point: the base of :class:`PerTensor`,
+    :class:`PerChannel` and :class:`PerGroup`.
+
+    Callers read the attributes below instead of testing the class. A new granularity (per block of a 2-D weight,
+    per token of an activation) is one more frozen-dataclass subclass that sets them and implements
+    :meth:`scale_shape`; the quantizers that accept it then branch on what it declares.
+
+    Attributes:
+        axis: the channel axis of per-channel scales; None for the granularities without one.
+        group_size: consecutive input channels per scale; None unless per group.
+        config_name: the class's name in a config_list and in messages (``'per_tensor'``, ...).
+
+    Example:
+        >>> [(g.config_name, g.axis, g.group_size) for g in (PerTensor(), PerChannel(0), PerGroup(32))]
+        [('per_tensor', None, None), ('per_channel', 0, None), ('per_group', None, 32)]
+    """
+
+    # Class-level defaults that a subclass's dataclass field of the same name overrides per instance.
+    axis: ClassVar[int | None] = None
+    group_size: ClassVar[int | None] = None
+    config_name: ClassVar[str]
+
+    def axis_for(self, ndim: int) -> int | None:
+        """:attr:`axis` as a non-negative index into a tensor of ``ndim`` dimensions, or None without an axis.
+
+        Example:
+            >>> PerChannel(-1).axis_for(4), PerTensor().axis_for(4)
+            (3, None)
+        """
+        return None if self.axis is None else self.axis % ndim
+
+    @abc.abstractmethod
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the scale and zero point of a tensor of shape ``shape`` (``()`` for one per tensor).
+
+        Example:
+            >>> PerTensor().scale_shape((8, 64)), PerChannel(0).scale_shape((8, 64)), PerGroup(32).scale_shape((8, 64))
+            ((), (8,), (8, 2))
+        """
+
+
+@dataclass(frozen=True)
+class PerTensor(Granularity):
     """One scale and zero point for the whole tensor.
 
     Example:
@@ -18,9 +76,14 @@ class PerTensor:
         PerTensor()
     """
 
+    config_name: ClassVar[str] = "per_tensor"
+
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return ()
+
 
 @dataclass(frozen=True)
-class PerChannel:
+class PerChannel(Granularity):
     """One scale and zero point per slice along ``axis``.
 
     Args:
@@ -32,14 +95,18 @@ class PerChannel:
     """
 
     axis: int = 0
+    config_name: ClassVar[str] = "per_channel"
 
     def __post_init__(self) -> None:
         if not isinstance(self.axis, int) or isinstance(self.axis, bool):
             raise ValueError(f"PerChannel: axis must be an int, got {self.axis!r}")
 
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return (shape[self.axis],)
+
 
 @dataclass(frozen=True)
-class PerGroup:
+class PerGroup(Granularity):
     """One scale and zero point per group of ``group_size`` consecutive input channels of each output channel:
     weights of Linear (``[out, in]``) and 1x1 Conv (``[out, in, 1, 1]``) layers, scales shaped
     ``[out, in / group_size]`` (the LLM practice of 32 to 256).
@@ -52,14 +119,16 @@ class PerGroup:
         PerGroup(group_size=32)
     """
 
-    group_size: int
+    # field(): without it the dataclass would take the base's class-level None as this field's default.
+    group_size: int = field()
+    config_name: ClassVar[str] = "per_group"
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
             raise ValueError(f"PerGroup: group_size must be an int >= 1, got {self.group_size!r}")
 
-
-Granularity = PerTensor | PerChannel | PerGroup
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return (shape[0], shape[1] // self.group_size)
 
 
 def quant_range(bits: int, signed: bool = True, narrow_range: bool = False) -> tuple[int, int]:
@@ -143,8 +212,32 @@ def choose_qparams(
     return scale, zero_point
 
 
+class FormatSpec(abc.ABC):
+    """How one tensor is fake-quantized: the base of the number-format specs.
+
+    :class:`QuantSpec` (integer levels with a scale and zero point) is the one implemented; a floating-point
+    format spec would be its sibling. Subclasses are frozen dataclasses with (at least) the fields ``bits`` (the
+    stored width) and ``granularity`` (a :class:`Granularity`), and describe themselves in calibration records
+    through :meth:`calibration_record`. What only one format has (``quant_min``/``quant_max`` of the integer
+    levels) stays on that format's class.
+
+    Example:
+        >>> spec = QuantSpec(bits=4, granularity=PerChannel(0))
+        >>> isinstance(spec, FormatSpec), spec.bits, spec.granularity
+        (True, 4, PerChannel(axis=0))
+    """
+
+    bits: int
+    granularity: Granularity
+
+    @abc.abstractmethod
+    def calibration_record(self, prefix: str) -> dict:
+        """The fields that describe the format in a calibration record, their keys starting with ``prefix``
+        (the quant type: ``'weight'``, ``'input'``, ``'output'``)."""
+
+
 @dataclass(frozen=True)
-class QuantSpec:
+class QuantSpec(FormatSpec):
     """How one tensor is fake-quantized: width, signedness, symmetry and granularity.
 
     Args:
@@ -164,12 +257,12 @@ class QuantSpec:
     signed: bool = True
     symmetric: bool = True
     narrow_range: bool = False
-    granularity: PerTensor | PerChannel | PerGroup = PerTensor()
+    granularity: Granularity = PerTensor()
 
     def __post_init__(self) -> None:
         # Validates bits and the flags; kept because the quantizers read both ends on every forward.
         object.__setattr__(self, "_levels", quant_range(self.bits, self.signed, self.narrow_range))
-        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
+        if not isinstance(self.granularity, Granularity):
             raise ValueError(
                 f"QuantSpec: granularity must be PerTensor(), PerChannel(axis) or PerGroup(group_size), got "
                 f"{self.granularity!r}"
@@ -182,3 +275,20 @@ class QuantSpec:
     @property
     def quant_max(self) -> int:
         return self._levels[1]
+
+    def calibration_record(self, prefix: str) -> dict:
+        """``<prefix>_bits``, ``_quant_min``, ``_quant_max``, ``_symmetric`` and, with a channel axis, ``_axis``.
+
+        Example:
+            >>> QuantSpec(bits=8, signed=False, symmetric=False).calibration_record("input")
+            {'input_bits': 8, 'input_quant_min': 0, 'input_quant_max': 255, 'input_symmetric': False}
+        """
+        record = {
+            f"{prefix}_bits": self.bits,
+            f"{prefix}_quant_min": self.quant_min,
+            f"{prefix}_quant_max": self.quant_max,
+            f"{prefix}_symmetric": self.symmetric,
+        }
+        if self.granularity.axis is not None:
+            record[f"{prefix}_axis"] = self.granularity.axis
+        return record

@@ -1,14 +1,16 @@
 """The autograd of the differentiable ``fakequant::`` ops.
 
-With ``fakequant._C`` loaded the Autograd kernels are C++ (``csrc/autograd.cpp``); without it they are the
-Python formulas of ``fakequant/_ops.py``. Both compute the same thing: the gradients here are compared bit for
+With ``fakequant._C`` loaded the Autograd kernels are C++ (:data:`AUTOGRAD_REGISTRATION_FILE`); without it they
+are the Python formulas of ``fakequant/ops``. Both compute the same thing: the gradients here are compared bit for
 bit with the formula (the backward ops called by hand), with the reference's autograd, and, across processes,
-between the C++ and the Python registrations on the same (reference) kernels.
+between the C++ and the Python registrations on the same (reference) kernels. The gradient checks run on every
+(device, backend) pair (the ``device`` fixture, tests/conftest.py); each op's own backward tests are in tests/ops.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,12 +21,17 @@ import pytest
 import torch
 
 import fakequant
-from fakequant import _backend, _ops, reference
+from fakequant import _backend, ops
+from fakequant.ops import _library
+from tests import autograd_reference
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
 EPS = 1e-5
-DIFFERENTIABLE_OPS = tuple(_ops.PYTHON_AUTOGRAD)
+DIFFERENTIABLE_OPS = tuple(name for name, entry in _library._OPS.items() if entry.autograd is not None)
+# Where the C++ Autograd kernels are registered (the dispatcher names the file in its registration line): each op
+# family's csrc/ops/<family>.cpp.
+AUTOGRAD_REGISTRATION_FILE = r"csrc/ops/\w+\.cpp"
 MISSING_MASK_MESSAGE = (
     "fakequant: this op ran with compute_mask=False, so it has no mask to differentiate with; "
     "call it with compute_mask=True (the functional wrappers do so whenever a gradient is needed)"
@@ -60,12 +67,12 @@ class Case(NamedTuple):
     call: Callable  # the op; takes the inputs, plus compute_mask= if given
     reference: Callable  # the reference's differentiable composition; takes the inputs
     inputs: list[torch.Tensor]
-    # The formula of fakequant/_ops.py with the backward op called by hand: (grad, mask, *inputs) -> grads.
+    # The formula of fakequant/ops with the backward op called by hand: (grad, mask, *inputs) -> grads.
     formula: Callable
 
 
-def make_cases(dtype: torch.dtype, layout: str) -> list[Case]:
-    """Each op with inputs that clip some elements and pass others; every input a fresh leaf."""
+def make_cases(dtype: torch.dtype, layout: str, device: str = "cpu") -> list[Case]:
+    """Each op with inputs that clip some elements and pass others, on ``device``; every input a fresh leaf."""
     g = torch.Generator().manual_seed(21)
     x = _laid_out((torch.randn(6, 4, 3, 5, generator=g) * 4).to(dtype), layout)
     weight = _laid_out(torch.randn(6, 4, 3, 5, generator=g).to(dtype), layout)
@@ -77,6 +84,9 @@ def make_cases(dtype: torch.dtype, layout: str) -> list[Case]:
     zp_c = torch.randint(-8, 8, (4,), generator=g, dtype=torch.int32)
     scale_w = torch.rand(6, generator=g) * 0.2 + 0.01
     zp_w = torch.randint(-8, 8, (6,), generator=g, dtype=torch.int32)
+    x, weight, gamma, gamma_with_zero, var, scale_t, zp_t, scale_c, zp_c, scale_w, zp_w = (
+        t.to(device) for t in (x, weight, gamma, gamma_with_zero, var, scale_t, zp_t, scale_c, zp_c, scale_w, zp_w)
+    )
     ops = torch.ops.fakequant
 
     def masked(grad, mask, *inputs):
@@ -90,35 +100,35 @@ def make_cases(dtype: torch.dtype, layout: str) -> list[Case]:
     cases = [
         Case("fake_quant_per_tensor",
              lambda a, **kw: ops.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15, **kw),
-             lambda a: reference.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15), [x], masked),
+             lambda a: autograd_reference.fake_quant_per_tensor(a, scale_t, zp_t, -16, 15), [x], masked),
         Case("fake_quant_per_channel",
              lambda a, **kw: ops.fake_quant_per_channel(a, scale_c, zp_c, 1, -8, 7, **kw),
-             lambda a: reference.fake_quant_per_channel(a, scale_c, zp_c, 1, -8, 7), [x], masked),
-        Case("binarize", lambda a, **kw: ops.binarize(a, True, **kw), lambda a: reference.binarize(a, True), [x],
-             masked),
+             lambda a: autograd_reference.fake_quant_per_channel(a, scale_c, zp_c, 1, -8, 7), [x], masked),
+        Case("binarize", lambda a, **kw: ops.binarize(a, True, **kw), lambda a: autograd_reference.binarize(a, True),
+             [x], masked),
         Case("binarize_identity_ste", lambda a, **kw: ops.binarize(a, False, **kw),
-             lambda a: reference.binarize(a, False), [x], lambda grad, mask, a: [grad]),
+             lambda a: autograd_reference.binarize(a, False), [x], lambda grad, mask, a: [grad]),
         Case("bn_fold_fake_quant_weight",
              lambda w, ga, v, **kw: ops.bn_fold_fake_quant_weight(w, ga, v, EPS, scale_w, zp_w, -8, 7, **kw),
-             lambda w, ga, v: reference.bn_fold_fake_quant_weight(w, ga, v, EPS, scale_w, zp_w, -8, 7),
+             lambda w, ga, v: autograd_reference.bn_fold_fake_quant_weight(w, ga, v, EPS, scale_w, zp_w, -8, 7),
              [weight, gamma, var], bn_fold_formula(False)),
         Case("bn_fold_divided",
              lambda w, ga, v, **kw: ops.bn_fold_fake_quant_weight(
                  w, ga, v, EPS, scale_w, zp_w, -8, 7, divide_by_fold=True, **kw),
-             lambda w, ga, v: reference.bn_fold_fake_quant_weight(w, ga, v, EPS, scale_w, zp_w, -8, 7, True),
+             lambda w, ga, v: autograd_reference.bn_fold_fake_quant_weight(w, ga, v, EPS, scale_w, zp_w, -8, 7, True),
              [weight, gamma_with_zero, var], bn_fold_formula(True)),
     ]
     return [case._replace(inputs=[t.detach().clone().requires_grad_() for t in case.inputs]) for case in cases]
 
 
 def _incoming_grad(out: torch.Tensor) -> torch.Tensor:
-    return torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype)
+    return torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).to(out.dtype)
 
 
-def autograd_results(dtype: torch.dtype, layout: str) -> dict[str, list[torch.Tensor]]:
+def autograd_results(dtype: torch.dtype, layout: str, device: str = "cpu") -> dict[str, list[torch.Tensor]]:
     """For each case: out, then the gradient of every input, from torch.autograd.grad through the op."""
     results = {}
-    for case in make_cases(dtype, layout):
+    for case in make_cases(dtype, layout, device):
         out, _ = case.call(*case.inputs)
         results[case.name] = [out.detach(), *torch.autograd.grad(out, case.inputs, _incoming_grad(out))]
     return results
@@ -136,11 +146,11 @@ def test_cpp_autograd_is_in_use_when_the_extension_is_loaded():
             line for line in torch._C._dispatch_dump(f"fakequant::{name}").splitlines()
             if line.startswith("Autograd[alias]:")
         )
-        assert "csrc/autograd.cpp" in autograd_line, autograd_line
+        assert re.search(rf"registered at \S*{AUTOGRAD_REGISTRATION_FILE}:\d+ ", autograd_line), autograd_line
     for case in make_cases(torch.float32, "contiguous"):
         grad_fn_name = case.call(*case.inputs)[0].grad_fn.name()
         assert grad_fn_name.startswith("torch::autograd::CppNode<"), (case.name, grad_fn_name)
-    assert _ops.register_python_autograd() == ()  # nothing left to register
+    assert ops.register_python_autograd() == ()  # nothing left to register
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +160,9 @@ def test_cpp_autograd_is_in_use_when_the_extension_is_loaded():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_grads_are_the_formula_and_match_the_reference(backend, dtype, layout):
-    results = autograd_results(dtype, layout)
-    for case in make_cases(dtype, layout):
+def test_grads_are_the_formula_and_match_the_reference(device, dtype, layout):
+    results = autograd_results(dtype, layout, device)
+    for case in make_cases(dtype, layout, device):
         out, *grads = results[case.name]
         with torch.no_grad():
             expected_out, mask = case.call(*case.inputs)
@@ -180,9 +190,9 @@ def test_grads_are_the_formula_and_match_the_reference(backend, dtype, layout):
             assert actual[5] == 0  # the channel whose factor was taken as 1
 
 
-def test_backward_after_compute_mask_false_raises_where_a_mask_is_needed(backend):
-    with_mask = autograd_results(torch.float32, "contiguous")
-    for case in make_cases(torch.float32, "contiguous"):
+def test_backward_after_compute_mask_false_raises_where_a_mask_is_needed(device):
+    with_mask = autograd_results(torch.float32, "contiguous", device)
+    for case in make_cases(torch.float32, "contiguous", device):
         out, mask = case.call(*case.inputs, compute_mask=False)
         assert mask.numel() == 0
         # These need no mask: the identity STE, and the BN fold, whose backward recomputes it.
@@ -208,8 +218,8 @@ class _NoGradToFirst(torch.autograd.Function):
         return None, grad
 
 
-def test_undefined_incoming_grad_gives_no_grads(backend):
-    for case in make_cases(torch.float32, "contiguous"):
+def test_undefined_incoming_grad_gives_no_grads(device):
+    for case in make_cases(torch.float32, "contiguous", device):
         out, _ = case.call(*case.inputs)
         other = torch.zeros_like(out, requires_grad=True)
         _NoGradToFirst.apply(out, other).sum().backward()
@@ -218,10 +228,10 @@ def test_undefined_incoming_grad_gives_no_grads(backend):
         assert other.grad is not None
 
 
-def test_no_grad_and_non_differentiable_qparams(backend):
-    x = torch.randn(5, requires_grad=True)
-    scale = torch.tensor(0.1, requires_grad=True)
-    zero_point = torch.tensor(0, dtype=torch.int32)
+def test_no_grad_and_non_differentiable_qparams(device):
+    x = torch.randn(5, device=device, requires_grad=True)
+    scale = torch.tensor(0.1, device=device, requires_grad=True)
+    zero_point = torch.tensor(0, dtype=torch.int32, device=device)
     with torch.no_grad():
         out, mask = torch.ops.fakequant.fake_quant_per_tensor(x, scale, zero_point, -8, 7)
     assert not out.requires_grad and out.grad_fn is None and not mask.requires_grad
@@ -231,29 +241,6 @@ def test_no_grad_and_non_differentiable_qparams(backend):
     out.sum().backward()
     assert scale.grad is None
 
-
-
-@pytest.mark.parametrize("divide_by_fold", [False, True])
-def test_bn_fold_backward_uses_the_forwards_qparams(backend, divide_by_fold):
-    """The backward recomputes the forward: a quantizer's in-place update of its scale/zero-point buffers
-    between forward and backward (the layer called again first) must not change the gradients."""
-    g = torch.Generator().manual_seed(5)
-    weight = torch.randn(4, 3, 3, 3, generator=g)
-    gamma, var = torch.rand(4, generator=g) + 0.5, torch.rand(4, generator=g) + 0.5
-    scale = torch.rand(4, generator=g) * 0.1 + 0.05
-    zero_point = torch.randint(-3, 4, (4,), generator=g, dtype=torch.int32)
-
-    def grads(update_in_place: bool) -> tuple[torch.Tensor, ...]:
-        inputs = [t.clone().requires_grad_() for t in (weight, gamma, var)]
-        s, z = scale.clone(), zero_point.clone()
-        out, _ = torch.ops.fakequant.bn_fold_fake_quant_weight(*inputs, EPS, s, z, -8, 7, False, divide_by_fold)
-        if update_in_place:
-            s.mul_(3.0)
-            z.fill_(2)
-        return torch.autograd.grad(out, inputs, _incoming_grad(out))
-
-    for actual, want in zip(grads(True), grads(False), strict=True):
-        assert_identical(actual, want)
 
 # ---------------------------------------------------------------------------------------------
 # The Python fallback: registered only without _C, never on top of the C++ kernels
@@ -277,7 +264,7 @@ IMPORT_WATCHING_OVERRIDES = """
 import torch
 torch.set_warn_always(True)
 import fakequant
-from fakequant import _ops
+from fakequant import ops
 """
 
 
@@ -286,7 +273,7 @@ def test_import_overrides_no_kernel(disable_extension):
     result = run_python(IMPORT_WATCHING_OVERRIDES + """
 import test_autograd
 test_autograd.autograd_results(torch.float32, "contiguous")
-print(fakequant.extension_loaded(), _ops.register_python_autograd())
+print(fakequant.extension_loaded(), ops.register_python_autograd())
 """, FAKEQUANT_DISABLE_EXTENSION=disable_extension)
     assert result.returncode == 0, result.stderr
     assert "Overriding a previously registered kernel" not in result.stderr, result.stderr
@@ -301,7 +288,7 @@ print(fakequant.extension_loaded(), _ops.register_python_autograd())
 def test_override_would_be_seen():
     """The check above can fail: registering the Python autograd a second time is reported."""
     result = run_python(IMPORT_WATCHING_OVERRIDES + """
-backward, setup_context = _ops.PYTHON_AUTOGRAD["binarize"]
+backward, setup_context = ops._library._OPS["binarize"].autograd
 torch.library.register_autograd("fakequant::binarize", backward, setup_context=setup_context,
                                 lib=torch.library.Library("fakequant", "IMPL"))
 """)
@@ -316,7 +303,7 @@ def test_python_fallback_gives_the_cpp_autograd_grads(tmp_path, reference_kernel
     result = run_python(IMPORT_WATCHING_OVERRIDES + f"""
 import test_autograd
 assert not fakequant.extension_loaded()
-assert _ops.register_python_autograd() == ()  # registered at import; nothing left
+assert ops.register_python_autograd() == ()  # registered at import; nothing left
 results, grad_fn_names = {{}}, {{}}
 for dtype in (torch.float32, torch.float16):
     for layout in test_autograd.LAYOUTS:

@@ -18,6 +18,7 @@ from fakequant.bn_fold import (
     fold_conv_bn,
     unfold_conv_bn,
 )
+from tests import autograd_reference
 
 PER_CHANNEL_8 = QuantSpec(bits=8, granularity=PerChannel(0))
 
@@ -77,27 +78,6 @@ def hand_folded_conv(conv, bn, x, spec=PER_CHANNEL_8, bias_fold_factor=None):
         bias = conv.bias if conv.bias is not None else torch.zeros(bn.num_features)
         folded_bias = beta + (bias - bn.running_mean) * bias_f
         return conv._conv_forward(x, quantized, folded_bias)
-
-
-# ---------------------------------------------------------------------------------------------
-# Folded weight range
-# ---------------------------------------------------------------------------------------------
-
-
-def test_folded_weight_range_equals_direct_min_max():
-    torch.manual_seed(0)
-    weight = torch.randn(32, 5, 3, 3)
-    gamma = torch.randn(32)
-    gamma[3] = 0.0
-    gamma[4] = -0.0
-    factor = reference.bn_fold_factor(gamma, torch.rand(32) + 0.1, 1e-5)
-    lo, hi = reference.batch_range(weight, 0, factor)
-    folded = weight * factor.reshape(-1, 1, 1, 1)
-    assert torch.equal(lo, folded.amin((1, 2, 3)))
-    assert torch.equal(hi, folded.amax((1, 2, 3)))
-    lo, hi = reference.batch_range(weight, None, factor)
-    assert torch.equal(lo, folded.amin()) and torch.equal(hi, folded.amax())
-    assert bool((factor < 0).any()) and bool((factor > 0).any())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +208,7 @@ def reference_training_forward(conv, bn, x, spec=PER_CHANNEL_8, frozen=False):
         scale, zero_point = choose_qparams(
             folded.amin((1, 2, 3)), folded.amax((1, 2, 3)), spec.quant_min, spec.quant_max, spec.symmetric
         )
-    weight = reference.bn_fold_fake_quant_weight(
+    weight = autograd_reference.bn_fold_fake_quant_weight(
         conv.weight, bn.weight, var, bn.eps, scale, zero_point, spec.quant_min, spec.quant_max
     )
     if frozen:

@@ -1,11 +1,13 @@
-"""config_list parsing and validation (SPEC §3): selection, overrides, NNI 2.x keys and every error path."""
+"""config_list parsing and validation (docs/numerics.md, Quantizers and config_list): selection, overrides, NNI
+2.x keys and every error path; the granularities and format specs it resolves to."""
 
 import pytest
 import torch
 from torch import nn
 
 import fakequant
-from fakequant import PerChannel, PerTensor
+from fakequant import PerChannel, PerGroup, PerTensor, QuantSpec
+from fakequant.qparams import FormatSpec, Granularity
 from fakequant.quantizers.config import DEFAULT_OP_TYPES
 
 
@@ -199,3 +201,32 @@ def test_bad_optimizer_and_model():
 def test_entry_matching_no_module_warns():
     with pytest.warns(UserWarning, match=r"config_list\[1\] matches no module of the model \(op_types \['ReLU'\]\)"):
         configs([GOOD, {"quant_types": ["output"], "op_types": ["ReLU"]}])
+
+
+def test_granularities_declare_what_the_callers_read():
+    cases = [(PerTensor(), "per_tensor", None, None, (), None),
+             (PerChannel(1), "per_channel", 1, None, (32,), 1),
+             (PerChannel(-4), "per_channel", -4, None, (8,), 0),
+             (PerGroup(16), "per_group", None, 16, (8, 2), None)]
+    for granularity, config_name, axis, group_size, scale_shape, axis_for in cases:
+        assert isinstance(granularity, Granularity)
+        assert (granularity.config_name, granularity.axis, granularity.group_size) == (config_name, axis, group_size)
+        assert granularity.scale_shape((8, 32, 1, 1)) == scale_shape
+        assert granularity.axis_for(4) == axis_for
+    with pytest.raises(TypeError):
+        Granularity()  # abstract: a granularity is one of its subclasses
+    with pytest.raises(TypeError):
+        PerGroup()  # group_size has no default, even though the base declares it
+    # a config_list names the granularities that need no argument by their config_name
+    layer = configs([{"quant_types": ["weight"], "op_names": ["fc"], "granularity": PerChannel.config_name}])["fc"]
+    assert layer.specs["weight"].granularity == PerChannel(0)
+
+
+def test_quant_spec_is_the_integer_format_spec():
+    spec = configs([{"quant_types": ["weight"], "op_names": ["tconv"], "quant_scheme": "per_channel_affine"}])[
+        "tconv"].specs["weight"]
+    assert isinstance(spec, FormatSpec) and type(spec) is QuantSpec
+    assert spec.calibration_record("weight") == {"weight_bits": 8, "weight_quant_min": -128, "weight_quant_max": 127,
+                                                 "weight_symmetric": False, "weight_axis": 1}
+    with pytest.raises(TypeError):
+        FormatSpec()

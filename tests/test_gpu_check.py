@@ -1,4 +1,4 @@
-"""The GPU validation kit (bench/gpu_check.py, bench/kernel_smoke.py) on a machine without a GPU.
+"""The GPU validation kit (tools/gpu_check.py, tools/kernel_smoke.py) on a machine without a GPU.
 
 What a GPU run does cannot run here; what it calls can: the kit's rehearsal runs every step on the CPU at tiny
 sizes (the kernel smoke run against the reference, the pytest commands collecting, the benchmark and the
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_check, kernel_smoke
 from tests import test_package
 from tests.test_package import run_python_process
+from tools import gpu_check, kernel_smoke
 
 ROOT = Path(test_package.ROOT)
 
@@ -57,6 +57,8 @@ def test_gpu_plan_holds_every_step_in_order(monkeypatch, tmp_path):
         "bench-fp32", "resnet50", "bench-lsq-fp32", "bench-bf16",
     ]  # fmt: skip
     by_name = {s.name: s for s in steps}
+    for name, targets in gpu_check.TEST_TARGETS.items():  # the one place that names the tests each step runs
+        assert by_name[name].argv[1:3 + len(targets)] == ["-m", "pytest", *targets]
     assert by_name["tests-triton"].env["FAKEQUANT_BACKEND"] == "triton"
     assert by_name["memcheck"].argv[1:5] == ["--tool", "memcheck", "--error-exitcode", "1"]
     bench = by_name["bench-fp32"].argv
@@ -106,7 +108,7 @@ def test_junit_counts_and_failures(tmp_path):
 
 
 def test_gpu_targets_say_met_missed_or_defect():
-    from bench import run
+    from bench import report
 
     rows = [
         {"op": "per_tensor", "mode": "fwd", "size": "2^24", "provider": "fakequant-cuda", "kind": "flat",
@@ -114,7 +116,7 @@ def test_gpu_targets_say_met_missed_or_defect():
         for fraction in (0.95, 0.87, 0.5)
     ]  # fmt: skip
     small = {**rows[0], "numel": 1 << 22, "size": "2^22"}
-    text = run.format_targets([*rows, small])
+    text = report.format_targets([*rows, small])
     verdicts = [line.rsplit(": ", 1)[-1] for line in text.splitlines()[1:]]
     assert verdicts == ["met", "MISSED", "DEFECT"]  # 2^22 is below the targets' sizes
 
@@ -132,16 +134,16 @@ def test_kernel_smoke_compare_catches_wrong_values_signs_and_nans():
 
 def test_kernel_smoke_reaches_every_op():
     names = {name for _, name, _ in kernel_smoke.cases("cpu", torch.Generator().manual_seed(0))}
-    from fakequant import _ops
+    from fakequant import ops
 
-    assert names == set(_ops.OP_NAMES)
+    assert names == set(ops.op_names())
 
 
 @pytest.mark.slow
 def test_rehearsal_runs_every_step_and_writes_the_summary(tmp_path):
     exported = tmp_path / "exported"
     result = run_python_process(
-        "bench/gpu_check.py", "--rehearse", "--out", str(tmp_path), "--export", str(exported), cwd=str(ROOT),
+        "tools/gpu_check.py", "--rehearse", "--out", str(tmp_path), "--export", str(exported), cwd=str(ROOT),
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

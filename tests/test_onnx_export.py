@@ -306,8 +306,11 @@ def test_dorefa_and_bnn_are_refused(tmp_path, algorithm):
                                          {"quant_types": ["output"], "op_types": ["Hardtanh"]}])
         expected = "layer '1' output: BNN's binarization"
     quantizer.compress()
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(ValueError, match=expected) as error:
         quantizer.export_model(tmp_path / "m.pth", onnx_path=tmp_path / "m.onnx", input_shape=(1, 12))
+    # the list is generated from the classes that declare exports_onnx_qdq, LsqQuantizer included
+    assert "form; allowed: LsqQuantizer, NaiveQuantizer and QAT_Quantizer models" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_input_shape_is_required(tmp_path):

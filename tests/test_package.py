@@ -27,6 +27,40 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return run_python_process("-W", "default", "-c", textwrap.dedent(code), **env)
 
 
+def fresh_environment() -> dict[str, str]:
+    """A new shell's environment: this one without PYTHONPATH and without the fakequant switches, so that a
+    command finds fakequant only the way a user's shell would (the checkout installed by ``bash run.sh setup``)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("FAKEQUANT_")}
+
+
+def run_in_fresh_shell(*args: str, cwd: str = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs ``python *args`` in :func:`fresh_environment`, from the repository root unless ``cwd`` says otherwise."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=fresh_environment(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+NOT_INSTALLED = "fakequant is not installed from this checkout: run `bash run.sh setup` (an editable install)"
+
+
+def test_a_fresh_shell_anywhere_imports_this_checkout_with_its_compiled_kernels(tmp_path):
+    code = "import fakequant; print(fakequant.__file__); print(fakequant.extension_loaded())"
+    result = run_in_fresh_shell("-c", code, cwd=str(tmp_path))
+    assert result.returncode == 0, NOT_INSTALLED + "\n" + result.stderr[-2000:]
+    module_file, loaded = result.stdout.splitlines()[-2:]
+    assert os.path.samefile(module_file, os.path.join(ROOT, "fakequant", "__init__.py")), NOT_INSTALLED
+    assert loaded == "True", "fakequant._C does not load from the checkout: run `bash run.sh setup` (it builds it)"
+
+
+def test_the_install_puts_only_the_package_on_the_path(tmp_path):
+    """The checkout's other folders (bench, tests, ...) do not become importable everywhere, as they would with the
+    repository root on every interpreter's path."""
+    code = "import importlib.util as u; print(u.find_spec('fakequant') is not None, u.find_spec('bench') is None)"
+    result = run_in_fresh_shell("-c", code, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True"], NOT_INSTALLED + "; or the install exposes the root"
+
+
 CHECK_OPS_WORK = """
 import torch, fakequant
 x = torch.randn(100)

@@ -1,5 +1,6 @@
-"""Per-group weights: fakequant::fake_quant_per_group on every backend, the granularity config key of
-QAT_Quantizer and LsqQuantizer, and 4-bit per-group training of a transformer-style MLP on digits."""
+"""Per-group weights: the granularity config key of QAT_Quantizer and LsqQuantizer, and 4-bit per-group training of
+a transformer-style MLP on digits. The op itself: tests/ops/test_fake_quant_per_group.py.
+"""
 
 from __future__ import annotations
 
@@ -8,73 +9,7 @@ import torch
 from torch import nn
 
 import fakequant
-from fakequant import reference
 from tests.test_digits_accuracy import digits_split
-
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-
-def group_qparams(out: int, groups: int, generator: torch.Generator):
-    scale = torch.rand(out, groups, generator=generator) * 0.1 + 0.01
-    zero_point = torch.randint(-3, 4, (out, groups), generator=generator, dtype=torch.int32)
-    return scale, zero_point
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-# (1500, 64) by 32: 3000 groups, past the CPU op's 1024-parameter limit above which it prepares and checks them with
-# vectorized ATen ops instead of an element loop.
-@pytest.mark.parametrize("shape, group_size", [((6, 64), 32), ((5, 24, 1, 1), 8), ((3, 7), 7), ((4, 6), 1),
-                                               ((1500, 64), 32)])  # fmt: skip
-def test_matches_reference_and_the_per_channel_view(backend, dtype, shape, group_size):
-    g = torch.Generator().manual_seed(shape[1])
-    x = (torch.randn(shape, generator=g) * 0.3).to(dtype)
-    x.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0]).to(dtype)
-    scale, zero_point = group_qparams(shape[0], shape[1] // group_size, g)
-    out, mask = torch.ops.fakequant.fake_quant_per_group(x, scale, zero_point, group_size, -8, 7)
-    want_out, want_mask = reference.fake_quant_per_group_forward(x, scale, zero_point, group_size, -8, 7)
-    assert out.shape == x.shape and out.dtype == dtype
-    assert torch.equal(out.isnan(), want_out.isnan()) and torch.equal(out.nan_to_num(0.0), want_out.nan_to_num(0.0))
-    assert torch.equal(mask, want_mask)
-    # group (o, j) of input channels [j * group_size, (j + 1) * group_size) has scale[o, j]
-    o, j = shape[0] - 1, shape[1] // group_size - 1
-    row = x.reshape(shape[0], shape[1])[o, j * group_size :]
-    expected_row = fakequant.fake_quant_per_tensor(row, scale[o, j], zero_point[o, j], -8, 7)
-    assert torch.equal(out.reshape(shape[0], shape[1])[o, j * group_size :], expected_row)
-
-
-def test_bad_values_among_many_groups_are_reported(backend):
-    scale = torch.full((1500, 2), 0.1)
-    scale[1200, 1] = float("nan")
-    zero_point = torch.zeros(1500, 2, dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"scale must be finite and > 0, got nan"):
-        torch.ops.fakequant.fake_quant_per_group(torch.zeros(1500, 64), scale, zero_point, 32, -8, 7)
-    zero_point[7, 0] = 9
-    with pytest.raises(ValueError, match=r"zero_point 9 is outside \[quant_min, quant_max\] = \[-8, 7\]"):
-        torch.ops.fakequant.fake_quant_per_group(torch.zeros(1500, 64), torch.full((1500, 2), 0.1), zero_point, 32,
-                                                 -8, 7)  # fmt: skip
-
-
-def test_straight_through_gradient(backend):
-    g = torch.Generator().manual_seed(3)
-    x = (torch.randn(4, 16, generator=g) * 2).requires_grad_()
-    scale, zero_point = group_qparams(4, 2, g)
-    fakequant.fake_quant_per_group(x, scale, zero_point, 8, -8, 7).backward(torch.ones(4, 16))
-    _, mask = reference.fake_quant_per_group_forward(x.detach(), scale, zero_point, 8, -8, 7)
-    assert torch.equal(x.grad, mask.float()) and 0 < int(mask.sum()) < mask.numel()
-
-
-@pytest.mark.parametrize("args, message", [
-    ((torch.zeros(4, 10), torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 4, -8, 7),
-     r"group_size 4 does not divide the 10 input channels"),
-    ((torch.zeros(4, 8, 3, 3), torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), 4, -8, 7),
-     r"takes a Linear \[out, in\] or 1x1 Conv \[out, in, 1, 1\] weight, got shape \(4, 8, 3, 3\)"),
-    ((torch.zeros(4, 8), torch.ones(4, 4), torch.zeros(4, 2, dtype=torch.int32), 4, -8, 7),
-     r"per-group scale must have shape \(4, 2\) \(out, in / group_size\), got \(4, 4\)"),
-])  # fmt: skip
-def test_bad_arguments(backend, args, message):
-    with pytest.raises(ValueError, match=message):
-        torch.ops.fakequant.fake_quant_per_group(*args)
 
 
 def test_granularity_key_and_its_errors():

@@ -1,6 +1,7 @@
 """The NNI-style quantizers: seed snippets, hooks, numerics against the ops, steps, state, unwrap and export."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from fakequant import (
     quant_range,
     reference,
 )
+from fakequant.quantizers.base import onnx_qdq_quantizer_names, quantizer_classes
 
 
 class Mnist(nn.Module):
@@ -836,3 +838,76 @@ def test_relu_before_quant_start_step_is_the_float_relu():
     (expected_grad,) = torch.autograd.grad(expected.sum(), x)
     assert torch.equal(grad, expected_grad)
     assert model[2].fakequant_output_observed.item() == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The subclass contract: abstract public hooks, exportability declared by the class
+# ------------------------------------------------------------------------------------------------
+
+
+class _GridQuantizer(fakequant.Quantizer):
+    """A quantizer written from the public hooks alone: weights on the fixed grid k / 16, activations in float."""
+
+    rules = dataclasses.replace(QAT_Quantizer.rules, name="_GridQuantizer")
+
+    def init_layer_state(self, layer):
+        layer.add_buffer("weight_scale", torch.tensor(1 / 16))
+        layer.add_buffer("weight_zero_point", torch.tensor(0, dtype=torch.int32))
+
+    def quantize_weight(self, layer, weight):
+        return fake_quant_per_tensor(weight, layer.buffer("weight_scale"), layer.buffer("weight_zero_point"), -128,
+                                     127)
+
+    def quantize_input(self, layer, x):
+        return x
+
+    def quantize_output(self, layer, y):
+        return y
+
+    def layer_calibration(self, layer):
+        return {"weight_scale": layer.buffer("weight_scale").clone()}
+
+
+def test_quantizer_hooks_are_abstract():
+    config = [{"quant_types": ["weight"], "op_types": ["Linear"]}]
+    with pytest.raises(TypeError, match="abstract"):
+        fakequant.Quantizer(nn.Linear(4, 4), config)
+
+    class WithoutCalibration(_GridQuantizer):
+        layer_calibration = fakequant.Quantizer.layer_calibration  # the abstract hook again
+
+    with pytest.raises(TypeError, match="layer_calibration"):
+        WithoutCalibration(nn.Linear(4, 4), config)
+    assert fakequant.Quantizer.__abstractmethods__ == {
+        "init_layer_state", "quantize_weight", "quantize_input", "quantize_output", "layer_calibration"
+    }
+
+
+def test_a_quantizer_made_of_the_public_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    weight = model[0].weight.detach().clone()
+    quantizer = _GridQuantizer(model, [{"quant_types": ["weight"], "op_types": ["Linear"]}])
+    quantizer.compress()
+    assert torch.equal(model[0].weight, torch.round(weight * 16).clamp(-128, 127) / 16)
+    assert "0.fakequant_weight_scale" in model.state_dict()
+    calibration = quantizer.calibration()
+    assert list(calibration) == ["0"] and torch.equal(calibration["0"]["weight_scale"], torch.tensor(1 / 16))
+    assert not _GridQuantizer.exports_onnx_qdq
+    with pytest.raises(ValueError, match=r"layer '0' weight: _GridQuantizer has no QuantizeLinear/DequantizeLinear "
+                                         r"export; allowed: LsqQuantizer, NaiveQuantizer and QAT_Quantizer$"):
+        quantizer.onnx_qdq(quantizer.layers["0"], "weight")
+
+
+def test_exportability_is_declared_by_the_class():
+    classes = quantizer_classes()
+    assert [cls.__name__ for cls in classes] == [
+        "BNNQuantizer", "DoReFaQuantizer", "LsqQuantizer", "NaiveQuantizer", "QAT_Quantizer"
+    ]
+    assert {cls.__name__ for cls in classes if cls.exports_onnx_qdq} == {"LsqQuantizer", "NaiveQuantizer",
+                                                                          "QAT_Quantizer"}
+    assert onnx_qdq_quantizer_names() == "LsqQuantizer, NaiveQuantizer and QAT_Quantizer"
+    with pytest.raises(TypeError, match="sets exports_onnx_qdq = True but does not override onnx_qdq"):
+
+        class Exporting(_GridQuantizer):
+            exports_onnx_qdq = True

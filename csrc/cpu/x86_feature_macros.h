@@ -1,7 +1,7 @@
 // Included right after a `#pragma GCC target(...)` that enables AVX2 (and, with FAKEQUANT_TARGET_AVX512
 // defined, AVX-512 F/BW/VL/DQ). The pragma enables the instructions but does not define the feature macros
 // that the ATen and Sleef headers test, so this defines them (for the including translation unit only).
-// No include guard: each variant's .cpp includes it once.
+// No include guard: kernels_avx2.cpp and kernels_avx512.cpp include it once each.
 #ifndef __AVX__
 #define __AVX__ 1
 #endif
@@ -30,7 +30,7 @@
 #endif
 
 // Warnings about code that is not ours, which a function-level target (rather than -mavx2/-mavx512f on the
-// command line) brings out of GCC 12 in every variant file (468 + 2 lines in a clean build):
+// command line) brings out of GCC 12 in every variant file:
 // - -Wmaybe-uninitialized: GCC's own avx512fintrin.h initializes undefined vectors as `__m512i __Y = __Y;`,
 //   which the warning flags wherever such an intrinsic is inlined into our loops (a false positive);
 // - -Wpsabi: a note that torch's at::vec lambdas return vectors by value, whose ABI differs without -mavx;

@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "kernels.cuh"
+#include "cuda/kernels.cuh"
 
 namespace fakequant {
 namespace cuda {
@@ -105,6 +105,25 @@ __device__ __forceinline__ ChannelParams channel_params(int64_t c, const Vector1
 __device__ __forceinline__ float channel_value(float x, const ChannelParams& p, bool& in_range) {
   return p.divide ? bn_fold_divided_value(x, p.fold, p.quant, in_range)
                   : fake_quant_value(x * p.fold, p.quant, in_range);
+}
+
+// The sum of `value` over the block's threads (blockDim.x a multiple of 32, at most 1024; `shared` holds
+// blockDim.x / 32 floats), returned to thread 0. Deterministic: a fixed shuffle tree within each warp, then
+// across the warps; no atomics.
+__device__ __forceinline__ float block_sum(float value, float* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  value = threadIdx.x < blockDim.x / 32 ? shared[lane] : 0.0f;
+  if (warp == 0) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  __syncthreads();  // `shared` is reused by the block's next channel
+  return value;
 }
 
 // Calls f(T{}) with T the C++ type of `type`.

@@ -1,11 +1,12 @@
-// CUDA kernels of the forward ops that return (out, mask): fake_quant_per_tensor, fake_quant_per_channel,
-// bn_fold_fake_quant_weight and binarize. One elementwise kernel template serves all of them: it walks
-// the storage of a dense input linearly (a grid-stride loop, 64-bit offsets, 16-byte vector loads when
-// the pointers allow), and an "op" functor supplies the per-element math from fakequant_math.h.
-// The host side (checks, allocation, layouts, registration) is ops.cpp.
-#include "device_utils.cuh"
+// CUDA kernels of the fake_quant family: the forward ops that return (out, mask), fake_quant_per_tensor,
+// fake_quant_per_channel (which also runs bn_fold_fake_quant_weight) and binarize, and masked_grad (the
+// straight-through estimator). One elementwise kernel template serves the forwards: it walks the storage of a
+// dense input linearly (a grid-stride loop, 64-bit offsets, 16-byte vector loads when the pointers allow), and an
+// "op" functor supplies the per-element math from fakequant_math.h.
+// The host side (checks, allocation, layouts, registration) is ops/fake_quant.cpp.
+#include "cuda/device_utils.cuh"
+#include "cuda/kernels.cuh"
 #include "fakequant_math.h"
-#include "kernels.cuh"
 
 namespace fakequant {
 namespace cuda {
@@ -162,6 +163,27 @@ int vector_length(FloatType type) {
   return type == FloatType::kFloat ? vector_length<float>() : vector_length<c10::Half>();
 }
 
+// masked_grad: grad where mask, +0 elsewhere, in grad's dtype (no conversion to fp32 needed).
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    masked_grad_kernel(const scalar_t* __restrict__ grad, const bool* __restrict__ mask, scalar_t* __restrict__ out,
+                       int64_t numel) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t vectors = numel / kVec;
+  const scalar_t zero = static_cast<scalar_t>(0.0f);
+  for (int64_t v = first; v < vectors; v += step) {
+    const Pack<scalar_t, kVec> g = reinterpret_cast<const Pack<scalar_t, kVec>*>(grad)[v];
+    bool m[kVec];
+    MaskWord<kVec>::load(mask, v, m);
+    Pack<scalar_t, kVec> result;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) result.values[j] = m[j] ? g.values[j] : zero;
+    reinterpret_cast<Pack<scalar_t, kVec>*>(out)[v] = result;
+  }
+  for (int64_t i = vectors * kVec + first; i < numel; i += step) out[i] = mask[i] ? grad[i] : zero;
+}
+
 }  // namespace
 
 cudaError_t launch_fake_quant_per_tensor(const ElementwiseArgs& args, const float* scale, Vector1d zero_point,
@@ -191,6 +213,24 @@ cudaError_t launch_fake_quant_per_channel(const ElementwiseArgs& args, const Cha
 
 cudaError_t launch_binarize(const ElementwiseArgs& args) {
   return launch_elementwise(args, BinarizeOp{});
+}
+
+cudaError_t launch_masked_grad(FloatType type, const void* grad, const bool* mask, void* out, int64_t numel,
+                               int max_blocks, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  dispatch_float_type(type, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+    const auto* g = static_cast<const scalar_t*>(grad);
+    auto* o = static_cast<scalar_t*>(out);
+    if (is_aligned(g, kVectorBytes) && is_aligned(o, kVectorBytes) && is_aligned(mask, kVec)) {
+      masked_grad_kernel<scalar_t, kVec>
+          <<<grid_size((numel + kVec - 1) / kVec, max_blocks), kThreads, 0, stream>>>(g, mask, o, numel);
+    } else {
+      masked_grad_kernel<scalar_t, 1><<<grid_size(numel, max_blocks), kThreads, 0, stream>>>(g, mask, o, numel);
+    }
+  });
+  return cudaGetLastError();
 }
 
 }  // namespace cuda

@@ -1,10 +1,11 @@
-// The interface between the CUDA kernels (fake_quant.cu, grad.cu) and their host side (ops.cpp).
+// The interface between the CUDA kernels (one .cu file per op family: fake_quant.cu, bn_fold.cu, learnable.cu,
+// observe.cu) and their host side (csrc/ops/<family>.cpp): the launchers' declarations and argument structs.
 //
 // Only plain structs, raw pointers and the CUDA runtime API cross it: the .cu files include no ATen or
 // torch header, which keeps them quick to compile (nvcc parses a .cu file's headers once for the host and
-// once more per GPU architecture; with ATen included that was ~90 of the build's CPU seconds, see
-// setup.py). The argument checks, tensor allocation, layouts and the dispatcher registration live in
-// ops.cpp, compiled once by the host compiler.
+// once more per GPU architecture; with ATen included that was most of the build time). The argument checks,
+// tensor allocation, layouts and the dispatcher registration live in the host files, compiled once by the
+// host compiler.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,11 +1,11 @@
 // CUDA kernels of observe_range: per-channel min/max partials of a dense tensor, then one thread per
 // output entry that combines them, applies the BN fold factor, the ReLU, the moving average and
-// choose_qparams (fakequant_math.h, the functions the CPU op runs). Host side: ops.cpp.
+// choose_qparams (fakequant_math.h, the functions the CPU op runs). Host side: ops/observe.cpp.
 #include <cmath>
 
-#include "device_utils.cuh"
+#include "cuda/device_utils.cuh"
+#include "cuda/kernels.cuh"
 #include "fakequant_math.h"
-#include "kernels.cuh"
 
 namespace fakequant {
 namespace cuda {

@@ -1,4 +1,8 @@
-"""NNI-style quantizers on the fakequant ops: Naive, QAT, DoReFa, BNN (SPEC §3) and LSQ."""
+"""NNI-style quantizers on the fakequant ops: Naive, QAT, DoReFa, BNN and LSQ (docs/numerics.md, Algorithms).
+
+``__all__`` is the registry of the quantizer algorithms: :func:`fakequant.quantizers.base.quantizer_classes` reads
+it, and the messages that name the quantizers with an ONNX export are generated from it.
+"""
 
 from fakequant.quantizers.base import QuantizedLayer, Quantizer
 from fakequant.quantizers.bnn import BNNQuantizer

@@ -16,7 +16,14 @@ Design (why hooks and a parametrization):
   Python mirrors of the step and of the "range initialised" flags keep ``.item()`` syncs off the hot path;
   a load_state_dict post-hook refreshes them, so a loaded checkpoint resumes exactly.
 
-Extension points for subclasses (BatchNorm folding plugs in here):
+The algorithm of a subclass is its hooks, each called per layer: the abstract :meth:`Quantizer.init_layer_state`,
+:meth:`~Quantizer.quantize_weight`, :meth:`~Quantizer.quantize_input`, :meth:`~Quantizer.quantize_output` and
+:meth:`~Quantizer.layer_calibration`, and the optional :meth:`~Quantizer.quantize_relu_input`,
+:meth:`~Quantizer.update_layer_on_step` and :meth:`~Quantizer.onnx_qdq` (with ``exports_onnx_qdq = True``).
+The min/max weight ranges and EMA activation ranges that QAT and Naive share are in
+:mod:`fakequant.quantizers.ema_range`.
+
+Extension points of the machinery (BatchNorm folding plugs in here):
 
 * :meth:`Quantizer._wrap_modules` chooses and wraps the modules (one call of :meth:`Quantizer._wrap_module`
   per selected module, which returns the :class:`QuantizedLayer` handling it);
@@ -27,21 +34,29 @@ Extension points for subclasses (BatchNorm folding plugs in here):
 
 from __future__ import annotations
 
+import abc
+import importlib
+import inspect
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.nn.utils import parametrize
 
-from fakequant import functional
-from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import PerChannel, PerGroup, QuantSpec, choose_qparams
+from fakequant.qdq import OnnxQDQ
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig, resolve_config_list
 
-__all__ = ["Quantizer", "QuantizedLayer", "WeightFakeQuant", "BUFFER_PREFIX", "STEP_BUFFER"]
+__all__ = [
+    "Quantizer",
+    "QuantizedLayer",
+    "WeightFakeQuant",
+    "BUFFER_PREFIX",
+    "STEP_BUFFER",
+    "quantizer_classes",
+    "onnx_qdq_quantizer_names",
+]
 
 BUFFER_PREFIX = "fakequant_"
 STEP_BUFFER = BUFFER_PREFIX + "step"
@@ -202,23 +217,48 @@ class QuantizedLayer:
     # -- per step and export ----------------------------------------------------------------------
     def on_step(self, step: int) -> None:
         """Called once per training step (after the counter advanced) via :meth:`Quantizer._on_step`."""
-        self.quantizer._update_layer_on_step(self, step)
+        self.quantizer.update_layer_on_step(self, step)
 
     def calibration(self) -> dict:
         """The export record of this layer (see :meth:`Quantizer.calibration`)."""
-        return self.quantizer._layer_calibration(self)
+        return self.quantizer.layer_calibration(self)
 
 
-def _ddp_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def quantizer_classes() -> list[type[Quantizer]]:
+    """The quantizer algorithms fakequant offers: the concrete :class:`Quantizer` classes in
+    ``fakequant.quantizers.__all__``, in its order, each once (``QATQuantizer`` is ``QAT_Quantizer``).
+
+    Example:
+        >>> [cls.__name__ for cls in quantizer_classes()]
+        ['BNNQuantizer', 'DoReFaQuantizer', 'LsqQuantizer', 'NaiveQuantizer', 'QAT_Quantizer']
+    """
+    package = importlib.import_module("fakequant.quantizers")  # not at the top: the package imports this module
+    classes: list[type[Quantizer]] = []
+    for name in package.__all__:
+        value = getattr(package, name)
+        if (isinstance(value, type) and issubclass(value, Quantizer) and not inspect.isabstract(value)
+                and value not in classes):
+            classes.append(value)
+    return classes
 
 
-class Quantizer:
+def onnx_qdq_quantizer_names() -> str:
+    """The names of the quantizers that declare ``exports_onnx_qdq``, as a phrase for error messages.
+
+    Example:
+        >>> onnx_qdq_quantizer_names()
+        'LsqQuantizer, NaiveQuantizer and QAT_Quantizer'
+    """
+    names = [cls.__name__ for cls in quantizer_classes() if cls.exports_onnx_qdq]
+    return " and ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+class Quantizer(abc.ABC):
     """Base class of the NNI-style quantizers.
 
     Args:
         model: the model to quantize (modified in place by :meth:`compress`).
-        config_list: NNI config dicts (SPEC §3).
+        config_list: NNI config dicts (docs/numerics.md, Quantizers and config_list).
         optimizer: if given, each ``optimizer.step()`` advances the quantizer's step counter (through
             ``register_step_post_hook``). Without one, call :meth:`step` after each optimizer step.
 
@@ -232,6 +272,15 @@ class Quantizer:
     rules: AlgorithmRules
     #: the config_list used when none is given (None: a config_list is required)
     default_config_list: list[dict] | None = None
+    #: whether :meth:`onnx_qdq` describes the quantized tensors as ONNX QuantizeLinear/DequantizeLinear pairs
+    #: (export_model(onnx_path=...)); the error messages list the classes that set it
+    exports_onnx_qdq: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.exports_onnx_qdq and cls.onnx_qdq is Quantizer.onnx_qdq:
+            raise TypeError(f"{cls.__name__} sets exports_onnx_qdq = True but does not override onnx_qdq, which "
+                            "refuses every tensor")
 
     def __init__(
         self,
@@ -309,7 +358,7 @@ class Quantizer:
 
     def _wrap_module(self, name: str, module: nn.Module, config: LayerConfig) -> QuantizedLayer:
         layer = QuantizedLayer(self, name, module, config)
-        self._init_layer_state(layer)  # buffers first: the parametrization is evaluated once on registration
+        self.init_layer_state(layer)  # buffers first: the parametrization is evaluated once on registration
         layer.attach()
         return layer
 
@@ -348,8 +397,9 @@ class Quantizer:
             for layer in self.layers.values():
                 layer.on_step(self._step)
 
-    def _update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
-        """Per-layer work after a step (BNN clamps its weights here). Nothing by default."""
+    def update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
+        """Hook: per-layer work after a step (BNN clamps its weights here). Nothing by default."""
+        return None
 
     def _after_load(self, module: nn.Module, incompatible_keys) -> None:
         self._step = int(self.bound_model._buffers[STEP_BUFFER].item())
@@ -357,29 +407,35 @@ class Quantizer:
             layer.sync_from_buffers()
 
     # -- the algorithm (subclasses) ---------------------------------------------------------------
-    def _init_layer_state(self, layer: QuantizedLayer) -> None:
-        """Registers the layer's ``fakequant_*`` buffers."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def init_layer_state(self, layer: QuantizedLayer) -> None:
+        """Hook: registers the layer's ``fakequant_*`` buffers and parameters (called before the hooks attach)."""
 
+    @abc.abstractmethod
     def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Hook: the fake-quantized weight, computed from the float master ``weight`` on every forward."""
 
+    @abc.abstractmethod
     def quantize_input(self, layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Hook: the fake-quantized first positional input of the module."""
 
+    @abc.abstractmethod
     def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Hook: the fake-quantized output of the module."""
 
     def quantize_relu_input(self, layer: QuantizedLayer, relu_input: torch.Tensor) -> torch.Tensor | None:
-        """The quantized output of an out-of-place ``nn.ReLU`` computed from its input, or None (the default) to
-        let the ReLU run and quantize its output with :meth:`quantize_output`."""
+        """Hook: the quantized output of an out-of-place ``nn.ReLU`` computed from its input, or None (the default)
+        to let the ReLU run and quantize its output with :meth:`quantize_output`."""
         return None
 
-    def _layer_calibration(self, layer: QuantizedLayer) -> dict:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def layer_calibration(self, layer: QuantizedLayer) -> dict:
+        """Hook: the layer's calibration record (see :meth:`calibration`)."""
 
-    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
-        """How the eval-mode model fake-quantizes ``quant_type`` of ``layer``, for the ONNX export.
+    def onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
+        """Hook: how the eval-mode model fake-quantizes ``quant_type`` of ``layer``, for the ONNX export.
+
+        Overridden by the classes that set ``exports_onnx_qdq``; this default refuses the tensor.
 
         Returns:
             The tensor's QuantizeLinear/DequantizeLinear form, or None where the eval-mode forward leaves it
@@ -390,88 +446,8 @@ class Quantizer:
         """
         raise ValueError(
             f"layer {layer.name!r} {quant_type}: {type(self).__name__} has no QuantizeLinear/DequantizeLinear "
-            "export; allowed: QAT_Quantizer, NaiveQuantizer and LsqQuantizer"
+            f"export; allowed: {onnx_qdq_quantizer_names()}"
         )
-
-    # -- shared helpers ---------------------------------------------------------------------------
-    def _add_qparam_buffers(self, layer: QuantizedLayer, quant_type: str, channels: int | None) -> None:
-        shape = () if channels is None else (channels,)
-        layer.add_buffer(quant_type + "_scale", torch.ones(shape, dtype=torch.float32))
-        layer.add_buffer(quant_type + "_zero_point", torch.zeros(shape, dtype=torch.int32))
-
-    @staticmethod
-    def _weight_axis(layer: QuantizedLayer) -> int | None:
-        granularity = layer.config.specs["weight"].granularity
-        return granularity.axis if isinstance(granularity, PerChannel) else None
-
-    @staticmethod
-    def _weight_group_size(layer: QuantizedLayer) -> int | None:
-        granularity = layer.config.specs["weight"].granularity
-        return granularity.group_size if isinstance(granularity, PerGroup) else None
-
-    def _add_weight_state(self, layer: QuantizedLayer) -> None:
-        """Scale and zero point of a weight whose range is taken from the current weight on every forward."""
-        axis = self._weight_axis(layer)
-        group_size = self._weight_group_size(layer)
-        weight_shape = layer.module.weight.shape
-        if group_size is not None:  # [out, in / group_size] scales; the range op sees the flat view of the groups
-            shape = (weight_shape[0], weight_shape[1] // group_size)
-            layer.add_buffer("weight_scale", torch.ones(shape, dtype=torch.float32))
-            layer.add_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.int32))
-            layer.add_buffer("weight_range", torch.zeros((2, shape[0] * shape[1])), persistent=False)
-            return
-        channels = None if axis is None else weight_shape[axis]
-        self._add_qparam_buffers(layer, "weight", channels)
-        # The op's scratch for the range: recomputed on every forward, so not part of the state_dict.
-        layer.add_buffer("weight_range", torch.zeros((2,) if channels is None else (2, channels)), persistent=False)
-
-    def _observe_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sets the weight's scale and zero point buffers from the range of ``weight`` (one fused op) and
-        returns them."""
-        spec = layer.config.specs["weight"]
-        scale, zero_point = layer.buffer("weight_scale"), layer.buffer("weight_zero_point")
-        group_size = self._weight_group_size(layer)
-        if group_size is not None:  # the per-channel range of the [out * in / group_size, group_size] view
-            torch.ops.fakequant.observe_range(
-                weight.detach().reshape(-1, group_size), layer.buffer("weight_range"), scale.view(-1),
-                zero_point.view(-1), 0, 1.0, spec.quant_min, spec.quant_max, spec.symmetric,
-            )
-            return scale, zero_point
-        torch.ops.fakequant.observe_range(
-            weight.detach(), layer.buffer("weight_range"), scale, zero_point, self._weight_axis(layer), 1.0,
-            spec.quant_min, spec.quant_max, spec.symmetric,
-        )
-        return scale, zero_point
-
-    def _minmax_fake_quant_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
-        """Weight ranges taken from the current weight on every forward (tracked from step 0), fake
-        quantization from ``quant_start_step``."""
-        spec = layer.config.specs["weight"]
-        scale, zero_point = self._observe_weight(layer, weight)
-        if not layer.active():
-            return weight
-        # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
-        scale = scale.float()
-        group_size = self._weight_group_size(layer)
-        if group_size is not None:
-            return functional.fake_quant_per_group(weight, scale, zero_point, group_size, spec.quant_min,
-                                                   spec.quant_max)  # fmt: skip
-        axis = self._weight_axis(layer)
-        if axis is not None:
-            return functional.fake_quant_per_channel(weight, scale, zero_point, axis, spec.quant_min, spec.quant_max)
-        return functional.fake_quant_per_tensor(weight, scale, zero_point, spec.quant_min, spec.quant_max)
-
-    @staticmethod
-    def _spec_record(prefix: str, spec: QuantSpec) -> dict:
-        record = {
-            f"{prefix}_bits": spec.bits,
-            f"{prefix}_quant_min": spec.quant_min,
-            f"{prefix}_quant_max": spec.quant_max,
-            f"{prefix}_symmetric": spec.symmetric,
-        }
-        if isinstance(spec.granularity, PerChannel):
-            record[f"{prefix}_axis"] = spec.granularity.axis
-        return record
 
     # -- export -----------------------------------------------------------------------------------
     def calibration(self) -> dict[str, dict]:
@@ -558,148 +534,4 @@ class Quantizer:
         if calibration_path is not None:
             torch.save(calibration, calibration_path)
         return calibration
-
-
-class EmaRangeQuantizer(Quantizer):
-    """A quantizer whose activations are fake-quantized with EMA-tracked ranges (QAT).
-
-    Args:
-        sync_ranges: with ``torch.distributed`` initialised, all-reduce every observed activation range
-            (min of mins, max of maxes) before the EMA update, so every rank holds the same ranges and
-            scales. Turn it off only to compare.
-    """
-
-    #: EMA decay of the activation ranges (SPEC §2)
-    ema_decay = 0.99
-
-    def __init__(self, model, config_list=None, optimizer=None, *, sync_ranges: bool = True) -> None:
-        super().__init__(model, config_list, optimizer)
-        self.sync_ranges = sync_ranges
-
-    def _add_activation_state(self, layer: QuantizedLayer, quant_type: str) -> None:
-        self._add_qparam_buffers(layer, quant_type, None)
-        # [min, max]; meaningful once fakequant_<type>_observed is 1
-        layer.add_buffer(quant_type + "_range", torch.zeros(2, dtype=torch.float32))
-        layer.add_buffer(quant_type + "_observed", torch.zeros((), dtype=torch.int64))
-        layer.observed[quant_type] = False
-
-    def _observe(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor, relu: bool = False) -> None:
-        """Moves the tracked range towards this batch's min and max (of ``relu(x)`` with ``relu``; all-reduced
-        under DDP), then sets the scale and zero point from it."""
-        spec = layer.config.specs[quant_type]
-        tracked = layer.buffer(quant_type + "_range")
-        scale, zero_point = layer.buffer(quant_type + "_scale"), layer.buffer(quant_type + "_zero_point")
-        first = not layer.observed[quant_type]
-        torch.ops.fakequant.observe_range(
-            x, tracked, scale, zero_point, None, 1.0 if first else 1.0 - self.ema_decay,
-            spec.quant_min, spec.quant_max, spec.symmetric, None, relu,
-        )
-        if self.sync_ranges and _ddp_initialized():
-            # The update tracked + c * (batch - tracked) is monotonic in the batch range (each rounded
-            # operation is), and the ranks start from the same tracked range: reducing the updated ranges
-            # (min of the minima, max of the maxima) gives exactly the update with the all-reduced batch range.
-            extremes = torch.stack((-tracked[0].float(), tracked[1].float()))
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-            tracked.copy_(torch.stack((-extremes[0], extremes[1])))
-            new_scale, new_zero_point = choose_qparams(
-                -extremes[0], extremes[1], spec.quant_min, spec.quant_max, spec.symmetric
-            )
-            scale.copy_(new_scale)
-            zero_point.copy_(new_zero_point)
-        if first:
-            layer.buffer(quant_type + "_observed").fill_(1)
-            layer.observed[quant_type] = True
-
-    def load_calibration_config(self, calibration_config: dict[str, dict]) -> None:
-        """Sets activation ranges, scales and zero points from calibration records, as NNI 2.x's method does.
-
-        The records are those :meth:`calibration` returns and :meth:`export_model` saves (``tracked_min_<type>``
-        and ``tracked_max_<type>`` for inputs and outputs). Weight ranges follow the weights on every forward and
-        are not loaded; to resume training exactly, save and load ``model.state_dict()``, which holds all of it.
-
-        Args:
-            calibration_config: ``{layer_name: record}`` for layers of this quantizer, after :meth:`compress`.
-
-        Raises:
-            ValueError: called before :meth:`compress`, or a layer name this quantizer does not quantize.
-
-        Example:
-            >>> calibration = trained_quantizer.calibration()  # doctest: +SKIP
-            >>> fresh_quantizer.compress()  # doctest: +SKIP
-            >>> fresh_quantizer.load_calibration_config(calibration)  # doctest: +SKIP
-        """
-        if not self._compressed:
-            raise ValueError(f"{type(self).__name__}.load_calibration_config: call compress() first")
-        unknown = sorted(set(calibration_config) - set(self.layers))
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__}.load_calibration_config: {unknown} are not quantized by this quantizer; "
-                f"allowed: its layers {sorted(self.layers)}"
-            )
-        for name, record in calibration_config.items():
-            layer = self.layers[name]
-            for quant_type in layer.config.quant_types:
-                low, high = record.get(f"tracked_min_{quant_type}"), record.get(f"tracked_max_{quant_type}")
-                if quant_type != "weight" and low is not None and high is not None:
-                    self.set_activation_range(layer, quant_type, torch.tensor(float(low)), torch.tensor(float(high)))
-
-    def set_activation_range(
-        self, layer: QuantizedLayer, quant_type: str, low: torch.Tensor, high: torch.Tensor
-    ) -> None:
-        """Makes ``[low, high]`` the tracked range of ``layer``'s input or output, with the scale and zero point
-        that follow (SPEC §2), as if it had been observed: what calibration and loaded records set."""
-        spec = layer.config.specs[quant_type]
-        tracked = layer.buffer(quant_type + "_range")
-        tracked.copy_(torch.stack([low, high]).to(tracked))
-        scale, zero_point = choose_qparams(tracked[0], tracked[1], spec.quant_min, spec.quant_max, spec.symmetric)
-        layer.buffer(quant_type + "_scale").copy_(scale)
-        layer.buffer(quant_type + "_zero_point").copy_(zero_point)
-        layer.buffer(quant_type + "_observed").fill_(1)
-        layer.observed[quant_type] = True
-
-    def _fake_quant_activation(
-        self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor, relu: bool = False
-    ) -> torch.Tensor:
-        """Ranges tracked in training mode from step 0; fake quantization from ``quant_start_step`` once a
-        range has been observed (an eval pass before any training batch runs in float). With ``relu``, the
-        activation is ``relu(x)``, observed and fake-quantized without forming it (the fused op's mask holds
-        ReLU's gradient too)."""
-        if layer.module.training:
-            with torch.no_grad():
-                self._observe(layer, quant_type, x, relu)
-        if not (layer.active() and layer.observed[quant_type]):
-            return torch.relu(x) if relu else x
-        spec = layer.config.specs[quant_type]
-        return functional.fake_quant_per_tensor(
-            x,
-            # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
-            layer.buffer(quant_type + "_scale").float(), layer.buffer(quant_type + "_zero_point"),
-            spec.quant_min, spec.quant_max, relu=relu,
-        )
-
-    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
-        if quant_type == "weight":
-            return super()._onnx_qdq(layer, quant_type)
-        spec = layer.config.specs[quant_type]
-        quant_min, quant_max = onnx_qdq_range(layer.name, quant_type, spec.quant_min, spec.quant_max, constant=False)
-        if not (layer.active() and layer.observed[quant_type]):
-            return None  # _fake_quant_activation returns x unchanged in eval mode
-        return OnnxQDQ(
-            scale=layer.buffer(quant_type + "_scale").detach().float().clone(),
-            zero_point=layer.buffer(quant_type + "_zero_point").detach().to(torch.int32).clone(),
-            quant_min=quant_min,
-            quant_max=quant_max,
-        )
-
-    def _activation_record(self, layer: QuantizedLayer, quant_type: str) -> dict:
-        tracked = layer.buffer(quant_type + "_range").detach().cpu()
-        observed = layer.observed[quant_type]
-        record = self._spec_record(quant_type, layer.config.specs[quant_type])
-        record.update({
-            f"tracked_min_{quant_type}": float(tracked[0]) if observed else None,
-            f"tracked_max_{quant_type}": float(tracked[1]) if observed else None,
-            f"{quant_type}_scale": layer.buffer(quant_type + "_scale").detach().cpu().clone(),
-            f"{quant_type}_zero_point": layer.buffer(quant_type + "_zero_point").detach().cpu().clone(),
-        })
-        return record
 

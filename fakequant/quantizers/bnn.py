@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fakequant import functional
+from fakequant.ops.binary import binarize
 from fakequant.qparams import QuantSpec
-from fakequant.quantizers.base import QuantizedLayer, Quantizer
+from fakequant.quantizers.base import QuantizedLayer, Quantizer, onnx_qdq_quantizer_names
 from fakequant.quantizers.config import AlgorithmRules
 
 __all__ = ["BNNQuantizer"]
@@ -45,32 +45,32 @@ class BNNQuantizer(Quantizer):
         default_specs={t: QuantSpec(bits=1) for t in ("weight", "input", "output")},
     )
 
-    def _init_layer_state(self, layer: QuantizedLayer) -> None:
+    def init_layer_state(self, layer: QuantizedLayer) -> None:
         """Binarization has no scale or range: the only state is the step counter."""
 
     def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
         if not layer.active():
             return weight
-        return functional.binarize(weight, clipped_ste=False)
+        return binarize(weight, clipped_ste=False)
 
     def quantize_input(self, layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
-        return functional.binarize(x, clipped_ste=True) if layer.active() else x
+        return binarize(x, clipped_ste=True) if layer.active() else x
 
     def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
-        return functional.binarize(y, clipped_ste=True) if layer.active() else y
+        return binarize(y, clipped_ste=True) if layer.active() else y
 
-    def _update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
+    def update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
         if "weight" in layer.config.quant_types:
             layer.module.parametrizations.weight.original.clamp_(-1.0, 1.0)
 
-    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> None:
+    def onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> None:
         raise ValueError(
             f"layer {layer.name!r} {quant_type}: BNN's binarization (+1 for x >= 0, else -1) is not an affine "
-            "integer quantization, so it has no QuantizeLinear/DequantizeLinear form; allowed: QAT_Quantizer and "
-            "NaiveQuantizer models"
+            "integer quantization, so it has no QuantizeLinear/DequantizeLinear form; allowed: "
+            f"{onnx_qdq_quantizer_names()} models"
         )
 
-    def _layer_calibration(self, layer: QuantizedLayer) -> dict:
+    def layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {"op_type": layer.config.op_type}
         for quant_type in layer.config.quant_types:
             record[f"{quant_type}_bits"] = 1

@@ -1,4 +1,4 @@
-"""Parsing and validation of NNI-style ``config_list`` entries (SPEC §3).
+"""Parsing and validation of NNI-style ``config_list`` entries (docs/numerics.md, Quantizers and config_list).
 
 Every entry is checked when the quantizer is built, and a mistake raises a ``ValueError`` that names the
 entry index, the key, the value given and what is allowed. Entries are then resolved per module: as in
@@ -8,6 +8,7 @@ earlier one for the same module), and a winning ``exclude`` entry leaves the mod
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fakequant.qparams import PerChannel, PerGroup, PerTensor, QuantSpec
+from fakequant.qparams import FormatSpec, Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
 
 __all__ = [
     "QUANT_TYPES",
@@ -30,7 +31,7 @@ __all__ = [
 QUANT_TYPES = ("weight", "input", "output")
 QUANT_SCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric")
 QUANT_DTYPES = ("int", "uint")
-# 'default' stands for the weighted layers (SPEC §3).
+# 'default' stands for the weighted layers (docs/numerics.md, Quantizers and config_list).
 DEFAULT_OP_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 COMMON_KEYS = ("quant_types", "quant_bits", "op_types", "op_names", "exclude", "quant_start_step")
 
@@ -67,7 +68,7 @@ class LayerConfig:
         op_type: the module's class name.
         entry_index: index of the config_list entry that selected the module.
         quant_types: the quant types applied, in config order.
-        specs: the QuantSpec of each quant type.
+        specs: the format spec (a :class:`~fakequant.qparams.QuantSpec` today) of each quant type.
         quant_start_step: fake quantization starts once this many steps have been taken.
     """
 
@@ -75,7 +76,7 @@ class LayerConfig:
     op_type: str
     entry_index: int
     quant_types: tuple[str, ...]
-    specs: dict[str, QuantSpec] = field(default_factory=dict)
+    specs: dict[str, FormatSpec] = field(default_factory=dict)
     quant_start_step: int = 0
 
     def bits(self, quant_type: str) -> int:
@@ -132,19 +133,21 @@ GRANULARITY_ALLOWED = (
 )
 
 
-def _parse_granularity(index: int, value: object) -> PerTensor | PerChannel | PerGroup:
-    if isinstance(value, (PerTensor, PerChannel, PerGroup)):
+# The granularities a config_list may name by their config_name alone (PerChannel() is along axis 0).
+_NAMED_GRANULARITIES = {cls.config_name: cls for cls in (PerTensor, PerChannel)}
+
+
+def _parse_granularity(index: int, value: object) -> Granularity:
+    if isinstance(value, Granularity):
         return value
-    if value == "per_tensor":
-        return PerTensor()
-    if value == "per_channel":
-        return PerChannel(0)
+    if isinstance(value, str) and value in _NAMED_GRANULARITIES:
+        return _NAMED_GRANULARITIES[value]()
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return PerGroup(value)
     raise _fail(index, "granularity", value, GRANULARITY_ALLOWED + _nni3_hint(value))
 
 
-def _weight_granularity(index: int, entry: Mapping) -> PerTensor | PerChannel | PerGroup | None:
+def _weight_granularity(index: int, entry: Mapping) -> Granularity | None:
     """The ``granularity`` key: the weight's granularity (it overrides the per-tensor/per-channel part of
     ``quant_scheme``; the symmetry stays the scheme's)."""
     if "granularity" not in entry:
@@ -165,7 +168,7 @@ def _weight_granularity(index: int, entry: Mapping) -> PerTensor | PerChannel | 
 
 
 def _spec_for(rules: AlgorithmRules, quant_type: str, bits: int, scheme: str | None, dtype: str | None,
-              granularity_override: PerTensor | PerChannel | PerGroup | None = None) -> QuantSpec:  # fmt: skip
+              granularity_override: Granularity | None = None) -> QuantSpec:  # fmt: skip
     default = rules.default_specs[quant_type]
     symmetric, granularity = default.symmetric, default.granularity
     if scheme is not None:
@@ -409,13 +412,14 @@ def resolve_config_list(model: nn.Module, config_list: object, rules: AlgorithmR
                     "with a weight (Conv*, Linear, ...) or only 'input'/'output' for this module"
                 )
             spec = config.specs["weight"]
-            if isinstance(spec.granularity, PerGroup):
-                _check_group_layout(config, name, module, spec.granularity.group_size)
-            if isinstance(spec.granularity, PerChannel):
+            granularity = spec.granularity
+            if granularity.group_size is not None:
+                _check_group_layout(config, name, module, granularity.group_size)
+            if granularity.axis is not None:
                 # ConvTranspose weights hold output channels on axis 1.
                 axis = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
-                config.specs["weight"] = QuantSpec(spec.bits, spec.signed, spec.symmetric, spec.narrow_range,
-                                                   PerChannel(axis))
+                granularity = dataclasses.replace(granularity, axis=axis)
+                config.specs["weight"] = dataclasses.replace(spec, granularity=granularity)
         resolved[name] = config
     for index, matched in enumerate(matched_any):
         if not matched:

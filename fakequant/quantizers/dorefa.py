@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fakequant import functional
+from fakequant.ops.fake_quant import fake_quant_per_tensor
 from fakequant.qparams import QuantSpec, choose_qparams, quant_range
-from fakequant.quantizers.base import QuantizedLayer, Quantizer
+from fakequant.quantizers.base import QuantizedLayer, Quantizer, onnx_qdq_quantizer_names
 from fakequant.quantizers.config import AlgorithmRules
 
 __all__ = ["DoReFaQuantizer"]
@@ -72,7 +72,7 @@ class DoReFaQuantizer(Quantizer):
         self.gradient_bits = gradient_bits
         self.generator = generator
 
-    def _init_layer_state(self, layer: QuantizedLayer) -> None:
+    def init_layer_state(self, layer: QuantizedLayer) -> None:
         for quant_type in layer.config.quant_types:
             layer.add_buffer(quant_type + "_scale", _unit_scale(layer.config.bits(quant_type)))
             layer.add_buffer(quant_type + "_zero_point", torch.zeros((), dtype=torch.int32))
@@ -83,7 +83,7 @@ class DoReFaQuantizer(Quantizer):
 
     def _quant_unit(self, layer: QuantizedLayer, prefix: str, bits: int, v: torch.Tensor) -> torch.Tensor:
         """quant_k on [0, 1] (values outside are clamped by the op)."""
-        return functional.fake_quant_per_tensor(
+        return fake_quant_per_tensor(
             v, layer.buffer(prefix + "_scale").float(), layer.buffer(prefix + "_zero_point"), 0, (1 << bits) - 1
         )
 
@@ -122,18 +122,18 @@ class DoReFaQuantizer(Quantizer):
                 output.register_hook(lambda grad: self.quantize_gradient(layer, grad))
         return hook
 
-    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> None:
+    def onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> None:
         if quant_type == "weight":
             bits = layer.config.bits("weight")
             raise ValueError(
                 f"layer {layer.name!r} weight: DoReFa's {bits}-bit weights 2 * quant_k(...) - 1 lie on the grid "
                 f"(2k - {(1 << bits) - 1}) / {(1 << bits) - 1}, k = 0 .. {(1 << bits) - 1}, which has no zero level "
                 f"(its zero point would be {(1 << bits) - 1} / 2), so they have no QuantizeLinear/DequantizeLinear "
-                "form; allowed: QAT_Quantizer and NaiveQuantizer models"
+                f"form; allowed: {onnx_qdq_quantizer_names()} models"
             )
-        return super()._onnx_qdq(layer, quant_type)
+        return super().onnx_qdq(layer, quant_type)
 
-    def _layer_calibration(self, layer: QuantizedLayer) -> dict:
+    def layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {"op_type": layer.config.op_type}
         for quant_type in layer.config.quant_types:
             bits = layer.config.bits(quant_type)

@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fakequant import functional
+from fakequant.ops.learnable import fake_quant_learnable, lsq_grad_factor
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import PerChannel, PerGroup
 from fakequant.quantizers.base import QuantizedLayer, Quantizer
 from fakequant.quantizers.qat import QAT_Quantizer
 
 __all__ = ["LsqQuantizer"]
 
-# The smallest scale an optimizer step may leave: the ops need a finite positive scale (SPEC §1).
+# The smallest scale an optimizer step may leave: the ops need a finite positive scale (docs/numerics.md,
+# Argument checks).
 _MIN_SCALE = torch.finfo(torch.float32).eps
 
 
@@ -64,6 +64,7 @@ class LsqQuantizer(Quantizer):
 
     # QAT_Quantizer's keys, widths and defaults: signed symmetric per-tensor weights, unsigned affine activations.
     rules = dataclasses.replace(QAT_Quantizer.rules, name="LsqQuantizer")
+    exports_onnx_qdq = True
 
     def __init__(
         self,
@@ -107,36 +108,24 @@ class LsqQuantizer(Quantizer):
 
     # -- state ------------------------------------------------------------------------------------
     @staticmethod
-    def _axis(layer: QuantizedLayer, quant_type: str) -> int | None:
-        granularity = layer.config.specs[quant_type].granularity
-        return granularity.axis if isinstance(granularity, PerChannel) else None
-
-    @staticmethod
-    def _group_size(layer: QuantizedLayer, quant_type: str) -> int | None:
-        granularity = layer.config.specs[quant_type].granularity
-        return granularity.group_size if isinstance(granularity, PerGroup) else None
-
-    def _view(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    def _view(layer: QuantizedLayer, quant_type: str, x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         """``x`` as the learnable op sees it, and the axis of its scales: per-group weights as the
         ``[out * in / group_size, group_size]`` view with one scale per row."""
-        group_size = self._group_size(layer, quant_type)
-        if group_size is not None:
-            return x.reshape(-1, group_size), 0
-        return x, self._axis(layer, quant_type)
+        granularity = layer.config.specs[quant_type].granularity
+        if granularity.group_size is not None:
+            return x.reshape(-1, granularity.group_size), 0
+        return x, granularity.axis
 
-    def _init_layer_state(self, layer: QuantizedLayer) -> None:
+    def init_layer_state(self, layer: QuantizedLayer) -> None:
         for quant_type in layer.config.quant_types:
             spec = layer.config.specs[quant_type]
-            axis = self._axis(layer, quant_type)
-            group_size = self._group_size(layer, quant_type)
-            if group_size is not None:
-                weight_shape = layer.module.weight.shape
-                shape = (weight_shape[0], weight_shape[1] // group_size)
-            else:
-                shape = (1,) if axis is None else (layer.module.weight.shape[axis],)
+            # inputs and outputs are per tensor; a per-tensor scale has one element, the learnable op takes it 1-D
+            shape = spec.granularity.scale_shape(layer.module.weight.shape) if quant_type == "weight" else ()
+            shape = shape or (1,)
             layer.add_parameter(quant_type + "_scale", torch.ones(shape))
             if spec.symmetric:
-                # SPEC §2's symmetric zero point: 0 for a signed range, the middle of an unsigned one
+                # the symmetric zero point of docs/numerics.md, Choosing scale and zero point: 0 for a signed
+                # range, the middle of an unsigned one
                 zero_point = (spec.quant_min + spec.quant_max + 1) // 2 if spec.quant_min >= 0 else 0
                 layer.add_buffer(quant_type + "_zero_point", torch.full(shape, zero_point, dtype=torch.int32))
             else:
@@ -183,9 +172,9 @@ class LsqQuantizer(Quantizer):
         # .float(): model.half() casts parameters too, and the op takes an fp32 scale
         scale = layer.parameter(quant_type + "_scale").float().reshape(-1)
         zero_point = self._zero_point(layer, quant_type).reshape(-1)
-        out = functional.fake_quant_learnable(
+        out = fake_quant_learnable(
             view, scale, zero_point.float() if zero_point.is_floating_point() else zero_point, spec.quant_min,
-            spec.quant_max, functional.lsq_grad_factor(view, spec.quant_max, axis), axis,
+            spec.quant_max, lsq_grad_factor(view, spec.quant_max, axis), axis,
         )
         return out.reshape(x.shape)
 
@@ -198,7 +187,7 @@ class LsqQuantizer(Quantizer):
     def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
         return self._fake_quant(layer, "output", y)
 
-    def _update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
+    def update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
         for quant_type in layer.config.quant_types:
             layer.parameter(quant_type + "_scale").clamp_(min=_MIN_SCALE)
 
@@ -208,27 +197,27 @@ class LsqQuantizer(Quantizer):
         zero_point = self._zero_point(layer, quant_type).detach()
         return torch.round(zero_point.float()).clamp(spec.quant_min, spec.quant_max).to(torch.int32)
 
-    def _layer_calibration(self, layer: QuantizedLayer) -> dict:
+    def layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {}
         for quant_type in layer.config.quant_types:
-            record.update(self._spec_record(quant_type, layer.config.specs[quant_type]))
+            record.update(layer.config.specs[quant_type].calibration_record(quant_type))
             record[f"{quant_type}_scale"] = layer.parameter(quant_type + "_scale").detach().cpu().clone()
             record[f"{quant_type}_zero_point"] = self._integer_zero_point(layer, quant_type).cpu()
         return record
 
-    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
+    def onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
         spec = layer.config.specs[quant_type]
         constant = quant_type == "weight"
         quant_min, quant_max = onnx_qdq_range(layer.name, quant_type, spec.quant_min, spec.quant_max,
                                               constant=constant)  # fmt: skip
-        if self._group_size(layer, quant_type) is not None:
+        if spec.granularity.group_size is not None:
             raise ValueError(
                 f"layer {layer.name!r} {quant_type}: per-group scales have no ONNX QuantizeLinear/DequantizeLinear "
                 "form in this exporter (that needs opset 21's block_size); allowed: PerTensor() or PerChannel(0)"
             )
         if not (layer.active() and layer.observed[quant_type]):
             return None
-        axis = self._axis(layer, quant_type)
+        axis = spec.granularity.axis
         scale = layer.parameter(quant_type + "_scale").detach().float().clone()
         zero_point = self._integer_zero_point(layer, quant_type)
         qdq = OnnxQDQ(

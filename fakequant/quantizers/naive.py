@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
 from fakequant.qparams import QuantSpec
-from fakequant.quantizers.base import QuantizedLayer
 from fakequant.quantizers.config import AlgorithmRules
 from fakequant.quantizers.qat import QAT_Quantizer
 
@@ -26,6 +23,7 @@ class NaiveQuantizer(QAT_Quantizer):
         optimizer: optional; its ``step()`` advances the step counter.
 
     Example:
+        >>> import torch
         >>> import torch.nn as nn
         >>> model = NaiveQuantizer(nn.Sequential(nn.Linear(4, 2))).compress()
         >>> model(torch.ones(1, 4)).shape
@@ -42,6 +40,3 @@ class NaiveQuantizer(QAT_Quantizer):
         default_specs={"weight": QuantSpec(signed=True, symmetric=True, narrow_range=True)},
     )
     default_config_list = [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["default"]}]
-
-    def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return self._minmax_fake_quant_weight(layer, weight)

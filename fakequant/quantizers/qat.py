@@ -11,9 +11,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fakequant.bn_fold import ConvBnQAT, find_conv_bn_pairs, fold_conv_bn, unfold_conv_bn
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import PerChannel, PerGroup, PerTensor, QuantSpec
-from fakequant.quantizers.base import EmaRangeQuantizer, QuantizedLayer
+from fakequant.qparams import PerTensor, QuantSpec
+from fakequant.quantizers.base import QuantizedLayer
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig
+from fakequant.quantizers.ema_range import (
+    EmaRangeQuantizer,
+    add_minmax_weight_state,
+    minmax_fake_quant_weight,
+    observe_weight,
+)
 
 __all__ = ["QAT_Quantizer", "QATQuantizer"]
 
@@ -117,6 +123,7 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             "output": QuantSpec(signed=False, symmetric=False),
         },
     )
+    exports_onnx_qdq = True
 
     def __init__(
         self,
@@ -149,7 +156,7 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
         # Per-group weights are not folded: the BN factor is per output channel, the groups split input channels.
         config = self.layer_configs.get(name)
         return (config is not None and "weight" in config.quant_types
-                and not isinstance(config.specs["weight"].granularity, PerGroup))  # fmt: skip
+                and config.specs["weight"].granularity.group_size is None)  # fmt: skip
 
     def _check_explicit_pairs(self, pairs: list[tuple[str, str]]) -> None:
         modules = dict(self.bound_model.named_modules())
@@ -208,11 +215,11 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
         if not isinstance(module, ConvBnQAT):
             return super()._wrap_module(name, module, config)
         layer = _FoldedConvBnLayer(self, name, module, config)
-        self._init_layer_state(layer)
+        self.init_layer_state(layer)
         layer.attach()
         return layer
 
-    def _update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
+    def update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
         if isinstance(layer.module, ConvBnQAT):
             layer.module.update_step(step)
 
@@ -237,17 +244,17 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
         return state
 
     # -- the algorithm ----------------------------------------------------------------------------
-    def _init_layer_state(self, layer: QuantizedLayer) -> None:
+    def init_layer_state(self, layer: QuantizedLayer) -> None:
         for quant_type in layer.config.quant_types:
             if quant_type == "weight" and isinstance(layer.module, ConvBnQAT):
                 continue  # ConvBnQAT keeps the folded weight's scale and zero point itself
             if quant_type == "weight":
-                self._add_weight_state(layer)
+                add_minmax_weight_state(layer)
             else:
                 self._add_activation_state(layer, quant_type)
 
     def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
-        return self._minmax_fake_quant_weight(layer, weight)
+        return minmax_fake_quant_weight(layer, weight)
 
     def quantize_input(self, layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
         return self._fake_quant_activation(layer, "input", x)
@@ -258,7 +265,7 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
     def quantize_relu_input(self, layer: QuantizedLayer, relu_input: torch.Tensor) -> torch.Tensor:
         return self._fake_quant_activation(layer, "output", relu_input, relu=True)
 
-    def _layer_calibration(self, layer: QuantizedLayer) -> dict:
+    def layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {"op_type": layer.config.op_type}
         for quant_type in layer.config.quant_types:
             if quant_type == "weight":
@@ -267,9 +274,9 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
                 record.update(self._activation_record(layer, quant_type))
         return record
 
-    def _onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
+    def onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
         if quant_type != "weight":
-            return super()._onnx_qdq(layer, quant_type)
+            return super().onnx_qdq(layer, quant_type)
         module = layer.module
         spec = module.weight_spec if isinstance(module, ConvBnQAT) else layer.config.specs["weight"]
         quant_min, quant_max = onnx_qdq_range(layer.name, "weight", spec.quant_min, spec.quant_max, constant=True)
@@ -282,17 +289,17 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             if not module.per_channel:
                 scale, zero_point, axis = scale[0], zero_point[0], None
         else:
-            if isinstance(spec.granularity, PerGroup):
+            if spec.granularity.group_size is not None:
                 raise ValueError(
                     f"layer {layer.name!r} weight: per-group scales ({spec.granularity}) have no ONNX "
                     "QuantizeLinear/DequantizeLinear form in this exporter (that needs opset 21's block_size); "
                     "allowed: PerTensor() or PerChannel(0) weights"
                 )
             if not layer.active():
-                return None  # _minmax_fake_quant_weight returns the float weight
+                return None  # minmax_fake_quant_weight returns the float weight
             weight, bias = module.weight, None  # the parametrization: the eval forward's fake-quantized weight
             scale, zero_point = layer.buffer("weight_scale"), layer.buffer("weight_zero_point")
-            axis = spec.granularity.axis % weight.dim() if isinstance(spec.granularity, PerChannel) else None
+            axis = spec.granularity.axis_for(weight.dim())
         return OnnxQDQ(
             scale=scale.detach().float().clone(),
             zero_point=zero_point.detach().to(torch.int32).clone(),
@@ -306,7 +313,7 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
     def _weight_record(self, layer: QuantizedLayer) -> dict:
         if isinstance(layer.module, ConvBnQAT):
             calibration = layer.module.calibration()
-            record = self._spec_record("weight", layer.config.specs["weight"])
+            record = layer.config.specs["weight"].calibration_record("weight")
             record.update({
                 "bn_folded": self.folded_pairs[layer.name],
                 "weight_scale": calibration["scale"].cpu(),
@@ -314,8 +321,8 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             })
             return record
         # Recomputed from the current float weight: the exported weights are those after the last step.
-        self._observe_weight(layer, layer.module.parametrizations.weight.original)
-        record = self._spec_record("weight", layer.config.specs["weight"])
+        observe_weight(layer, layer.module.parametrizations.weight.original)
+        record = layer.config.specs["weight"].calibration_record("weight")
         record.update({
             "weight_scale": layer.buffer("weight_scale").detach().cpu().clone(),
             "weight_zero_point": layer.buffer("weight_zero_point").detach().cpu().clone(),
