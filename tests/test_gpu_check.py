@@ -59,6 +59,8 @@ def test_gpu_plan_holds_every_step_in_order(monkeypatch, tmp_path):
     by_name = {s.name: s for s in steps}
     for name, targets in gpu_check.TEST_TARGETS.items():  # the one place that names the tests each step runs
         assert by_name[name].argv[1:3 + len(targets)] == ["-m", "pytest", *targets]
+        paths = [t for i, t in enumerate(targets) if not t.startswith("-") and (i == 0 or targets[i - 1] != "-k")]
+        assert paths and all((gpu_check.ROOT / path).exists() for path in paths), (name, paths)
     assert by_name["tests-triton"].env["FAKEQUANT_BACKEND"] == "triton"
     assert by_name["memcheck"].argv[1:5] == ["--tool", "memcheck", "--error-exitcode", "1"]
     bench = by_name["bench-fp32"].argv
