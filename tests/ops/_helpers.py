@@ -38,6 +38,20 @@ def assert_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
+def assert_outputs_like_reference(
+    out: torch.Tensor, mask: torch.Tensor, ref_out: torch.Tensor, ref_mask: torch.Tensor, compute_mask: bool, name: str
+) -> None:
+    """An element-wise op's ``(out, mask)`` against the reference kernel's: the same bits, ``out`` in the reference's
+    strides, the mask in ``out``'s (or empty without ``compute_mask``)."""
+    assert_identical(out, ref_out)
+    assert_identical(mask, ref_mask)
+    assert out.stride() == ref_out.stride(), name
+    if compute_mask:
+        assert mask.stride() == out.stride(), name
+    else:
+        assert mask.numel() == 0
+
+
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Same dtype, shape, device, NaN positions and bits everywhere else (so -0.0 differs from +0.0)."""
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)

@@ -20,6 +20,7 @@ from tests.ops._helpers import (
     assert_bits_equal,
     assert_identical,
     assert_layout_of,
+    assert_outputs_like_reference,
     assert_same_error,
     assert_statistic_close,
     bn_case,
@@ -107,13 +108,7 @@ def test_layouts_and_strides_of_the_outputs(device, dtype, compute_mask):
         args = (x, gamma, var, 1e-5, scale_c, zp_c, -128, 127, compute_mask)
         out, mask = OP(*args)
         ref_out, ref_mask = fakequant.ops.kernels("reference")["bn_fold_fake_quant_weight"](*args)
-        assert_identical(out, ref_out)
-        assert_identical(mask, ref_mask)
-        assert out.stride() == ref_out.stride(), name
-        if compute_mask:
-            assert mask.stride() == out.stride(), name
-        else:
-            assert mask.numel() == 0
+        assert_outputs_like_reference(out, mask, ref_out, ref_mask, compute_mask, name)
 
 
 def special_fold_case(dtype=torch.float32, divide_by_fold=True, device="cpu"):
