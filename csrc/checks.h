@@ -2,7 +2,7 @@
 // so that every backend raises the same ValueError (TORCH_CHECK_VALUE) for the same mistake.
 //
 // Plain C++ on ATen (no CUDA): the CPU and the CUDA wrappers of csrc/ops/ share it. Only the checks that need
-// no tensor VALUES live here: the value checks of reference.py (scale finite and > 0, zero point inside the
+// no tensor VALUES live here: the value checks of reference.py (scale finite and >= 2^-126, zero point inside the
 // quant range) would cost a device-to-host sync on every call for a CUDA scale, so docs/numerics.md (Argument
 // checks) leaves them to the quantizers that compute those values, and the CUDA kernels never make them. A CPU
 // kernel that wants them reads the values itself (csrc/ops/common.h, check_qparam_values).

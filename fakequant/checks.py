@@ -17,6 +17,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "INT_DTYPES",
     "QUANT_LIMIT",
+    "SMALLEST_NORMAL",
     "check_binarize_args",
     "check_bn_fold_args",
     "check_bn_fold_backward_args",
@@ -35,6 +36,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)
 # Every integer level must be exact in fp32, whose 24-bit significand holds integers up to 2^24.
 QUANT_LIMIT = 1 << 24
+# The smallest scale the ops accept: the smallest normal fp32, 2^-126 (a subnormal one has an infinite reciprocal).
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
 def check_float_tensor(x: torch.Tensor, name: str = "x") -> None:
@@ -115,10 +118,14 @@ def check_qparam_values(scale: torch.Tensor, zero_point: torch.Tensor, quant_min
     # (tracing, compile) have no values to check. A float (learned) zero point is clamped into the range by the
     # learnable ops, not checked against it.
     if scale.device.type == "cpu" and scale.numel() > 0:
-        bad = ~(torch.isfinite(scale) & (scale > 0))
+        # A subnormal scale is positive but its fp32 reciprocal is inf, which would turn 0 into NaN.
+        bad = ~(torch.isfinite(scale) & (scale >= SMALLEST_NORMAL))
         if bool(bad.any()):
             value = scale[bad].flatten()[0].item()
-            raise ValueError(f"fakequant: scale must be finite and > 0, got {value}")
+            raise ValueError(
+                "fakequant: scale must be finite and >= 2^-126 (the smallest normal float32; 1 / scale overflows "
+                f"below it), got {value}"
+            )
     if zero_point.device.type == "cpu" and zero_point.numel() > 0 and not zero_point.is_floating_point():
         bad = (zero_point < quant_min) | (zero_point > quant_max)
         if bool(bad.any()):

@@ -53,6 +53,17 @@ def test_choose_qparams_all_zero_is_finite():
         assert torch.equal(out, torch.zeros(3, 2))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_choose_qparams_never_gives_a_scale_the_ops_reject(symmetric):
+    """Ranges of subnormal and tiny widths still give a scale of at least eps (2^-23), far above the smallest normal
+    fp32 (2^-126) below which the ops reject a scale; the ops then accept it."""
+    tiny = torch.tensor([1e-45, 1e-40, 2.0**-126, 1e-30, 1e-8])
+    for low, high in ((-tiny, tiny), (torch.zeros(5), tiny), (-tiny, torch.zeros(5))):
+        scale, zero_point = fakequant.choose_qparams(low, high, -128, 127, symmetric)
+        assert bool((scale >= torch.finfo(torch.float32).tiny).all()) and bool((scale >= 2.0**-23).all())
+        fakequant.fake_quant_per_channel(torch.zeros(5, 3), scale, zero_point.to(torch.int32), 0, -128, 127)
+
+
 def test_quant_range_and_spec_validation():
     assert quant_range(1) == (-1, 0)
     assert quant_range(16, signed=False) == (0, 65535)

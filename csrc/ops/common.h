@@ -85,7 +85,7 @@ bool all_within(const at::Tensor& t, T low, T high) {
 inline void check_qparam_values(const at::Tensor& scale, const at::Tensor& zero_point, int64_t quant_min,
                          int64_t quant_max) {
   if (scale.numel() > kLoopCheckLimit || zero_point.numel() > kLoopCheckLimit) {
-    const bool scales_ok = all_within<float>(scale, std::numeric_limits<float>::denorm_min(),
+    const bool scales_ok = all_within<float>(scale, std::numeric_limits<float>::min(),
                                              std::numeric_limits<float>::max());
     const bool zero_points_ok = zero_point.is_floating_point() ||
                                 (zero_point.scalar_type() == at::kInt
@@ -97,8 +97,9 @@ inline void check_qparam_values(const at::Tensor& scale, const at::Tensor& zero_
   const int64_t scale_count = scale.numel();
   for (int64_t i = 0; i < scale_count; ++i) {
     const float s = scalar_at<float>(scale, i);
-    TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f, "fakequant: scale must be finite and > 0, got ",
-                      checks::python_float(s));
+    // A subnormal scale is positive but its fp32 reciprocal is inf, which would turn 0 into NaN.
+    TORCH_CHECK_VALUE(std::isfinite(s) && s >= std::numeric_limits<float>::min(),
+                      "fakequant: scale must be finite and >= 2^-126 (the smallest normal float32; 1 / scale overflows below it), got ", checks::python_float(s));
   }
   // A float (learned) zero point is clamped into the range by the learnable ops, not checked against it.
   const int64_t zp_count = zero_point.is_floating_point() ? 0 : zero_point.numel();

@@ -93,7 +93,7 @@ def fake_quant_per_tensor(
 
     Args:
         x: float32, float16 or bfloat16 tensor of any shape and layout.
-        scale: fp32 tensor with one element, finite and > 0.
+        scale: fp32 tensor with one element, finite and >= 2^-126.
         zero_point: int32/int64 tensor with one element in ``[quant_min, quant_max]``.
         quant_min: lowest integer level.
         quant_max: highest integer level.
@@ -165,7 +165,7 @@ def fake_quant_per_channel(
 
     Args:
         x: float32, float16 or bfloat16 tensor of any shape and layout.
-        scale: 1-D fp32 tensor of ``x.size(axis)`` elements, each finite and > 0.
+        scale: 1-D fp32 tensor of ``x.size(axis)`` elements, each finite and >= 2^-126.
         zero_point: 1-D int32/int64 tensor of ``x.size(axis)`` elements in ``[quant_min, quant_max]``.
         axis: the channel dimension (negative values count from the end).
         quant_min: lowest integer level.
@@ -226,7 +226,7 @@ def fake_quant_per_group(
 
     Args:
         x: a ``[out, in]`` or ``[out, in, 1, 1]`` weight.
-        scale: fp32, shape ``[out, in / group_size]``, finite and > 0.
+        scale: fp32, shape ``[out, in / group_size]``, finite and >= 2^-126.
         zero_point: int32/int64, the shape of ``scale``.
         group_size: input channels per group; must divide ``in``.
         quant_min: lowest integer level.

@@ -106,7 +106,7 @@ def fake_quant_learnable(
 
     Args:
         x: float32, float16 or bfloat16 tensor.
-        scale: fp32, one element (per tensor) or ``x.size(axis)`` elements, finite and > 0.
+        scale: fp32, one element (per tensor) or ``x.size(axis)`` elements, finite and >= 2^-126.
         zero_point: int32/int64 (fixed) or float32 (learned), the shape of ``scale``.
         quant_min: lowest integer level.
         quant_max: highest integer level.

@@ -215,7 +215,9 @@ def large(device: str) -> int:
     return 1000003 if device.startswith("cuda") else 5003
 
 
-_VALUE_CHECK = re.compile(r"scale must be finite and > 0|zero_point -?\d+ is outside")
+# The message of a scale the ops reject (docs/numerics.md, Argument checks), as a regular expression.
+SCALE_MESSAGE = r"scale must be finite and >= 2\^-126 \(the smallest normal float32; 1 / scale overflows below it\)"
+_VALUE_CHECK = re.compile(r"scale must be finite and >= 2\^-126|zero_point -?\d+ is outside")
 
 
 def reference_error(fn, *args) -> str:

@@ -17,6 +17,7 @@ from tests.ops._helpers import (
     FLOATS,
     NONFINITE,
     RANGES,
+    SCALE_MESSAGE,
     SPECIAL,
     any_layouts,
     assert_bits_equal,
@@ -295,7 +296,8 @@ def test_bad_arguments(device, args, message):
 
 
 BAD_VALUES = [
-    ((X, torch.tensor([0.1, -0.1, 0.1]), ZC, 1, -8, 7), r"scale must be finite and > 0, got -0.1"),
+    ((X, torch.tensor([0.1, -0.1, 0.1]), ZC, 1, -8, 7), SCALE_MESSAGE + r", got -0.1"),
+    ((X, torch.tensor([0.1, 0.1, 1e-40]), ZC, 1, -8, 7), SCALE_MESSAGE + r", got 9.99"),
     ((X, SC, torch.tensor([0, 0, -9], dtype=torch.int32), 1, -8, 7), r"zero_point -9 is outside"),
 ]
 

@@ -8,7 +8,7 @@ import torch
 
 import fakequant
 from fakequant import reference
-from tests.ops._helpers import FLOATS, on
+from tests.ops._helpers import FLOATS, SCALE_MESSAGE, on
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 OP = torch.ops.fakequant.fake_quant_per_group
@@ -51,8 +51,11 @@ def test_bad_values_among_many_groups_are_reported(device):
     if device != "cpu":
         OP(*args, 32, -8, 7)  # no value checks on a GPU: they would cost a device-to-host sync per call
         return
-    with pytest.raises(ValueError, match=r"scale must be finite and > 0, got nan"):
+    with pytest.raises(ValueError, match=SCALE_MESSAGE + r", got nan"):
         OP(*args, 32, -8, 7)
+    scale[1200, 1] = 1e-40  # subnormal, in the branch-free pass over more than 1024 scales
+    with pytest.raises(ValueError, match=SCALE_MESSAGE + r", got 9.99"):
+        OP(torch.zeros(1500, 64), scale, zero_point, 32, -8, 7)
     zero_point[7, 0] = 9
     with pytest.raises(ValueError, match=r"zero_point 9 is outside \[quant_min, quant_max\] = \[-8, 7\]"):
         OP(torch.zeros(1500, 64), torch.full((1500, 2), 0.1), zero_point, 32, -8, 7)

@@ -17,6 +17,7 @@ from tests.ops._helpers import (
     FLOATS,
     NONFINITE,
     RANGES,
+    SCALE_MESSAGE,
     SPECIAL,
     any_layouts,
     assert_bits_equal,
@@ -322,10 +323,11 @@ S1, Z1 = qparams_per_tensor(0.1, 0)
 BAD = [
     ((X, S1, Z1, 5, 4), r"quant_min \(5\) must be <= quant_max \(4\)", False),
     ((X, S1, Z1, -(1 << 25), 0), r"within \[-2\^24, 2\^24\]", False),
-    ((X, torch.tensor(0.0), Z1, -8, 7), r"scale must be finite and > 0, got 0", True),
-    ((X, torch.tensor(-1.0), Z1, -8, 7), r"scale must be finite and > 0, got -1", True),
-    ((X, torch.tensor(float("inf")), Z1, -8, 7), r"scale must be finite and > 0, got inf", True),
-    ((X, torch.tensor(float("nan")), Z1, -8, 7), r"scale must be finite and > 0, got nan", True),
+    ((X, torch.tensor(0.0), Z1, -8, 7), SCALE_MESSAGE + r", got 0", True),
+    ((X, torch.tensor(-1.0), Z1, -8, 7), SCALE_MESSAGE + r", got -1", True),
+    ((X, torch.tensor(float("inf")), Z1, -8, 7), SCALE_MESSAGE + r", got inf", True),
+    ((X, torch.tensor(float("nan")), Z1, -8, 7), SCALE_MESSAGE + r", got nan", True),
+    ((X, torch.tensor(1e-40), Z1, -8, 7), SCALE_MESSAGE + r", got 9.99", True),
     ((X, S1, torch.tensor(9, dtype=torch.int32), -8, 7), r"zero_point 9 is outside \[quant_min, quant_max\]", True),
     ((X, S1.double(), Z1, -8, 7), r"scale has dtype torch.float64; allowed: float32", False),
     ((X, S1, Z1.float(), -8, 7), r"zero_point has dtype torch.float32; allowed: int32, int64", False),
@@ -361,6 +363,9 @@ BAD_WORD_FOR_WORD = [
     (X, torch.tensor(-1e-7), Z1, -8, 7),
     (X, torch.tensor(-3e20), Z1, -8, 7),
     (X, torch.tensor(-0.1), Z1, -8, 7),
+    (X, torch.tensor(1e-40), Z1, -8, 7),  # subnormal: positive, but its fp32 reciprocal is inf
+    (X, torch.tensor(2.0**-127), Z1, -8, 7),
+    (X, torch.tensor(2.0**-149), Z1, -8, 7),
     (X, S1, torch.tensor(9, dtype=torch.int32), -8, 7),
     (X, S1, torch.tensor(-9), -8, 7),
     (X, S1.double(), Z1, -8, 7),
@@ -375,6 +380,16 @@ BAD_WORD_FOR_WORD = [
     (X, torch.ones(0), Z1, -8, 7),
     (X, S1, torch.zeros(2, dtype=torch.int32), -8, 7),
 ]
+
+
+def test_smallest_normal_scale_is_accepted(device):
+    """2^-126, the smallest scale the ops accept: its reciprocal 2^126 is finite, so 0 stays 0 (a subnormal scale's
+    reciprocal is inf, and inf * 0 would be NaN) and tiny inputs quantize as the reference does."""
+    x = torch.tensor([0.0, -0.0, 2.0**-126, 3 * 2.0**-126, -1.0, float("nan")], device=device)
+    scale = torch.tensor(2.0**-126, device=device)
+    out, mask = OP(x, scale, torch.tensor(0, dtype=torch.int32, device=device), -8, 7)
+    assert out[:4].tolist() == [0.0, 0.0, 2.0**-126, 3 * 2.0**-126] and out[4] == -8 * 2.0**-126
+    assert mask.tolist() == [True, True, True, True, False, False] and bool(out[5].isnan())
 
 
 @pytest.mark.parametrize("args", BAD_WORD_FOR_WORD, ids=range(len(BAD_WORD_FOR_WORD)))
