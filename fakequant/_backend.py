@@ -172,8 +172,8 @@ def _auto_cuda_kernel(name: str):
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return ops.kernels("reference")[name](*args, **kwargs)
-        return ops.kernels("triton")[name](*args, **kwargs)
+            return ops.kernel(name, "reference")(*args, **kwargs)
+        return ops.kernel(name, "triton")(*args, **kwargs)
 
     return kernel
 

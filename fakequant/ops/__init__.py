@@ -14,6 +14,7 @@ from fakequant.ops import binary, bn_fold, fake_quant, learnable, observe  # noq
 from fakequant.ops._library import (
     LIBRARY,
     composite_op_names,
+    kernel,
     kernel_op_names,
     kernels,
     op_names,
@@ -24,6 +25,7 @@ from fakequant.ops._library import (
 __all__ = [
     "LIBRARY",
     "composite_op_names",
+    "kernel",
     "kernel_op_names",
     "kernels",
     "op_names",

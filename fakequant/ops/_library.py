@@ -131,6 +131,11 @@ def composite_op_names() -> tuple[str, ...]:
     return tuple(name for name, entry in _OPS.items() if entry.composite)
 
 
+def kernel(name: str, backend: str) -> Callable:
+    """``backend``'s kernel of op ``name`` (a lookup, cheap enough for a per-call path)."""
+    return _entry(name).kernels[backend]
+
+
 def kernels(backend: str) -> dict[str, Callable]:
     """Op name -> ``backend``'s kernel, for every op that has one."""
     return {name: entry.kernels[backend] for name, entry in _OPS.items() if backend in entry.kernels}

@@ -68,13 +68,14 @@ def _fake_quant_per_tensor_setup(ctx, inputs, output):
     save_mask(ctx, inputs[5], output)
 
 
-def _fake_quant_per_tensor_backward(ctx, grad_out, _grad_mask):
+def _straight_through_backward(ctx, grad_out, _grad_mask):
+    """The backward of the per-tensor and per-channel ops (seven inputs each): ``masked_grad`` to ``x`` only."""
     if grad_out is None:
         return None, None, None, None, None, None, None
     return torch.ops.fakequant.masked_grad(grad_out, saved_mask(ctx)), None, None, None, None, None, None
 
 
-register_autograd("fake_quant_per_tensor", _fake_quant_per_tensor_backward, _fake_quant_per_tensor_setup)
+register_autograd("fake_quant_per_tensor", _straight_through_backward, _fake_quant_per_tensor_setup)
 
 
 def fake_quant_per_tensor(
@@ -144,13 +145,7 @@ def _fake_quant_per_channel_setup(ctx, inputs, output):
     save_mask(ctx, inputs[6], output)
 
 
-def _fake_quant_per_channel_backward(ctx, grad_out, _grad_mask):
-    if grad_out is None:
-        return None, None, None, None, None, None, None
-    return torch.ops.fakequant.masked_grad(grad_out, saved_mask(ctx)), None, None, None, None, None, None
-
-
-register_autograd("fake_quant_per_channel", _fake_quant_per_channel_backward, _fake_quant_per_channel_setup)
+register_autograd("fake_quant_per_channel", _straight_through_backward, _fake_quant_per_channel_setup)
 
 
 def fake_quant_per_channel(
