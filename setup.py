@@ -30,6 +30,7 @@ HOST_SOURCES = [
     "csrc/cpu/dispatch.cpp",
     "csrc/ops/bn_fold.cpp",
     "csrc/ops/fake_quant.cpp",
+    "csrc/ops/float_formats.cpp",
     "csrc/ops/learnable.cpp",
     "csrc/ops/observe.cpp",
 ]
@@ -48,6 +49,7 @@ CPU_KERNEL_SOURCES = {
 CUDA_SOURCES = [
     "csrc/cuda/bn_fold.cu",
     "csrc/cuda/fake_quant.cu",
+    "csrc/cuda/float_formats.cu",
     "csrc/cuda/learnable.cu",
     "csrc/cuda/observe.cu",
 ]

@@ -15,6 +15,8 @@ Providers (what computes the op):
 ``compile``           ``torch.compile`` of the reference composition (the arithmetic only: the reference's
                       argument checks call ``bool(tensor)``, which would split the graph; they run once, eagerly).
 ``nni``               NNI 3.x's fake-quant autograd functions, only when ``nni`` is importable.
+``torchao``           torchao's implementation of the same float format (its fake quantizer, or its quantize
+                      and dequantize round trip with a straight-through backward), only when torchao imports.
 ``copy``              ``torch.add(x, 0, out=y)``: reads and writes one tensor, the bandwidth anchor.
 ``copy-alloc``        ``torch.add(x, 0)``: the same into a fresh tensor (what allocating an output costs).
 
@@ -279,6 +281,17 @@ def nni_available() -> bool:
 NNI = nni_available()
 
 
+def torchao_available() -> bool:
+    try:
+        import torchao.prototype.mx_formats.mx_tensor  # noqa: F401
+    except Exception:  # noqa: BLE001  (any failure to import torchao just drops the provider)
+        return False
+    return True
+
+
+TORCHAO = torchao_available()
+
+
 def nni_target_space(scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int, output: bool):
     """The attributes NNI 3.x's ``QATClampRound``/``BNNClampRound`` read from a target space."""
     from nni.compression.base.target_space import TargetType
@@ -326,6 +339,7 @@ class OpBench:
         composition_differentiable: the same with the straight-through estimator, for ``torch.compile``.
         torch_differentiable: PyTorch's own fake-quant op, if there is one (also timed without grad).
         nni_differentiable: NNI's fake-quant function (only called when NNI imports).
+        torchao_differentiable: torchao's implementation (only called when torchao imports).
         differentiable_inputs: names of the inputs that get gradients in fwd+bwd (``x`` first).
         mask_recomputed: see :func:`bytes_moved`.
         modes: the modes the fused and reference providers run (an op without a mask has no ``fwd+mask``).
@@ -342,6 +356,7 @@ class OpBench:
     composition_differentiable: DiffFn | None = None
     torch_differentiable: DiffFn | None = None
     nni_differentiable: DiffFn | None = None
+    torchao_differentiable: DiffFn | None = None
     differentiable_inputs: tuple[str, ...] = ("x",)
     mask_recomputed: bool = False
     modes: tuple[str, ...] = MODES
@@ -361,6 +376,8 @@ class OpBench:
             rows.append(("compile", modes + (("fwd+bwd",) if self.composition_differentiable else ())))
         if self.nni_differentiable is not None and NNI:
             rows.append(("nni", ("fwd", "fwd+bwd")))
+        if self.torchao_differentiable is not None and TORCHAO:
+            rows.append(("torchao", ("fwd", "fwd+bwd")))
         rows.sort(key=lambda row: rank(row[0]))  # bench/providers.py's order; stable, so variants keep theirs
         return [(p, m) for p, m in rows if selected(p)]
 
@@ -399,6 +416,7 @@ class OpBench:
                 "compile": self._compiled_fn("forward") if provider == "compile" else None,
                 "torch": _no_mask_arg(self.torch_differentiable),
                 "nni": _no_mask_arg(self.nni_differentiable),
+                "torchao": _no_mask_arg(self.torchao_differentiable),
             }.get(provider, self.fused_forward)
 
             def run_forward():
@@ -411,6 +429,7 @@ class OpBench:
             "compile": self._compiled_fn("differentiable") if provider == "compile" else None,
             "torch": self.torch_differentiable,
             "nni": self.nni_differentiable,
+            "torchao": self.torchao_differentiable,
         }.get(provider, self.fused_differentiable)
         leaves = [getattr(inputs, name) for name in self.differentiable_inputs]
         for leaf in leaves:

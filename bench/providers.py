@@ -21,6 +21,7 @@ PROVIDERS = {
     "torch": "torch.fake_quantize_*",
     "compile": "torch.compile(reference)",
     "nni": "NNI 3.0",
+    "torchao": "torchao 0.18",
 }
 PROVIDER_ORDER = tuple(PROVIDERS)
 MODE_ORDER = ("copy", "fwd", "fwd+mask", "fwd+bwd")

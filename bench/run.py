@@ -213,6 +213,7 @@ def machine_metadata(args, started: dt.datetime) -> dict:
         "fakequant_backends": ",".join(f"{k}={v}" for k, v in common.FAKEQUANT_BACKENDS.items()) or "none",
         "extension_loaded": fakequant.extension_loaded(),
         "nni": common.NNI,
+        "torchao": common.TORCHAO,
         "git": git_commit(),
         "mode": "quick" if args.quick else "full",
         "freed_memory_retained": common.FREED_MEMORY_RETAINED,

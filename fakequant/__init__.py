@@ -10,10 +10,13 @@ from fakequant.memory import retain_freed_memory
 from fakequant.ops.binary import *  # noqa: F403
 from fakequant.ops.bn_fold import *  # noqa: F403
 from fakequant.ops.fake_quant import *  # noqa: F403
+from fakequant.ops.float_formats import *  # noqa: F403
 from fakequant.ops.learnable import *  # noqa: F403
 from fakequant.qparams import (
+    FloatSpec,
     FormatSpec,
     Granularity,
+    PerBlock,
     PerChannel,
     PerGroup,
     PerTensor,
@@ -48,9 +51,11 @@ __all__ = [
     "choose_qparams",
     "extension_error",
     "extension_loaded",
+    "FloatSpec",
     "FormatSpec",
     "get_backend",
     "Granularity",
+    "PerBlock",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -60,4 +65,10 @@ __all__ = [
     "set_backend",
 ]
 # The public op functions: each family module's __all__ (a new op in a family is exported there).
-__all__ += ops.binary.__all__ + ops.bn_fold.__all__ + ops.fake_quant.__all__ + ops.learnable.__all__
+__all__ += (
+    ops.binary.__all__
+    + ops.bn_fold.__all__
+    + ops.fake_quant.__all__
+    + ops.float_formats.__all__
+    + ops.learnable.__all__
+)

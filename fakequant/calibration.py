@@ -16,6 +16,10 @@ Observers:
   2^20 values sampled evenly from the batch), averaged over the batches. It clips rare outliers for a finer
   step over the bulk of the values, which matters at 4 to 6 bits and for heavy-tailed activations.
 
+Float formats (``quant_dtype`` of :class:`fakequant.FloatSpec`): an FP8 per-tensor activation scale and NVFP4's
+per-tensor scale come from the recorded range, ``max(-min, max)`` being the absolute maximum they are computed from;
+MX and FP8-block activations compute their scales from each block in the op and have nothing to calibrate.
+
 MSE-optimal ranges (a search per tensor) were left out: they cost a search per tensor and batch, and on 8-bit
 activations they land within a step of the min/max range.
 """
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fakequant.quantizers.ema_range import tracks_activation_range
 from fakequant.quantizers.qat import QAT_Quantizer
 
 __all__ = ["calibrate", "OBSERVERS"]
@@ -125,8 +130,8 @@ def calibrate(
     handles = []
     for name, layer in quantizer.layers.items():
         for quant_type in layer.config.quant_types:
-            if quant_type == "weight":
-                continue
+            if quant_type == "weight" or not tracks_activation_range(layer.config.specs[quant_type]):
+                continue  # weights, and float formats with per-block scales only: computed on every forward
             recorder = recorders[(name, quant_type)] = _RangeRecorder(observer, percentile)
             if quant_type == "input":
                 handles.append(layer.module.register_forward_pre_hook(

@@ -16,12 +16,17 @@ import torch
 __all__ = [
     "FLOAT_DTYPES",
     "INT_DTYPES",
+    "NVFP4_SMALLEST_PER_TENSOR_SCALE",
     "QUANT_LIMIT",
     "SMALLEST_NORMAL",
     "check_binarize_args",
     "check_bn_fold_args",
     "check_bn_fold_backward_args",
     "check_fake_quant_args",
+    "check_fp8_args",
+    "check_mx_args",
+    "check_nvfp4_args",
+    "fp8_blocks",
     "check_float_tensor",
     "check_learnable_args",
     "check_learnable_backward_args",
@@ -342,3 +347,99 @@ def check_mask(grad: torch.Tensor, mask: torch.Tensor) -> None:
             f"fakequant: mask must be a bool tensor of the gradient's shape {tuple(grad.shape)}, "
             f"got {mask.dtype} of shape {tuple(mask.shape)}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Float formats (fakequant/ops/float_formats.py)
+# ---------------------------------------------------------------------------------------------
+
+
+# NVFP4's elements are multiplied by (1 / per_tensor_scale) / block_scale, block_scale >= 2^-6: finite only when
+# per_tensor_scale >= 2^-121; its floor is 2^-120.
+NVFP4_SMALLEST_PER_TENSOR_SCALE = 2.0**-120
+
+
+def _check_scale_values(scale: torch.Tensor, name: str) -> None:
+    if scale.device.type == "cpu" and scale.numel() > 0:
+        if name == "per_tensor_scale":
+            smallest, rule = NVFP4_SMALLEST_PER_TENSOR_SCALE, "2^-120 ((1 / per_tensor_scale) / block_scale overflows"
+        else:
+            smallest, rule = SMALLEST_NORMAL, "2^-126 (the smallest normal float32; 1 / scale overflows"
+        bad = ~(torch.isfinite(scale) & (scale >= smallest))
+        if bool(bad.any()):
+            value = scale[bad].flatten()[0].item()
+            raise ValueError(f"fakequant: {name} must be finite and >= {rule} below it), got {value}")
+
+
+def _check_float_scale(x: torch.Tensor, scale: torch.Tensor, name: str, numel: int, check_values: bool) -> None:
+    if scale.device != x.device:
+        raise ValueError(
+            f"fakequant: {name} is on {scale.device} but x is on {x.device}; they must be on the same device"
+        )
+    if scale.dtype != torch.float32:
+        raise ValueError(f"fakequant: {name} has dtype {scale.dtype}; allowed: float32")
+    if scale.numel() != numel:
+        raise ValueError(
+            f"fakequant: {name} must have {numel} elements (one per block), got shape {tuple(scale.shape)}"
+        )
+    if check_values:
+        _check_scale_values(scale, name)
+
+
+def fp8_blocks(x: torch.Tensor, block_size: int) -> tuple[int, int]:
+    """``(blocks, block_size)`` of ``x`` for a float op's ``block_size`` (0: the whole tensor is one block)."""
+    if block_size < 0:
+        raise ValueError(f"fakequant: block_size must be >= 0 (0: one scale for the whole tensor), got {block_size}")
+    numel = x.numel()
+    if block_size == 0:
+        return 1, numel
+    last = x.size(-1) if x.dim() > 0 else 1
+    fits = (last > 0 and last % block_size == 0) or (last > 0 and block_size % last == 0 and numel % block_size == 0)
+    if numel > 0 and not fits:
+        raise ValueError(
+            f"fakequant: block_size {block_size} must divide the last dimension of x (shape {tuple(x.shape)}) or be "
+            "a multiple of it that divides x.numel(): a block is block_size consecutive elements of one row, or "
+            "whole rows"
+        )
+    return numel // block_size, block_size
+
+
+def check_fp8_args(x: torch.Tensor, scale: torch.Tensor | None, fmt: str, block_size: int,
+                   check_values: bool = True) -> tuple[int, int]:
+    """Validates ``fake_quant_fp8``'s arguments; returns ``(blocks, block_size)``."""
+    from fakequant.formats import FP8_FORMATS, element_format
+
+    check_float_tensor(x)
+    element_format(fmt, FP8_FORMATS)
+    blocks, size = fp8_blocks(x, block_size)
+    if scale is not None:
+        _check_float_scale(x, scale, "scale", blocks, check_values)
+    return blocks, size
+
+
+def check_last_dim_blocks(x: torch.Tensor, block_size: int, what: str) -> None:
+    if block_size <= 0:
+        raise ValueError(f"fakequant: {what} block_size must be > 0, got {block_size}")
+    if x.dim() == 0 or x.size(-1) % block_size != 0:
+        raise ValueError(
+            f"fakequant: {what} blocks run along the last dimension, whose size must be a multiple of block_size "
+            f"{block_size}; x has shape {tuple(x.shape)}"
+        )
+
+
+def check_mx_args(x: torch.Tensor, elem: str, block_size: int, scale_mode: str) -> None:
+    from fakequant.formats import MX_ELEMENTS, MX_SCALE_MODES, element_format
+
+    check_float_tensor(x)
+    element_format(elem, MX_ELEMENTS, "elem")
+    if scale_mode not in MX_SCALE_MODES:
+        raise ValueError(f"fakequant: scale_mode {scale_mode!r} is not supported; allowed: {', '.join(MX_SCALE_MODES)}")
+    check_last_dim_blocks(x, block_size, "MX")
+
+
+def check_nvfp4_args(x: torch.Tensor, per_tensor_scale: torch.Tensor | None, block_size: int,
+                     check_values: bool = True) -> None:
+    check_float_tensor(x)
+    check_last_dim_blocks(x, block_size, "NVFP4")
+    if per_tensor_scale is not None:
+        _check_float_scale(x, per_tensor_scale, "per_tensor_scale", 1, check_values)

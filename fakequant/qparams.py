@@ -1,6 +1,7 @@
 """Quantization parameters: integer ranges, granularities, format specs and scale/zero-point selection.
 
-The rules are those of docs/numerics.md, Integer ranges and Choosing scale and zero point.
+The rules are those of docs/numerics.md, Integer ranges and Choosing scale and zero point; the float formats'
+(:class:`FloatSpec`) those of its Float formats and Quantizers and config_list.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ from typing import ClassVar
 
 import torch
 
+from fakequant.formats import ELEMENT_FORMATS, ElementFormat
+
 __all__ = [
     "Granularity",
     "PerTensor",
     "PerChannel",
     "PerGroup",
+    "PerBlock",
     "FormatSpec",
     "QuantSpec",
+    "FloatSpec",
+    "FLOAT_QUANT_DTYPES",
     "quant_range",
     "choose_qparams",
 ]
@@ -131,6 +137,38 @@ class PerGroup(Granularity):
         return (shape[0], shape[1] // self.group_size)
 
 
+@dataclass(frozen=True)
+class PerBlock(Granularity):
+    """One scale per block of ``block_size`` consecutive elements along dimension ``dim``: the float formats'
+    blocks (MX, NVFP4 and block-scaled FP8, :class:`FloatSpec`), their scales computed in the kernel from each
+    block. Activations are blocked along their last dimension; a weight along its input channels (dimension 1, 0
+    for ConvTranspose), which the quantizers set when they resolve a config_list.
+
+    Args:
+        block_size: elements per block; must divide the size of ``dim``.
+        dim: the dimension the blocks run along.
+
+    Example:
+        >>> PerBlock(32), PerBlock(16).scale_shape((8, 64))
+        (PerBlock(block_size=32, dim=-1), (8, 4))
+    """
+
+    # field(): without it the dataclass would take a class-level default of the base.
+    block_size: int = field()
+    dim: int = -1
+    config_name: ClassVar[str] = "per_block"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise ValueError(f"PerBlock: block_size must be an int >= 1, got {self.block_size!r}")
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool):
+            raise ValueError(f"PerBlock: dim must be an int, got {self.dim!r}")
+
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        dim = self.dim % len(shape)
+        return (*shape[:dim], shape[dim] // self.block_size, *shape[dim + 1 :])
+
+
 def quant_range(bits: int, signed: bool = True, narrow_range: bool = False) -> tuple[int, int]:
     """Integer range ``(quant_min, quant_max)`` of a ``bits``-wide integer.
 
@@ -215,8 +253,8 @@ def choose_qparams(
 class FormatSpec(abc.ABC):
     """How one tensor is fake-quantized: the base of the number-format specs.
 
-    :class:`QuantSpec` (integer levels with a scale and zero point) is the one implemented; a floating-point
-    format spec would be its sibling. Subclasses are frozen dataclasses with (at least) the fields ``bits`` (the
+    :class:`QuantSpec` (integer levels with a scale and zero point) and :class:`FloatSpec` (FP8, MX and NVFP4
+    elements with their scales) are the two. Subclasses are frozen dataclasses with (at least) the fields ``bits`` (the
     stored width) and ``granularity`` (a :class:`Granularity`), and describe themselves in calibration records
     through :meth:`calibration_record`. What only one format has (``quant_min``/``quant_max`` of the integer
     levels) stays on that format's class.
@@ -262,7 +300,7 @@ class QuantSpec(FormatSpec):
     def __post_init__(self) -> None:
         # Validates bits and the flags; kept because the quantizers read both ends on every forward.
         object.__setattr__(self, "_levels", quant_range(self.bits, self.signed, self.narrow_range))
-        if not isinstance(self.granularity, Granularity):
+        if not isinstance(self.granularity, Granularity) or isinstance(self.granularity, PerBlock):
             raise ValueError(
                 f"QuantSpec: granularity must be PerTensor(), PerChannel(axis) or PerGroup(group_size), got "
                 f"{self.granularity!r}"
@@ -289,6 +327,184 @@ class QuantSpec(FormatSpec):
             f"{prefix}_quant_max": self.quant_max,
             f"{prefix}_symmetric": self.symmetric,
         }
+        if self.granularity.axis is not None:
+            record[f"{prefix}_axis"] = self.granularity.axis
+        return record
+
+
+# quant_dtype -> (kind, element format of fakequant.formats, width in bits). Kinds: "fp8" (one scale per tensor,
+# channel or block), "mx" (an E8M0 power-of-two scale per block), "nvfp4" (E2M1 elements, an E4M3 scale per block and
+# one fp32 scale per tensor).
+FLOAT_QUANT_DTYPES: dict[str, tuple[str, str, int]] = {
+    "fp8_e4m3": ("fp8", "e4m3", 8),
+    "fp8_e5m2": ("fp8", "e5m2", 8),
+    "mxfp8_e4m3": ("mx", "e4m3", 8),
+    "mxfp8_e5m2": ("mx", "e5m2", 8),
+    "mxfp6_e3m2": ("mx", "e3m2", 6),
+    "mxfp6_e2m3": ("mx", "e2m3", 6),
+    "mxfp4": ("mx", "e2m1", 4),
+    "mxint8": ("mx", "int8", 8),
+    "nvfp4": ("nvfp4", "e2m1", 4),
+}
+# The block sizes of the OCP MX spec and of NVFP4.
+_DEFAULT_BLOCK_SIZES = {"mx": 32, "nvfp4": 16}
+
+
+@dataclass(frozen=True)
+class FloatSpec(FormatSpec):
+    """How one tensor is fake-quantized to a float format: FP8, MX or NVFP4 (the sibling of :class:`QuantSpec`).
+
+    The format fixes the width (:attr:`bits`) and the element grid; the spec adds where the scales apply:
+
+    * FP8 (``'fp8_e4m3'``, ``'fp8_e5m2'``): ``PerTensor()`` (the default), ``PerChannel(axis)`` (weights) or
+      ``PerBlock(n)``; a scale given to :meth:`fake_quant` (a tracked activation scale) or computed in the op from
+      each tensor, channel or block's absolute maximum.
+    * MX (``'mxfp8_e4m3'``, ``'mxfp8_e5m2'``, ``'mxfp6_e3m2'``, ``'mxfp6_e2m3'``, ``'mxfp4'``, ``'mxint8'``):
+      ``PerBlock(n)``, 32 by default; the E8M0 scale of each block computed in the op.
+    * NVFP4 (``'nvfp4'``): ``PerBlock(n)``, 16 by default; the E4M3 block scales computed in the op, the
+      per-tensor scale given (a tracked activation scale) or computed from the tensor.
+
+    Args:
+        quant_dtype: one of :data:`FLOAT_QUANT_DTYPES`.
+        granularity: as above; None for the format's default.
+
+    Attributes:
+        bits: the element width the format fixes (8, 6 or 4).
+
+    Example:
+        >>> spec = FloatSpec("mxfp4")
+        >>> spec.bits, spec.kind, spec.granularity
+        (4, 'mx', PerBlock(block_size=32, dim=-1))
+        >>> FloatSpec("fp8_e4m3", PerChannel(0)).calibration_record("weight")
+        {'weight_bits': 8, 'weight_quant_dtype': 'fp8_e4m3', 'weight_axis': 0}
+    """
+
+    quant_dtype: str = "fp8_e4m3"
+    granularity: Granularity | None = None
+    bits: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quant_dtype, str) or self.quant_dtype not in FLOAT_QUANT_DTYPES:
+            raise ValueError(
+                f"FloatSpec: quant_dtype must be one of {list(FLOAT_QUANT_DTYPES)}, got {self.quant_dtype!r}"
+            )
+        kind, _, bits = FLOAT_QUANT_DTYPES[self.quant_dtype]
+        object.__setattr__(self, "bits", bits)
+        granularity = self.granularity
+        if granularity is None:
+            granularity = PerTensor() if kind == "fp8" else PerBlock(_DEFAULT_BLOCK_SIZES[kind])
+        if kind == "fp8" and not isinstance(granularity, (PerTensor, PerChannel, PerBlock)):
+            raise ValueError(f"FloatSpec: {self.quant_dtype!r} takes PerTensor(), PerChannel(axis) or PerBlock(n), got "
+                             f"{granularity!r}")
+        if kind != "fp8" and not isinstance(granularity, PerBlock):
+            raise ValueError(f"FloatSpec: {self.quant_dtype!r} scales each block: its granularity is PerBlock(n), got "
+                             f"{granularity!r}")
+        object.__setattr__(self, "granularity", granularity)
+
+    @property
+    def kind(self) -> str:
+        """``'fp8'``, ``'mx'`` or ``'nvfp4'``."""
+        return FLOAT_QUANT_DTYPES[self.quant_dtype][0]
+
+    @property
+    def element(self) -> ElementFormat:
+        """The element format (:data:`fakequant.formats.ELEMENT_FORMATS`)."""
+        return ELEMENT_FORMATS[FLOAT_QUANT_DTYPES[self.quant_dtype][1]]
+
+    @property
+    def default_block_size(self) -> int | None:
+        """The format's block size when a config gives none (None for FP8: one scale per tensor)."""
+        return _DEFAULT_BLOCK_SIZES.get(self.kind)
+
+    @property
+    def has_tensor_scale(self) -> bool:
+        """Whether one scale covers the whole tensor (FP8 per tensor; NVFP4's second level): what a quantizer
+        tracks for an activation, as it tracks an integer range."""
+        return self.kind == "nvfp4" or (self.kind == "fp8" and isinstance(self.granularity, PerTensor))
+
+    def scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The per-tensor scale (fp32, ``amax``'s shape) that an absolute maximum gives, as the ops compute it:
+        FP8 ``amax / max`` (:func:`fakequant.reference.fp8_scale_from_amax`), NVFP4 ``amax / (6 * 448)``
+        (:func:`fakequant.reference.nvfp4_per_tensor_scale`).
+
+        Example:
+            >>> FloatSpec("fp8_e4m3").scale_from_amax(torch.tensor(896.0))
+            tensor(2.)
+        """
+        from fakequant import reference  # not at the top: reference imports this module
+
+        amax = amax.float()
+        if self.kind == "nvfp4":
+            return reference.nvfp4_per_tensor_scale(amax).reshape(amax.shape)
+        return reference.fp8_scale_from_amax(amax, self.element)
+
+    def scale_from_range(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """:meth:`scale_from_amax` of ``max(-low, high)``: the scale of a tracked ``[min, max]`` range."""
+        return self.scale_from_amax(torch.maximum(-low.float(), high.float()))
+
+    def tensor_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The scale the op computes from ``x`` when given none (a weight's, for its calibration record): FP8 per
+        tensor (``()``) or per channel (``[C]``), NVFP4's per-tensor scale (``()``); None for MX and FP8 blocks,
+        whose scales are per block."""
+        x = x.detach()
+        if self.kind == "nvfp4":
+            return self.scale_from_amax(x.abs().amax())
+        if isinstance(self.granularity, PerTensor):
+            return self.scale_from_amax(x.abs().amax())
+        if isinstance(self.granularity, PerChannel):
+            axis = self.granularity.axis_for(x.dim())
+            return self.scale_from_amax(x.abs().movedim(axis, 0).reshape(x.size(axis), -1).amax(1))
+        return None
+
+    def fake_quant(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, mask_saturated: bool = True
+    ) -> torch.Tensor:
+        """``x`` fake-quantized to the format by its public op (:func:`fakequant.fake_quant_fp8`,
+        :func:`~fakequant.fake_quant_mx`, :func:`~fakequant.fake_quant_nvfp4`), blocks along the granularity's
+        ``dim`` and per-channel scales along its ``axis``.
+
+        Args:
+            x: the tensor.
+            scale: FP8: the scale (one element per tensor, or per channel), None to compute it in the op from
+                ``x``; NVFP4: the per-tensor scale, None to compute it from ``x``; MX: must be None.
+            mask_saturated: the straight-through gradient is 0 where the value saturated; False passes it.
+
+        Example:
+            >>> FloatSpec("mxfp4", PerBlock(4)).fake_quant(torch.tensor([[0.1, 1.0, 3.0, 5.9]]))
+            tensor([[0., 1., 3., 6.]])
+        """
+        from fakequant.ops.float_formats import fake_quant_fp8, fake_quant_mx, fake_quant_nvfp4  # ops import this
+
+        granularity, element = self.granularity, self.element
+        if self.kind == "mx":
+            if scale is not None:
+                raise ValueError(f"FloatSpec.fake_quant: {self.quant_dtype!r} computes its block scales; got a scale")
+            return fake_quant_mx(x, element.name, granularity.block_size, axis=granularity.dim,
+                                 mask_saturated=mask_saturated)  # fmt: skip
+        # the ops block the last dimension (per channel: whole rows); other dimensions are moved there as views
+        source = target = 0
+        if isinstance(granularity, PerChannel):
+            source = granularity.axis_for(x.dim())
+        elif isinstance(granularity, PerBlock):
+            source, target = granularity.dim % x.dim(), x.dim() - 1
+        moved = x.movedim(source, target) if source != target else x
+        if self.kind == "fp8":
+            if isinstance(granularity, PerBlock):
+                block_size = granularity.block_size
+            elif isinstance(granularity, PerChannel) and moved.numel():
+                block_size = moved[0].numel()  # whole rows of the channel-first view
+            else:
+                block_size = 0
+            out = fake_quant_fp8(moved, scale, element.name, block_size, mask_saturated)
+        else:
+            out = fake_quant_nvfp4(moved, scale, block_size=granularity.block_size, mask_saturated=mask_saturated)
+        return out.movedim(target, source) if source != target else out
+
+    def calibration_record(self, prefix: str) -> dict:
+        """``<prefix>_bits``, ``_quant_dtype`` and, for blocks, ``_block_size``, per channel, ``_axis``."""
+        record = {f"{prefix}_bits": self.bits, f"{prefix}_quant_dtype": self.quant_dtype}
+        if isinstance(self.granularity, PerBlock):
+            record[f"{prefix}_block_size"] = self.granularity.block_size
         if self.granularity.axis is not None:
             record[f"{prefix}_axis"] = self.granularity.axis
         return record

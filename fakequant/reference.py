@@ -18,16 +18,21 @@ from __future__ import annotations
 import torch
 
 from fakequant.checks import (
+    NVFP4_SMALLEST_PER_TENSOR_SCALE,
     check_binarize_args,
     check_bn_fold_args,
     check_bn_fold_backward_args,
     check_fake_quant_args,
+    check_fp8_args,
     check_learnable_args,
     check_learnable_backward_args,
     check_mask,
+    check_mx_args,
+    check_nvfp4_args,
     check_observe_range_args,
     check_per_group_args,
 )
+from fakequant.formats import ELEMENT_FORMATS, ElementFormat
 from fakequant.qparams import choose_qparams
 
 __all__ = [
@@ -39,15 +44,22 @@ __all__ = [
     "bn_fold_training_factor",
     "channel_view",
     "fake_quant_learnable_backward",
+    "fake_quant_fp8_forward",
     "fake_quant_learnable_forward",
+    "fake_quant_mx_forward",
+    "fake_quant_nvfp4_forward",
     "fake_quant_per_channel_forward",
     "fake_quant_per_group_forward",
     "fake_quant_per_tensor_forward",
     "fake_quant_values",
+    "fp8_scale_from_amax",
     "learnable_zero_point",
     "masked_grad",
+    "mx_scales",
+    "nvfp4_per_tensor_scale",
     "observe_range",
     "per_group_view",
+    "round_to_element",
 ]
 
 
@@ -429,3 +441,161 @@ def observe_range(
         new_scale, new_zero_point = choose_qparams(tracked[0], tracked[1], quant_min, quant_max, symmetric)
         scale.copy_(new_scale.reshape(scale.shape))
         zero_point.copy_(new_zero_point.reshape(zero_point.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Float formats: FP8, MX and NVFP4 fake quantization (docs/numerics.md, "Float formats").
+# ---------------------------------------------------------------------------------------------
+
+_FP32_EXPONENT_BIAS = 127
+
+
+def round_to_element(v: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """``v`` (fp32, already within ``[-fmt.max, fmt.max]`` or NaN) rounded to the nearest value of ``fmt``,
+    ties to even: the grid spacing at ``v`` is ``2^(max(floor(log2|v|), emin) - mbits)`` (subnormals below
+    ``2^emin``), ``v / spacing`` is exact, so ``round_half_even(v / spacing) * spacing`` is the rounded value
+    (the sign of a zero kept)."""
+    _, exponent = torch.frexp(v)  # v = m * 2^exponent, m in [0.5, 1): floor(log2|v|) = exponent - 1
+    spacing = torch.ldexp(torch.ones_like(v), torch.clamp(exponent - 1, min=fmt.emin) - fmt.mbits)
+    return torch.round(v / spacing) * spacing
+
+
+def _divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor``, an IEEE division on every device (CUDA multiplies by the reciprocal of a Python number)."""
+    return t / torch.full_like(t, divisor)
+
+
+def _blocks(xf: torch.Tensor, block_size: int) -> torch.Tensor:
+    return xf.reshape(-1, block_size if block_size > 0 else max(xf.numel(), 1))
+
+
+def fp8_scale_from_amax(amax: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """``amax / fmt.max`` clamped to ``[2^-126, 2^(126 - emax)]``: an all-zero block gets the smallest normal
+    scale (its output is 0, not NaN) and an infinite one a scale whose ``fmt.max`` multiple is finite; NaN
+    stays NaN."""
+    return torch.clamp(_divide(amax, fmt.max), min=2.0**-126, max=2.0 ** (126 - fmt.emax))
+
+
+def fake_quant_fp8_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor | None,
+    fmt: str,
+    block_size: int = 0,
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``clamp(x / s, -max, max)`` rounded to FP8 ``fmt`` (ties to even), times ``s``: in fp32, rounded once to
+    ``x.dtype``. ``s``: ``scale`` per block of ``block_size`` consecutive elements (0: the whole tensor), or,
+    when ``scale`` is None, :func:`fp8_scale_from_amax` of each block's absolute maximum. Mask: ``|x / s| <= max``
+    (where the straight-through gradient passes)."""
+    check_fp8_args(x, scale, fmt, block_size)
+    element = ELEMENT_FORMATS[fmt]
+    xf = _blocks(x.float(), block_size)
+    if scale is None:
+        s = fp8_scale_from_amax(xf.abs().amax(-1, keepdim=True), element) if x.numel() else xf[:, :1]
+    else:
+        s = scale.float().reshape(-1, 1)
+    v = xf / s
+    out = round_to_element(torch.clamp(v, -element.max, element.max), element) * s
+    mask = (v.abs() <= element.max).reshape(x.shape) if compute_mask else _empty_mask(x)
+    return out.reshape(x.shape).to(x.dtype), mask
+
+
+def mx_scales(amax: torch.Tensor, element: ElementFormat, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The E8M0 code of each block's shared scale from its fp32 ``amax``, and the fp32 factor the elements are
+    brought into the element range with (torchao's ``to_mx``).
+
+    ``"floor"``: code ``clamp(e(amax) - emax, -127, 128) + 127`` where ``e`` is amax's unbiased fp32 exponent
+    field (-127 for 0 and subnormals, 128 for inf/NaN); 255 (NaN) for a NaN amax. The elements are divided by
+    the code's fp32 value ``2^(code - 127)``, floored at 2^-126 (code 255 reads as inf). ``"rceil"``: code
+    ``clamp(ceil(log2(amax / max)), -127, 127) + 127`` with the exact ceiling (the next power of two at or above;
+    0 for a zero amax), 254 for an infinite amax and 255 for NaN; the elements are multiplied by ``2^(127 -
+    code)`` (1.0 for code 0, 2^-127 for 254, NaN for 255)."""
+    bits = amax.view(torch.int32)
+    exponent = ((bits >> 23) & 0xFF) - _FP32_EXPONENT_BIAS
+    if scale_mode == "floor":
+        code = torch.clamp(exponent - element.emax, -127, 128) + 127
+        code = torch.where(torch.isnan(amax), 255, code)
+        factor = 1.0 / torch.clamp((code << 23).view(torch.float32), min=2.0**-126)
+        return code, factor
+    descale = _divide(amax, element.max)
+    dbits = descale.view(torch.int32)
+    dexp = ((dbits >> 23) & 0xFF) - _FP32_EXPONENT_BIAS
+    # ceil(log2(d)), exactly: the exponent, plus one unless d is a power of two; a subnormal d (< 2^-126) gives
+    # -126 above 2^-127 and at most -127 (clamped to it) otherwise.
+    mantissa = dbits & 0x7FFFFF
+    ceil_log2 = torch.where(
+        dexp > -127, dexp + (mantissa != 0).to(torch.int32), torch.where(mantissa > 0x400000, -126, -127)
+    )
+    code = torch.clamp(ceil_log2, -127, 127) + 127
+    code = torch.where(descale == 0, 0, code)
+    code = torch.where(torch.isinf(descale), 254, code)
+    code = torch.where(torch.isnan(descale), 255, code)
+    factor = torch.ldexp(torch.ones_like(amax), (127 - code).to(torch.int32))
+    factor = torch.where(code == 0, 1.0, factor)
+    factor = torch.where(code == 254, 2.0**-127, factor)
+    factor = torch.where(code == 255, float("nan"), factor)
+    return code, factor
+
+
+def fake_quant_mx_forward(
+    x: torch.Tensor,
+    elem: str,
+    block_size: int = 32,
+    scale_mode: str = "floor",
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MX fake quantization along the last dimension (torchao's ``to_mx`` then ``to_dtype``): per block of
+    ``block_size``, the shared E8M0 scale of :func:`mx_scales`; each element ``v = x * factor`` clamped to
+    ``[-max, max]`` and rounded to ``elem`` (ties to even); out ``= element * 2^(code - 127)`` (NaN for code 255),
+    in fp32, rounded once to ``x.dtype``. Mask: ``|v| <= max``."""
+    check_mx_args(x, elem, block_size, scale_mode)
+    element = ELEMENT_FORMATS[elem]
+    xf = x.float().reshape(-1, block_size)
+    code, factor = mx_scales(xf.abs().amax(-1, keepdim=True), element, scale_mode)
+    v = xf * factor
+    q = round_to_element(torch.clamp(v, -element.max, element.max), element)
+    dequant = torch.where(code == 255, float("nan"), torch.ldexp(torch.ones_like(factor), code - 127))
+    out = (q * dequant).reshape(x.shape).to(x.dtype)
+    mask = (v.abs() <= element.max).reshape(x.shape) if compute_mask else _empty_mask(x)
+    return out, mask
+
+
+NVFP4_BLOCK_SIZE = 16
+_E2M1 = ELEMENT_FORMATS["e2m1"]
+_E4M3 = ELEMENT_FORMATS["e4m3"]
+
+
+def nvfp4_per_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """The per-tensor scale NVFP4 computes when none is given: ``amax(|x|) / (6 * 448)`` (torchao's
+    ``per_tensor_amax_to_scale``), floored at 2^-120 so that an all-zero tensor gives zeros and ``(1 / P) / s``
+    stays finite for the smallest block scale ``s = 2^-6``."""
+    amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+    return torch.clamp(_divide(amax, _E2M1.max * _E4M3.max), min=NVFP4_SMALLEST_PER_TENSOR_SCALE).reshape(1)
+
+
+def fake_quant_nvfp4_forward(
+    x: torch.Tensor,
+    per_tensor_scale: torch.Tensor | None,
+    block_size: int = NVFP4_BLOCK_SIZE,
+    compute_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 fake quantization along the last dimension (torchao's ``nvfp4_quantize`` then ``dequantize``).
+
+    Per block of ``block_size``: ``b = amax / 6``; with ``per_tensor_scale`` P, ``s = e4m3(clamp(b / P, 2^-6,
+    448))`` and the elements ``v = x * ((1 / P) / s)``, out ``= e2m1(clamp(v, -6, 6)) * (P * s)``; without it,
+    ``s = e4m3(clamp(b, 2^-6, 448))``, ``v = x * (1 / s)``, out ``= e2m1(...) * s``. fp32 throughout, rounded
+    once to ``x.dtype``. Mask: ``|v| <= 6``."""
+    check_nvfp4_args(x, per_tensor_scale, block_size)
+    xf = x.float().reshape(-1, block_size)
+    block_scale = _divide(xf.abs().amax(-1, keepdim=True), _E2M1.max)
+    if per_tensor_scale is None:
+        s = round_to_element(torch.clamp(block_scale, 2.0**-6, _E4M3.max), _E4M3)
+        factor, dequant = 1.0 / s, s
+    else:
+        p = per_tensor_scale.float().reshape(())
+        s = round_to_element(torch.clamp(block_scale / p, 2.0**-6, _E4M3.max), _E4M3)
+        factor, dequant = (1.0 / p) / s, p * s
+    v = xf * factor
+    out = (round_to_element(torch.clamp(v, -_E2M1.max, _E2M1.max), _E2M1) * dequant).reshape(x.shape).to(x.dtype)
+    mask = (v.abs() <= _E2M1.max).reshape(x.shape) if compute_mask else _empty_mask(x)
+    return out, mask

@@ -87,3 +87,25 @@ class _LearnableFakeQuant(torch.autograd.Function):
 
 def fake_quant_learnable(x, scale, zero_point, quant_min, quant_max, grad_factor, axis=None):
     return _LearnableFakeQuant.apply(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+
+
+def _straight_through(x, out, mask, mask_saturated):
+    return _StraightThrough.apply(out, _masked_source(x, mask) if mask_saturated else x)
+
+
+def fake_quant_fp8(x, scale=None, fmt="e4m3", block_size=0, mask_saturated=True):
+    out, mask = reference.fake_quant_fp8_forward(x.detach(), scale, fmt, block_size)
+    return _straight_through(x, out, mask, mask_saturated)
+
+
+def fake_quant_mx(x, elem="e4m3", block_size=32, scale_mode="floor", axis=-1, mask_saturated=True):
+    moved = x.movedim(axis, -1)
+    out, mask = reference.fake_quant_mx_forward(moved.detach(), elem, block_size, scale_mode)
+    return _straight_through(moved, out, mask, mask_saturated).movedim(-1, axis)
+
+
+def fake_quant_nvfp4(x, per_tensor_scale=None, two_level=True, block_size=16, mask_saturated=True):
+    if two_level and per_tensor_scale is None:
+        per_tensor_scale = reference.nvfp4_per_tensor_scale(x.detach())
+    out, mask = reference.fake_quant_nvfp4_forward(x.detach(), per_tensor_scale, block_size)
+    return _straight_through(x, out, mask, mask_saturated)

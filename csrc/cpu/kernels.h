@@ -8,5 +8,6 @@
 
 #include "cpu/bn_fold_kernels.h"
 #include "cpu/fake_quant_kernels.h"
+#include "cpu/float_formats_kernels.h"
 #include "cpu/learnable_kernels.h"
 #include "cpu/observe_kernels.h"

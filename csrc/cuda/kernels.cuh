@@ -1,5 +1,6 @@
 // The interface between the CUDA kernels (one .cu file per op family: fake_quant.cu, bn_fold.cu, learnable.cu,
-// observe.cu) and their host side (csrc/ops/<family>.cpp): the launchers' declarations and argument structs.
+// observe.cu, float_formats.cu) and their host side (csrc/ops/<family>.cpp): the launchers' declarations and
+// argument structs.
 //
 // Only plain structs, raw pointers and the CUDA runtime API cross it: the .cu files include no ATen or
 // torch header, which keeps them quick to compile (nvcc parses a .cu file's headers once for the host and
@@ -13,6 +14,7 @@
 #include <cstdint>
 
 #include "fakequant_math.h"
+#include "float_formats.h"
 
 namespace fakequant {
 namespace cuda {
@@ -151,6 +153,27 @@ struct ObserveArgs {
   cudaStream_t stream;
 };
 cudaError_t launch_observe_range(const ObserveArgs& args, int64_t entries);
+
+// fake_quant_fp8 / fake_quant_mx / fake_quant_nvfp4 over the storage of a dense x, in blocks of block_size
+// consecutive elements (numel % block_size == 0; block_size == numel: one block). spec.per_tensor_scale (NVFP4)
+// points to device memory.
+struct FloatFormatArgs {
+  const void* x;
+  void* out;
+  bool* mask;  // nullptr: no mask
+  int64_t numel;
+  int64_t block_size;
+  FloatType type;
+  FloatQuantSpec spec;
+  const float* scales;  // spec.kind == kGiven: one fp32 scale per block, else nullptr
+  uint32_t* amax;       // float_format_scratch(...) entries of scratch, or nullptr when that is 0
+  int max_blocks;
+  cudaStream_t stream;
+};
+// The uint32 scratch entries launch_fake_quant_float needs: one per block when the blocks are too large (or too
+// few) for one thread block each and their amax is reduced by a kernel of its own, else 0.
+int64_t float_format_scratch(int64_t numel, int64_t block_size, FloatScaleKind kind, FloatType type, int max_blocks);
+cudaError_t launch_fake_quant_float(const FloatFormatArgs& args);
 
 }  // namespace cuda
 }  // namespace fakequant

@@ -10,7 +10,7 @@ Example:
     (tensor([0.3000]), tensor([True]))
 """
 
-from fakequant.ops import binary, bn_fold, fake_quant, learnable, observe  # noqa: F401  (defines the ops)
+from fakequant.ops import binary, bn_fold, fake_quant, float_formats, learnable, observe  # noqa: F401  (defines the ops)
 from fakequant.ops._library import (
     LIBRARY,
     composite_op_names,

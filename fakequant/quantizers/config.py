@@ -16,21 +16,33 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fakequant.qparams import FormatSpec, Granularity, PerChannel, PerGroup, PerTensor, QuantSpec
+from fakequant.qparams import (
+    FLOAT_QUANT_DTYPES,
+    FloatSpec,
+    FormatSpec,
+    Granularity,
+    PerBlock,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+)
 
 __all__ = [
     "QUANT_TYPES",
     "QUANT_SCHEMES",
     "QUANT_DTYPES",
+    "FLOAT_QUANT_DTYPES",
     "DEFAULT_OP_TYPES",
     "AlgorithmRules",
     "LayerConfig",
     "resolve_config_list",
+    "check_activation_blocks",
 ]
 
 QUANT_TYPES = ("weight", "input", "output")
 QUANT_SCHEMES = ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric")
-QUANT_DTYPES = ("int", "uint")
+QUANT_DTYPES = ("int", "uint")  # the integer formats; the float ones are FLOAT_QUANT_DTYPES (fakequant.qparams)
 # 'default' stands for the weighted layers (docs/numerics.md, Quantizers and config_list).
 DEFAULT_OP_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 COMMON_KEYS = ("quant_types", "quant_bits", "op_types", "op_names", "exclude", "quant_start_step")
@@ -48,6 +60,8 @@ class AlgorithmRules:
         max_bits: the largest width accepted.
         default_bits: the width used when an entry gives none.
         default_specs: the QuantSpec of each quant type when the entry gives no scheme or dtype.
+        float_dtypes: the float formats (:data:`~fakequant.qparams.FLOAT_QUANT_DTYPES`) ``quant_dtype`` may name.
+        float_dtypes_note: why the others are refused, for the error message.
     """
 
     name: str
@@ -57,6 +71,8 @@ class AlgorithmRules:
     max_bits: int
     default_bits: int
     default_specs: Mapping[str, QuantSpec]
+    float_dtypes: tuple[str, ...] = ()
+    float_dtypes_note: str = ""
 
 
 @dataclass
@@ -68,7 +84,8 @@ class LayerConfig:
         op_type: the module's class name.
         entry_index: index of the config_list entry that selected the module.
         quant_types: the quant types applied, in config order.
-        specs: the format spec (a :class:`~fakequant.qparams.QuantSpec` today) of each quant type.
+        specs: the format spec of each quant type: a :class:`~fakequant.qparams.QuantSpec` (integer formats) or a
+            :class:`~fakequant.qparams.FloatSpec` (FP8, MX, NVFP4).
         quant_start_step: fake quantization starts once this many steps have been taken.
     """
 
@@ -108,13 +125,15 @@ def _known_op_types(model: nn.Module) -> set[str]:
     return names
 
 
-def _per_type(index: int, key: str, value: object, quant_types: list[str], check) -> dict[str, object]:
-    """Expands an int/str setting or a dict keyed by quant type to one value per quant type."""
+def _per_type(index: int, key: str, value: object, quant_types: list[str], check,
+              optional: Sequence[str] = ()) -> dict[str, object]:  # fmt: skip
+    """Expands an int/str setting or a dict keyed by quant type to one value per quant type (``optional``: the
+    quant types a ``quant_bits`` dict may leave out, those with a float format)."""
     if isinstance(value, Mapping):
         extra = [t for t in value if t not in quant_types]
         if extra:
             raise _fail(index, key, value, f"dict keys among the entry's quant_types {quant_types}")
-        missing = [t for t in quant_types if t not in value]
+        missing = [t for t in quant_types if t not in value and t not in optional]
         if missing and key == "quant_bits":
             raise _fail(index, key, value, f"a width for every quant type in {quant_types} (missing {missing})")
         out = {}
@@ -129,7 +148,8 @@ def _per_type(index: int, key: str, value: object, quant_types: list[str], check
 
 GRANULARITY_ALLOWED = (
     "fakequant.PerTensor(), PerChannel(0), PerGroup(group_size) or an int group size, 'per_tensor' or 'per_channel' "
-    "(weights; inputs and outputs are per tensor), or a dict {'weight': ...}"
+    "(weights; inputs and outputs are per tensor; PerBlock(n) or an int n for a float quant_dtype), or a dict "
+    "{'weight': ...}"
 )
 
 
@@ -180,6 +200,68 @@ def _spec_for(rules: AlgorithmRules, quant_type: str, bits: int, scheme: str | N
     narrow_range = default.narrow_range and signed and bits >= 2
     return QuantSpec(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow_range,
                      granularity=granularity)
+
+
+def _block_sizes(index: int, entry: Mapping, quant_types: list[str], float_types: list[str],
+                 rules: AlgorithmRules) -> dict[str, int]:  # fmt: skip
+    """The ``block_size`` key: an int for every quant type with a float format, or a dict per quant type."""
+    value = entry["block_size"]
+
+    def check(index, key, whole, size, quant_type):
+        if not _is_int(size) or size < 1:
+            raise _fail(index, key, whole, "an int >= 1 (elements per scale along the blocked dimension), or a dict "
+                                           "{quant_type: int}")  # fmt: skip
+        if quant_type not in float_types:
+            raise _fail(index, key, whole, f"a block size for quant types whose quant_dtype is a float format "
+                                           f"{list(rules.float_dtypes)}; {quant_type!r} is an integer format "
+                                           "(integer weights group input channels with 'granularity')")  # fmt: skip
+
+    if isinstance(value, Mapping):
+        return _per_type(index, "block_size", value, quant_types, check)
+    if not float_types:
+        raise _fail(index, "block_size", value,
+                    f"a block size for an entry with a float quant_dtype {list(rules.float_dtypes)}; this entry's "
+                    "formats are integer")  # fmt: skip
+    for quant_type in float_types:
+        check(index, "block_size", value, value, quant_type)
+    return {quant_type: value for quant_type in float_types}
+
+
+def _float_spec_for(index: int, entry: Mapping, quant_type: str, dtype: str, given_bits: int | None,
+                    scheme: str | None, weight_granularity: Granularity | None,
+                    block_size: int | None) -> FloatSpec:  # fmt: skip
+    """The FloatSpec of one quant type: the format's width and default blocks, changed by the keys that may."""
+    kind, _, width = FLOAT_QUANT_DTYPES[dtype]
+    if given_bits is not None and given_bits != width:
+        raise _fail(index, "quant_bits", entry["quant_bits"], f"{width} for {quant_type!r}, or no quant_bits: "
+                                                              f"quant_dtype {dtype!r} fixes the width")  # fmt: skip
+    granularity = None
+    if scheme is not None:
+        if kind != "fp8":
+            raise _fail(index, "quant_scheme", entry["quant_scheme"],
+                        f"no quant_scheme for {quant_type!r}: quant_dtype {dtype!r} has a scale per block (its size "
+                        "is the 'block_size' key); the FP8 formats take 'per_tensor_symmetric' or "
+                        "'per_channel_symmetric'")  # fmt: skip
+        if not scheme.endswith("_symmetric"):
+            raise _fail(index, "quant_scheme", entry["quant_scheme"],
+                        f"'per_tensor_symmetric' or 'per_channel_symmetric' for {quant_type!r}: quant_dtype {dtype!r} "
+                        "has no zero point")  # fmt: skip
+        granularity = PerChannel(0) if scheme.startswith("per_channel") else PerTensor()
+    if quant_type == "weight" and weight_granularity is not None:
+        # an int n (PerGroup(n)) is n input channels per scale: for a float format, blocks of n along them
+        granularity = (PerBlock(weight_granularity.group_size) if isinstance(weight_granularity, PerGroup)
+                       else weight_granularity)  # fmt: skip
+        if kind != "fp8" and not isinstance(granularity, PerBlock):
+            raise _fail(index, "granularity", entry["granularity"],
+                        f"PerBlock(n) or an int n for the weight: quant_dtype {dtype!r} has a scale per block (or "
+                        "the 'block_size' key)")  # fmt: skip
+    if block_size is not None:
+        if quant_type == "weight" and weight_granularity is not None and granularity != PerBlock(block_size):
+            raise _fail(index, "block_size", entry["block_size"],
+                        f"either 'block_size' or 'granularity' for the weight, or both saying the same (granularity "
+                        f"is {granularity!r})")  # fmt: skip
+        granularity = PerBlock(block_size)
+    return FloatSpec(dtype, granularity)
 
 
 # NNI 3.0's config_list keys, which fakequant does not read: each names what to write instead (NNI 2.x's keys).
@@ -279,6 +361,28 @@ def _validate_entry(index: int, entry: object, rules: AlgorithmRules, known_type
         quant_types = ["weight"]
     out["quant_types"] = quant_types
 
+    def check_scheme(index, key, whole, scheme, quant_type):
+        if scheme not in QUANT_SCHEMES:
+            raise _fail(index, key, whole, f"one of {list(QUANT_SCHEMES)} or a dict {{quant_type: scheme}}"
+                                           + _nni3_hint(scheme))
+        if scheme.startswith("per_channel") and quant_type != "weight":
+            raise _fail(index, key, whole, f"per-tensor schemes for {quant_type!r} (per-channel is for weights)")
+
+    def check_dtype(index, key, whole, dtype, quant_type):
+        if dtype not in QUANT_DTYPES + rules.float_dtypes:
+            floats = f", or a float format {list(rules.float_dtypes)}" if rules.float_dtypes else ""
+            refused = (f" ({rules.name} does not take {dtype!r}{rules.float_dtypes_note})"
+                       if dtype in FLOAT_QUANT_DTYPES else "")  # fmt: skip
+            raise _fail(index, key, whole, f"one of {list(QUANT_DTYPES)}{floats}, or a dict {{quant_type: dtype}}"
+                                           + refused + _nni3_hint(dtype))
+
+    # The dtypes first: a float format fixes its width, so quant_bits may leave those quant types out.
+    schemes = _per_type(index, "quant_scheme", entry["quant_scheme"], quant_types, check_scheme) if (
+        "quant_scheme" in entry) else {}
+    dtypes = _per_type(index, "quant_dtype", entry["quant_dtype"], quant_types, check_dtype) if (
+        "quant_dtype" in entry) else {}
+    float_types = [t for t in quant_types if dtypes.get(t) in FLOAT_QUANT_DTYPES]
+
     def check_bits(index, key, whole, bits, quant_type):
         if not _is_int(bits) or not rules.min_bits <= bits <= rules.max_bits:
             span = str(rules.min_bits) if rules.min_bits == rules.max_bits else (
@@ -290,12 +394,12 @@ def _validate_entry(index: int, entry: object, rules: AlgorithmRules, known_type
         raise _fail(index, "q_bits", entry["q_bits"], "'q_bits' (the weight width) or 'quant_bits', not both")
     if "q_bits" in entry:
         check_bits(index, "q_bits", entry["q_bits"], entry["q_bits"], "weight")
-        bits = {t: (entry["q_bits"] if t == "weight" else rules.default_bits) for t in quant_types}
+        given_bits = {t: (entry["q_bits"] if t == "weight" else rules.default_bits) for t in quant_types}
     elif "quant_bits" in entry:
-        bits = _per_type(index, "quant_bits", entry["quant_bits"], quant_types, check_bits)
+        given_bits = _per_type(index, "quant_bits", entry["quant_bits"], quant_types, check_bits, float_types)
     else:
-        bits = {t: rules.default_bits for t in quant_types}
-    out["bits"] = bits
+        given_bits = {}
+    bits = {t: given_bits.get(t, rules.default_bits) for t in quant_types}
 
     if "quant_start_step" in entry:
         step = entry["quant_start_step"]
@@ -303,31 +407,26 @@ def _validate_entry(index: int, entry: object, rules: AlgorithmRules, known_type
             raise _fail(index, "quant_start_step", step, "an int >= 0")
     out["quant_start_step"] = entry.get("quant_start_step", 0)
 
-    def check_scheme(index, key, whole, scheme, quant_type):
-        if scheme not in QUANT_SCHEMES:
-            raise _fail(index, key, whole, f"one of {list(QUANT_SCHEMES)} or a dict {{quant_type: scheme}}"
-                                           + _nni3_hint(scheme))
-        if scheme.startswith("per_channel") and quant_type != "weight":
-            raise _fail(index, key, whole, f"per-tensor schemes for {quant_type!r} (per-channel is for weights)")
-
-    def check_dtype(index, key, whole, dtype, quant_type):
-        if dtype not in QUANT_DTYPES:
-            raise _fail(index, key, whole, f"one of {list(QUANT_DTYPES)} or a dict {{quant_type: dtype}}"
-                                           + _nni3_hint(dtype))
-
-    schemes = _per_type(index, "quant_scheme", entry["quant_scheme"], quant_types, check_scheme) if (
-        "quant_scheme" in entry) else {}
-    dtypes = _per_type(index, "quant_dtype", entry["quant_dtype"], quant_types, check_dtype) if (
-        "quant_dtype" in entry) else {}
     weight_granularity = _weight_granularity(index, entry) if "granularity" in rules.keys else None
+    block_sizes = _block_sizes(index, entry, quant_types, float_types, rules) if "block_size" in entry else {}
     specs = {}
     for quant_type in quant_types:
+        if quant_type in float_types:
+            specs[quant_type] = _float_spec_for(index, entry, quant_type, dtypes[quant_type],
+                                                given_bits.get(quant_type), schemes.get(quant_type),
+                                                weight_granularity, block_sizes.get(quant_type))  # fmt: skip
+            continue
+        if quant_type == "weight" and isinstance(weight_granularity, PerBlock):
+            raise _fail(index, "granularity", entry["granularity"],
+                        "PerTensor(), PerChannel(0) or PerGroup(n) for an integer weight (PerBlock(n) is for a float "
+                        f"quant_dtype: {list(rules.float_dtypes)})")  # fmt: skip
         try:
             specs[quant_type] = _spec_for(rules, quant_type, bits[quant_type], schemes.get(quant_type),
                                           dtypes.get(quant_type), weight_granularity)
         except ValueError as error:
             raise _fail(index, "quant_bits", entry.get("quant_bits", entry.get("q_bits")),
                         f"a width that {quant_type!r} with this scheme/dtype supports ({error})") from None
+    out["bits"] = {t: specs[t].bits for t in quant_types}
     out["specs"] = specs
     return out
 
@@ -348,6 +447,49 @@ def _check_group_layout(config: LayerConfig, name: str, module: nn.Module, group
             f"module {name!r} ({config.op_type}) has {shape[1]} input channels, not a multiple of {group_size}; "
             "allowed: a group size that divides the input channels of every module the entry selects"
         )
+
+
+def _block_size_text(spec: FloatSpec, quant_type: str) -> str:
+    size = spec.granularity.block_size
+    default = f", whose default block size is {size}" if size == spec.default_block_size else ""
+    return f"key 'block_size' has value {size} for {quant_type!r} (quant_dtype {spec.quant_dtype!r}{default})"
+
+
+def _resolve_weight_blocks(config: LayerConfig, name: str, module: nn.Module, spec: FloatSpec) -> FloatSpec:
+    """A block-scaled weight's blocks run along its input channels: dimension 1 (0 for ConvTranspose), the
+    reduction dimension, which is a Linear weight's last."""
+    shape = tuple(module.weight.shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"config_list[{config.entry_index}]: key 'quant_dtype' has value {spec.quant_dtype!r} with blocks of "
+            f"{spec.granularity.block_size} for 'weight', but module {name!r} ({config.op_type}) has a weight of "
+            f"shape {shape}, without input channels to run the blocks along; allowed: block scales (MX, NVFP4, FP8 "
+            "blocks) on weights of 2 or more dimensions (Linear, Conv*, Embedding), FP8 per tensor or per channel on "
+            "the others"
+        )
+    dim = 0 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 1
+    if shape[dim] % spec.granularity.block_size != 0:
+        raise ValueError(
+            f"config_list[{config.entry_index}]: {_block_size_text(spec, 'weight')}, but module {name!r} "
+            f"({config.op_type}) has {shape[dim]} input channels (weight shape {shape}), not a multiple of it; "
+            "allowed: a block_size that divides the input channels of every module the entry selects (the blocks "
+            "run along them)"
+        )
+    return dataclasses.replace(spec, granularity=PerBlock(spec.granularity.block_size, dim))
+
+
+def check_activation_blocks(config: LayerConfig, name: str, quant_type: str, x: torch.Tensor) -> None:
+    """Raises the config_list error for an input or output whose last dimension the entry's block size does not
+    divide (known only when the module runs)."""
+    granularity = config.specs[quant_type].granularity
+    if not isinstance(granularity, PerBlock) or (x.dim() > 0 and x.size(-1) % granularity.block_size == 0):
+        return
+    raise ValueError(
+        f"config_list[{config.entry_index}]: {_block_size_text(config.specs[quant_type], quant_type)}, but module "
+        f"{name!r} ({config.op_type}) has an {quant_type} of shape {tuple(x.shape)}, whose last dimension is not a "
+        f"multiple of it; allowed: a block_size that divides the last dimension of the {quant_type}s of every module "
+        "the entry selects (the blocks run along it)"
+    )
 
 
 def _matches(entry: dict, name: str, module: nn.Module) -> bool:
@@ -412,6 +554,8 @@ def resolve_config_list(model: nn.Module, config_list: object, rules: AlgorithmR
                     "with a weight (Conv*, Linear, ...) or only 'input'/'output' for this module"
                 )
             spec = config.specs["weight"]
+            if isinstance(spec.granularity, PerBlock):
+                spec = config.specs["weight"] = _resolve_weight_blocks(config, name, module, spec)
             granularity = spec.granularity
             if granularity.group_size is not None:
                 _check_group_layout(config, name, module, granularity.group_size)

@@ -6,7 +6,9 @@
   ``quant_start_step`` on.
 * :class:`EmaRangeQuantizer` tracks each quantized input and output with an exponential moving average of the
   batch ranges in training mode (all-reduced under ``torch.distributed``), the rules of docs/numerics.md, Range
-  observation.
+  observation. A float format with one scale per tensor (FP8 per tensor, NVFP4's second level) tracks its range the
+  same way and takes its scale from it (:meth:`fakequant.FloatSpec.scale_from_range`); the other float formats
+  compute their scales in the op and track nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch.distributed as dist
 
 from fakequant.ops.fake_quant import fake_quant_per_channel, fake_quant_per_group, fake_quant_per_tensor
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import choose_qparams
+from fakequant.qparams import FloatSpec, FormatSpec, choose_qparams
 from fakequant.quantizers.base import QuantizedLayer, Quantizer
+from fakequant.quantizers.config import check_activation_blocks
 
 __all__ = [
     "EmaRangeQuantizer",
@@ -27,11 +30,28 @@ __all__ = [
     "add_minmax_weight_state",
     "observe_weight",
     "minmax_fake_quant_weight",
+    "tracks_activation_range",
+    "float_format_onnx_error",
 ]
 
 
 def _ddp_initialized() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def tracks_activation_range(spec: FormatSpec) -> bool:
+    """Whether an input or output of this format keeps a tracked range (and calibration has one to set): the
+    integer formats and the float formats with one scale per tensor."""
+    return not isinstance(spec, FloatSpec) or spec.has_tensor_scale
+
+
+def float_format_onnx_error(layer: QuantizedLayer, quant_type: str) -> ValueError:
+    """The ONNX export's refusal of a float-format tensor."""
+    return ValueError(
+        f"layer {layer.name!r} {quant_type}: quant_dtype {layer.config.specs[quant_type].quant_dtype!r} has no "
+        "QuantizeLinear/DequantizeLinear form in this exporter, which writes int8/uint8 Q/DQ (FP8, MX and NVFP4 need "
+        "ONNX's float8/float4 types and blocked scales); allowed: quant_dtype 'int' or 'uint'"
+    )
 
 
 def add_qparam_buffers(layer: QuantizedLayer, quant_type: str, shape: tuple[int, ...]) -> None:
@@ -115,8 +135,18 @@ class EmaRangeQuantizer(Quantizer):
         self.sync_ranges = sync_ranges
 
     def _add_activation_state(self, layer: QuantizedLayer, quant_type: str) -> None:
-        """Registers the per-tensor scale, zero point, tracked range and observed flag of an input or output."""
-        add_qparam_buffers(layer, quant_type, ())
+        """Registers the per-tensor scale, zero point, tracked range and observed flag of an input or output; a float
+        format's scale without zero point, or nothing where its scales are per block."""
+        spec = layer.config.specs[quant_type]
+        if not tracks_activation_range(spec):
+            return
+        if isinstance(spec, FloatSpec):
+            layer.add_buffer(quant_type + "_scale", torch.ones((), dtype=torch.float32))
+            # observe_range's integer scale and zero point, which the float scale does not use: scratch
+            layer.add_buffer(quant_type + "_observe_scale", torch.ones(()), persistent=False)
+            layer.add_buffer(quant_type + "_observe_zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
+        else:
+            add_qparam_buffers(layer, quant_type, ())
         # [min, max]; meaningful once fakequant_<type>_observed is 1
         layer.add_buffer(quant_type + "_range", torch.zeros(2, dtype=torch.float32))
         layer.add_buffer(quant_type + "_observed", torch.zeros((), dtype=torch.int64))
@@ -127,11 +157,16 @@ class EmaRangeQuantizer(Quantizer):
         under DDP), then sets the scale and zero point from it."""
         spec = layer.config.specs[quant_type]
         tracked = layer.buffer(quant_type + "_range")
-        scale, zero_point = layer.buffer(quant_type + "_scale"), layer.buffer(quant_type + "_zero_point")
+        is_float = isinstance(spec, FloatSpec)
+        prefix = quant_type + ("_observe" if is_float else "")
+        scale, zero_point = layer.buffer(prefix + "_scale"), layer.buffer(prefix + "_zero_point")
+        # a float format reads the tracked range only; any integer range serves the op's scratch qparams
+        quant_min, quant_max, symmetric = (-128, 127, True) if is_float else (
+            spec.quant_min, spec.quant_max, spec.symmetric)
         first = not layer.observed[quant_type]
         torch.ops.fakequant.observe_range(
             x, tracked, scale, zero_point, None, 1.0 if first else 1.0 - self.ema_decay,
-            spec.quant_min, spec.quant_max, spec.symmetric, None, relu,
+            quant_min, quant_max, symmetric, None, relu,
         )
         if self.sync_ranges and _ddp_initialized():
             # The update tracked + c * (batch - tracked) is monotonic in the batch range (each rounded
@@ -140,11 +175,11 @@ class EmaRangeQuantizer(Quantizer):
             extremes = torch.stack((-tracked[0].float(), tracked[1].float()))
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
             tracked.copy_(torch.stack((-extremes[0], extremes[1])))
-            new_scale, new_zero_point = choose_qparams(
-                -extremes[0], extremes[1], spec.quant_min, spec.quant_max, spec.symmetric
-            )
+            new_scale, new_zero_point = choose_qparams(-extremes[0], extremes[1], quant_min, quant_max, symmetric)
             scale.copy_(new_scale)
             zero_point.copy_(new_zero_point)
+        if is_float:
+            layer.buffer(quant_type + "_scale").copy_(spec.scale_from_range(tracked[0], tracked[1]))
         if first:
             layer.buffer(quant_type + "_observed").fill_(1)
             layer.observed[quant_type] = True
@@ -179,7 +214,8 @@ class EmaRangeQuantizer(Quantizer):
             layer = self.layers[name]
             for quant_type in layer.config.quant_types:
                 low, high = record.get(f"tracked_min_{quant_type}"), record.get(f"tracked_max_{quant_type}")
-                if quant_type != "weight" and low is not None and high is not None:
+                tracked = quant_type != "weight" and tracks_activation_range(layer.config.specs[quant_type])
+                if tracked and low is not None and high is not None:
                     self.set_activation_range(layer, quant_type, torch.tensor(float(low)), torch.tensor(float(high)))
 
     def set_activation_range(
@@ -191,9 +227,12 @@ class EmaRangeQuantizer(Quantizer):
         spec = layer.config.specs[quant_type]
         tracked = layer.buffer(quant_type + "_range")
         tracked.copy_(torch.stack([low, high]).to(tracked))
-        scale, zero_point = choose_qparams(tracked[0], tracked[1], spec.quant_min, spec.quant_max, spec.symmetric)
-        layer.buffer(quant_type + "_scale").copy_(scale)
-        layer.buffer(quant_type + "_zero_point").copy_(zero_point)
+        if isinstance(spec, FloatSpec):
+            layer.buffer(quant_type + "_scale").copy_(spec.scale_from_range(tracked[0], tracked[1]))
+        else:
+            scale, zero_point = choose_qparams(tracked[0], tracked[1], spec.quant_min, spec.quant_max, spec.symmetric)
+            layer.buffer(quant_type + "_scale").copy_(scale)
+            layer.buffer(quant_type + "_zero_point").copy_(zero_point)
         layer.buffer(quant_type + "_observed").fill_(1)
         layer.observed[quant_type] = True
 
@@ -203,13 +242,15 @@ class EmaRangeQuantizer(Quantizer):
         """Ranges tracked in training mode from step 0; fake quantization from ``quant_start_step`` once a
         range has been observed (an eval pass before any training batch runs in float). With ``relu``, the
         activation is ``relu(x)``, observed and fake-quantized without forming it (the fused op's mask holds
-        ReLU's gradient too)."""
+        ReLU's gradient too; integer formats only)."""
+        spec = layer.config.specs[quant_type]
+        if isinstance(spec, FloatSpec):
+            return self._fake_quant_float_activation(layer, quant_type, x)
         if layer.module.training:
             with torch.no_grad():
                 self._observe(layer, quant_type, x, relu)
         if not (layer.active() and layer.observed[quant_type]):
             return torch.relu(x) if relu else x
-        spec = layer.config.specs[quant_type]
         return fake_quant_per_tensor(
             x,
             # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
@@ -217,10 +258,31 @@ class EmaRangeQuantizer(Quantizer):
             spec.quant_min, spec.quant_max, relu=relu,
         )
 
+    def _fake_quant_float_activation(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor) -> torch.Tensor:
+        """A float format: a per-tensor scale (FP8 per tensor, NVFP4's second level) from the tracked range, as an
+        integer one (observed in training, used once observed); the block scales computed by the op from ``x``,
+        from ``quant_start_step`` on."""
+        spec = layer.config.specs[quant_type]
+        scale = None
+        if spec.has_tensor_scale:
+            if layer.module.training:
+                with torch.no_grad():
+                    self._observe(layer, quant_type, x)
+            if not layer.observed[quant_type]:
+                return x
+            # .float(): model.half() casts float buffers too, and the ops take fp32 scales (no copy if fp32)
+            scale = layer.buffer(quant_type + "_scale").float()
+        if not layer.active():
+            return x
+        check_activation_blocks(layer.config, layer.name, quant_type, x)
+        return spec.fake_quant(x, scale)
+
     def onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
         if quant_type == "weight":
             return super().onnx_qdq(layer, quant_type)
         spec = layer.config.specs[quant_type]
+        if isinstance(spec, FloatSpec):
+            raise float_format_onnx_error(layer, quant_type)
         quant_min, quant_max = onnx_qdq_range(layer.name, quant_type, spec.quant_min, spec.quant_max, constant=False)
         if not (layer.active() and layer.observed[quant_type]):
             return None  # _fake_quant_activation returns x unchanged in eval mode
@@ -232,15 +294,20 @@ class EmaRangeQuantizer(Quantizer):
         )
 
     def _activation_record(self, layer: QuantizedLayer, quant_type: str) -> dict:
-        """The calibration record of an input or output: its format, tracked range, scale and zero point."""
+        """The calibration record of an input or output: its format, tracked range, scale and zero point (a float
+        format: its format, and the tracked range and scale where it has one per tensor)."""
+        spec = layer.config.specs[quant_type]
+        record = spec.calibration_record(quant_type)
+        if not tracks_activation_range(spec):
+            return record
         tracked = layer.buffer(quant_type + "_range").detach().cpu()
         observed = layer.observed[quant_type]
-        record = layer.config.specs[quant_type].calibration_record(quant_type)
         record.update({
             f"tracked_min_{quant_type}": float(tracked[0]) if observed else None,
             f"tracked_max_{quant_type}": float(tracked[1]) if observed else None,
             f"{quant_type}_scale": layer.buffer(quant_type + "_scale").detach().cpu().clone(),
-            f"{quant_type}_zero_point": layer.buffer(quant_type + "_zero_point").detach().cpu().clone(),
         })
+        if not isinstance(spec, FloatSpec):
+            record[f"{quant_type}_zero_point"] = layer.buffer(quant_type + "_zero_point").detach().cpu().clone()
         return record
 

@@ -4,6 +4,11 @@ Every quantized tensor's scale is an ``nn.Parameter`` trained by the optimizer w
 gradient of LSQ, computed by the fused ``fakequant::fake_quant_learnable`` op (one pass forward, one pass
 backward that also sums the scale's gradient). Affine tensors (``quant_scheme='per_tensor_affine'``, the
 default for inputs and outputs) learn their zero point too (LSQ+, Bhalgat et al., 2020).
+
+FP8 (``quant_dtype='fp8_e4m3'`` / ``'fp8_e5m2'``) learns its scales too: its forward ``s * fp8(clamp(x / s))``
+has the integer one's form with the FP8 grid in place of the integer levels, so LSQ's straight-through gradient
+carries over unchanged: ``fp8(x / s) - x / s`` inside the range and ``±max`` outside it. The MX and NVFP4 formats
+are refused: their block scales are computed from each block (MX's a power of two), so there is no scale to learn.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from torch import nn
 
 from fakequant.ops.learnable import fake_quant_learnable, lsq_grad_factor
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
+from fakequant.qparams import FloatSpec, PerBlock
 from fakequant.quantizers.base import QuantizedLayer, Quantizer
+from fakequant.quantizers.ema_range import float_format_onnx_error
 from fakequant.quantizers.qat import QAT_Quantizer
 
 __all__ = ["LsqQuantizer"]
@@ -25,6 +32,41 @@ __all__ = ["LsqQuantizer"]
 # The smallest scale an optimizer step may leave: the ops need a finite positive scale (docs/numerics.md,
 # Argument checks).
 _MIN_SCALE = torch.finfo(torch.float32).eps
+# The FP8 formats LSQ learns scales for; MX and NVFP4 compute theirs from each block.
+_LEARNED_FLOAT_DTYPES = ("fp8_e4m3", "fp8_e5m2")
+
+
+class _LearnedFp8(torch.autograd.Function):
+    """``fake_quant_fp8(x, scale)`` with LSQ's gradient for ``scale``: per scale, the sum over its elements of the
+    output gradient times ``fp8(v) - v`` where ``v = x / s`` is inside the range (``(out - x) / s``) and
+    ``sign(v) * max`` where it saturated, times ``grad_factor``; ``x`` gets the masked straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x, scale, spec: FloatSpec, grad_factor: float):
+        out, mask = torch.ops.fakequant.fake_quant_fp8(x, scale, spec.element.name, _fp8_block_size(spec, x), True)
+        ctx.save_for_backward(x, scale, out, mask)
+        ctx.fmt_max, ctx.grad_factor = spec.element.max, grad_factor
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, out, mask = ctx.saved_tensors
+        grad_x = torch.ops.fakequant.masked_grad(grad, mask) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            rows = scale.numel()  # one scale per row of the [scales, elements per scale] view
+            s = scale.float().reshape(rows, 1)
+            xf = x.float().reshape(rows, -1)
+            inside = (out.float().reshape(rows, -1) - xf) / s
+            derivative = torch.where(mask.reshape(rows, -1), inside, torch.sign(xf) * ctx.fmt_max)
+            grad_scale = (grad.float().reshape(rows, -1) * derivative).sum(1) * ctx.grad_factor
+            grad_scale = grad_scale.reshape(scale.shape).to(scale.dtype)
+        return grad_x, grad_scale, None, None
+
+
+def _fp8_block_size(spec: FloatSpec, x: torch.Tensor) -> int:
+    """The op's block size of a per-tensor (0) or per-channel (whole rows of the channel-first view) scale."""
+    return x[0].numel() if spec.granularity.axis is not None and x.numel() else 0
 
 
 class LsqQuantizer(Quantizer):
@@ -43,6 +85,10 @@ class LsqQuantizer(Quantizer):
       optimizer's defaults), as NNI does; without one, add ``quantizer.learned_parameters()`` yourself.
       After each optimizer step the scales are kept at least ``finfo(float32).eps``.
     * Defaults: 8 bits; weights signed, symmetric, per tensor; inputs and outputs unsigned, affine.
+    * FP8 (``quant_dtype='fp8_e4m3'`` or ``'fp8_e5m2'``): learned scales per tensor (or per output channel for
+      weights), initialised to ``amax / max`` (the scale nothing saturates with), LSQ's gradient with the FP8 grid
+      (module docstring), scaled by ``1 / sqrt(n * max)``; no zero point. Kept within ``[2^-126, 2^(126 - emax)]``
+      after each step. Per-block scales, MX and NVFP4 are refused (``ValueError``).
 
     Args:
         model: the model (modified in place by :meth:`compress`).
@@ -62,8 +108,16 @@ class LsqQuantizer(Quantizer):
         2
     """
 
-    # QAT_Quantizer's keys, widths and defaults: signed symmetric per-tensor weights, unsigned affine activations.
-    rules = dataclasses.replace(QAT_Quantizer.rules, name="LsqQuantizer")
+    # QAT_Quantizer's keys, widths and defaults: signed symmetric per-tensor weights, unsigned affine activations;
+    # of the float formats FP8 only, per tensor or channel (no block_size).
+    rules = dataclasses.replace(
+        QAT_Quantizer.rules,
+        name="LsqQuantizer",
+        keys=tuple(key for key in QAT_Quantizer.rules.keys if key != "block_size"),
+        float_dtypes=_LEARNED_FLOAT_DTYPES,
+        float_dtypes_note="; it learns FP8 scales, while MX and NVFP4 compute their block scales from each block: "
+                          "use QAT_Quantizer for them",
+    )
     exports_onnx_qdq = True
 
     def __init__(
@@ -74,6 +128,15 @@ class LsqQuantizer(Quantizer):
         dummy_input: Any = None,
     ) -> None:
         super().__init__(model, config_list, optimizer)
+        for name, config in self.layer_configs.items():
+            spec = config.specs.get("weight")  # without the block_size key, only a weight's granularity has blocks
+            if isinstance(spec, FloatSpec) and isinstance(spec.granularity, PerBlock):
+                raise ValueError(
+                    f"config_list[{config.entry_index}]: key 'granularity' has value "
+                    f"PerBlock({spec.granularity.block_size}) for the weight of {name!r} (quant_dtype "
+                    f"{spec.quant_dtype!r}); allowed: PerTensor() or PerChannel(0) (LsqQuantizer learns FP8 scales "
+                    "per tensor or per channel, not per block)"
+                )
         self.dummy_input = dummy_input
         self._initializing = False
 
@@ -123,7 +186,9 @@ class LsqQuantizer(Quantizer):
             shape = spec.granularity.scale_shape(layer.module.weight.shape) if quant_type == "weight" else ()
             shape = shape or (1,)
             layer.add_parameter(quant_type + "_scale", torch.ones(shape))
-            if spec.symmetric:
+            if isinstance(spec, FloatSpec):
+                pass  # no zero point
+            elif spec.symmetric:
                 # the symmetric zero point of docs/numerics.md, Choosing scale and zero point: 0 for a signed
                 # range, the middle of an unsigned one
                 zero_point = (spec.quant_min + spec.quant_max + 1) // 2 if spec.quant_min >= 0 else 0
@@ -144,6 +209,13 @@ class LsqQuantizer(Quantizer):
         """LSQ's initial scale ``2 * mean|x| / sqrt(quant_max)`` (per channel along the axis), and an affine
         zero point that puts the minimum of ``x`` (or 0) on ``quant_min``."""
         spec = layer.config.specs[quant_type]
+        if isinstance(spec, FloatSpec):
+            # amax / max: the scale at which nothing saturates
+            parameter = layer.parameter(quant_type + "_scale")
+            parameter.copy_(spec.tensor_scale(x.detach().float()).reshape(parameter.shape))
+            layer.buffer(quant_type + "_observed").fill_(1)
+            layer.observed[quant_type] = True
+            return
         xf, axis = self._view(layer, quant_type, x.detach().float())
         dims = [d for d in range(xf.dim()) if d != axis] if axis is not None else list(range(xf.dim()))
         mean_abs = xf.abs().mean(dim=dims) if dims else xf.abs()
@@ -168,6 +240,8 @@ class LsqQuantizer(Quantizer):
         if not layer.active():
             return x
         spec = layer.config.specs[quant_type]
+        if isinstance(spec, FloatSpec):
+            return self._fake_quant_fp8(layer, quant_type, x, spec)
         view, axis = self._view(layer, quant_type, x)
         # .float(): model.half() casts parameters too, and the op takes an fp32 scale
         scale = layer.parameter(quant_type + "_scale").float().reshape(-1)
@@ -177,6 +251,16 @@ class LsqQuantizer(Quantizer):
             spec.quant_max, lsq_grad_factor(view, spec.quant_max, axis), axis,
         )
         return out.reshape(x.shape)
+
+    def _fake_quant_fp8(self, layer: QuantizedLayer, quant_type: str, x: torch.Tensor,
+                        spec: FloatSpec) -> torch.Tensor:  # fmt: skip
+        axis = spec.granularity.axis_for(x.dim())
+        moved = x.movedim(axis, 0) if axis else x  # per channel: whole rows of the channel-first view
+        # .float(): model.half() casts parameters too, and the op takes an fp32 scale
+        scale = layer.parameter(quant_type + "_scale").float().reshape(-1)
+        grad_factor = lsq_grad_factor(moved, spec.element.max, None if axis is None else 0)
+        out = _LearnedFp8.apply(moved, scale, spec, grad_factor)
+        return out.movedim(0, axis) if axis else out
 
     def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
         return self._fake_quant(layer, "weight", weight)
@@ -189,7 +273,12 @@ class LsqQuantizer(Quantizer):
 
     def update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
         for quant_type in layer.config.quant_types:
-            layer.parameter(quant_type + "_scale").clamp_(min=_MIN_SCALE)
+            spec = layer.config.specs[quant_type]
+            if isinstance(spec, FloatSpec):
+                # the ops' bounds: 1 / scale finite, max * scale finite (fakequant.reference.fp8_scale_from_amax)
+                layer.parameter(quant_type + "_scale").clamp_(min=2.0**-126, max=2.0 ** (126 - spec.element.emax))
+            else:
+                layer.parameter(quant_type + "_scale").clamp_(min=_MIN_SCALE)
 
     # -- export -----------------------------------------------------------------------------------
     def _integer_zero_point(self, layer: QuantizedLayer, quant_type: str) -> torch.Tensor:
@@ -200,13 +289,17 @@ class LsqQuantizer(Quantizer):
     def layer_calibration(self, layer: QuantizedLayer) -> dict:
         record = {}
         for quant_type in layer.config.quant_types:
-            record.update(layer.config.specs[quant_type].calibration_record(quant_type))
+            spec = layer.config.specs[quant_type]
+            record.update(spec.calibration_record(quant_type))
             record[f"{quant_type}_scale"] = layer.parameter(quant_type + "_scale").detach().cpu().clone()
-            record[f"{quant_type}_zero_point"] = self._integer_zero_point(layer, quant_type).cpu()
+            if not isinstance(spec, FloatSpec):
+                record[f"{quant_type}_zero_point"] = self._integer_zero_point(layer, quant_type).cpu()
         return record
 
     def onnx_qdq(self, layer: QuantizedLayer, quant_type: str) -> OnnxQDQ | None:
         spec = layer.config.specs[quant_type]
+        if isinstance(spec, FloatSpec):
+            raise float_format_onnx_error(layer, quant_type)
         constant = quant_type == "weight"
         quant_min, quant_max = onnx_qdq_range(layer.name, quant_type, spec.quant_min, spec.quant_max,
                                               constant=constant)  # fmt: skip

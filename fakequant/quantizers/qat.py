@@ -11,12 +11,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fakequant.bn_fold import ConvBnQAT, find_conv_bn_pairs, fold_conv_bn, unfold_conv_bn
 from fakequant.qdq import OnnxQDQ, onnx_qdq_range
-from fakequant.qparams import PerTensor, QuantSpec
+from fakequant.qparams import FLOAT_QUANT_DTYPES, FloatSpec, PerTensor, QuantSpec
 from fakequant.quantizers.base import QuantizedLayer
 from fakequant.quantizers.config import AlgorithmRules, LayerConfig
 from fakequant.quantizers.ema_range import (
     EmaRangeQuantizer,
     add_minmax_weight_state,
+    float_format_onnx_error,
     minmax_fake_quant_weight,
     observe_weight,
 )
@@ -85,11 +86,20 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
       pair whose BN has its own config entry is not folded. :meth:`export_model` writes the folded float
       weight and bias under the conv's name (no BN entries) and the folded weight's scale and zero point;
       :meth:`unwrap` puts the original conv and BN back.
+    * Float formats (``quant_dtype`` ``'fp8_e4m3'``, ``'fp8_e5m2'``, ``'mxfp8_e4m3'``, ``'mxfp8_e5m2'``,
+      ``'mxfp6_e3m2'``, ``'mxfp6_e2m3'``, ``'mxfp4'``, ``'mxint8'``, ``'nvfp4'``; :class:`fakequant.FloatSpec`):
+      weights on every forward with the scales the op computes from the current weight (FP8 per tensor, per
+      output channel or per block; MX and NVFP4 per block of the input channels, NVFP4's per-tensor scale from the
+      weight); activations with FP8's per-tensor scale and NVFP4's per-tensor scale taken from the EMA-tracked
+      range (``amax / 448``, ``amax / 57344``, ``amax / (6 * 448)``), block scales computed by the op; blocks along
+      the last dimension, ``block_size`` elements (MX 32, NVFP4 16 by default). Convs with a float weight are not
+      BN-folded; no ONNX export.
 
     Args:
         model: the model (modified in place by :meth:`compress`).
         config_list: NNI config dicts; keys ``quant_types``, ``quant_bits`` (2 to 16), ``op_types``,
-            ``op_names``, ``exclude``, ``quant_start_step``, ``quant_scheme``, ``quant_dtype``.
+            ``op_names``, ``exclude``, ``quant_start_step``, ``quant_scheme``, ``quant_dtype``, ``granularity``,
+            ``block_size``.
         optimizer: optional; its ``step()`` advances the step counter.
         dummy_input: example model inputs (NNI's argument), used to find Conv+BN pairs by a forward pass when
             ``torch.fx`` cannot trace the model.
@@ -112,7 +122,7 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
 
     rules = AlgorithmRules(
         name="QAT_Quantizer",
-        keys=("quant_scheme", "quant_dtype", "granularity"),
+        keys=("quant_scheme", "quant_dtype", "granularity", "block_size"),
         quant_types=("weight", "input", "output"),
         min_bits=2,
         max_bits=16,
@@ -122,6 +132,7 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             "input": QuantSpec(signed=False, symmetric=False),
             "output": QuantSpec(signed=False, symmetric=False),
         },
+        float_dtypes=tuple(FLOAT_QUANT_DTYPES),
     )
     exports_onnx_qdq = True
 
@@ -154,8 +165,10 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
     # -- BatchNorm folding ------------------------------------------------------------------------
     def _foldable_conv(self, name: str) -> bool:
         # Per-group weights are not folded: the BN factor is per output channel, the groups split input channels.
+        # Nor float formats: ConvBnQAT fake-quantizes the folded weight to integers.
         config = self.layer_configs.get(name)
         return (config is not None and "weight" in config.quant_types
+                and isinstance(config.specs["weight"], QuantSpec)
                 and config.specs["weight"].granularity.group_size is None)  # fmt: skip
 
     def _check_explicit_pairs(self, pairs: list[tuple[str, str]]) -> None:
@@ -165,6 +178,13 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
                 if name not in modules or not name:
                     raise ValueError(f"QAT_Quantizer: bn_folding pair {(conv_name, bn_name)!r}: {name!r} is not a "
                                      "submodule of the model; allowed: qualified module names")
+            config = self.layer_configs.get(conv_name)
+            if config is not None and isinstance(config.specs.get("weight"), FloatSpec):
+                raise ValueError(
+                    f"QAT_Quantizer: bn_folding pair {(conv_name, bn_name)!r}: {conv_name!r} has a float weight format "
+                    f"({config.specs['weight'].quant_dtype!r}), and BN folding fake-quantizes the folded weight to "
+                    "integers; allowed: convs with an integer weight format"
+                )
             if not self._foldable_conv(conv_name):
                 raise ValueError(
                     f"QAT_Quantizer: bn_folding pair {(conv_name, bn_name)!r}: {conv_name!r} is not configured for "
@@ -248,12 +268,17 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
         for quant_type in layer.config.quant_types:
             if quant_type == "weight" and isinstance(layer.module, ConvBnQAT):
                 continue  # ConvBnQAT keeps the folded weight's scale and zero point itself
+            if quant_type == "weight" and isinstance(layer.config.specs["weight"], FloatSpec):
+                continue  # the op computes a float format's weight scales from the weight on every forward
             if quant_type == "weight":
                 add_minmax_weight_state(layer)
             else:
                 self._add_activation_state(layer, quant_type)
 
     def quantize_weight(self, layer: QuantizedLayer, weight: torch.Tensor) -> torch.Tensor:
+        spec = layer.config.specs["weight"]
+        if isinstance(spec, FloatSpec):
+            return spec.fake_quant(weight) if layer.active() else weight
         return minmax_fake_quant_weight(layer, weight)
 
     def quantize_input(self, layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +287,9 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
     def quantize_output(self, layer: QuantizedLayer, y: torch.Tensor) -> torch.Tensor:
         return self._fake_quant_activation(layer, "output", y)
 
-    def quantize_relu_input(self, layer: QuantizedLayer, relu_input: torch.Tensor) -> torch.Tensor:
+    def quantize_relu_input(self, layer: QuantizedLayer, relu_input: torch.Tensor) -> torch.Tensor | None:
+        if isinstance(layer.config.specs["output"], FloatSpec):
+            return None  # the fused ReLU is an integer op: the ReLU runs, then its output is quantized
         return self._fake_quant_activation(layer, "output", relu_input, relu=True)
 
     def layer_calibration(self, layer: QuantizedLayer) -> dict:
@@ -279,6 +306,8 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
             return super().onnx_qdq(layer, quant_type)
         module = layer.module
         spec = module.weight_spec if isinstance(module, ConvBnQAT) else layer.config.specs["weight"]
+        if isinstance(spec, FloatSpec):
+            raise float_format_onnx_error(layer, quant_type)
         quant_min, quant_max = onnx_qdq_range(layer.name, "weight", spec.quant_min, spec.quant_max, constant=True)
         if isinstance(module, ConvBnQAT):
             if not module._fake_quant_on:
@@ -319,6 +348,13 @@ class QAT_Quantizer(EmaRangeQuantizer):  # noqa: N801  (NNI's name)
                 "weight_scale": calibration["scale"].cpu(),
                 "weight_zero_point": calibration["zero_point"].cpu(),
             })
+            return record
+        spec = layer.config.specs["weight"]
+        if isinstance(spec, FloatSpec):
+            record = spec.calibration_record("weight")
+            scale = spec.tensor_scale(layer.module.parametrizations.weight.original)
+            if scale is not None:  # FP8 per tensor or channel, NVFP4's per-tensor scale; else per block, in the op
+                record["weight_scale"] = scale.cpu()
             return record
         # Recomputed from the current float weight: the exported weights are those after the last step.
         observe_weight(layer, layer.module.parametrizations.weight.original)

@@ -16,7 +16,7 @@ Example (on a GPU; on CPU tensors under ``TRITON_INTERPRET=1`` the same without 
     (tensor([0.0000, 0.1000, 0.7000], device='cuda:0'), tensor([True, True, False], device='cuda:0'))
 """
 
-from fakequant.triton import bn_fold, fake_quant, learnable, observe  # noqa: F401  (registers the kernels)
+from fakequant.triton import bn_fold, fake_quant, float_formats, learnable, observe  # noqa: F401  (registers kernels)
 from fakequant.triton._common import INTERPRETED
 
 __all__ = ["INTERPRETED"]

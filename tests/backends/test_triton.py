@@ -24,6 +24,7 @@ import torch
 
 import fakequant
 from fakequant import _backend, reference
+from fakequant.formats import ELEMENT_FORMATS, MX_SCALE_MODES
 from tests import autograd_reference
 
 if importlib.util.find_spec("triton") is None:
@@ -250,6 +251,44 @@ def test_public_ops_run_triton_forward_and_backward(triton_backend, dtype):
     }
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_float_format_ops_run_triton_forward_and_backward(triton_backend, dtype):
+    gen = torch.Generator().manual_seed(13)
+    x = (torch.randn(2, 3, 4, 32, generator=gen) * 4).to(dtype=dtype, device=DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=gen).to(dtype=dtype, device=DEVICE)
+    block_scale = (torch.rand(x.numel() // 32, generator=gen) * 0.01 + 0.001).to(DEVICE)
+    tensor_scale = torch.tensor([0.005], device=DEVICE)
+    calls = {
+        "fp8_tensor_amax": (fakequant.fake_quant_fp8, autograd_reference.fake_quant_fp8, (None, "e4m3")),
+        "fp8_tensor": (fakequant.fake_quant_fp8, autograd_reference.fake_quant_fp8, (tensor_scale, "e5m2")),
+        "fp8_block_amax": (fakequant.fake_quant_fp8, autograd_reference.fake_quant_fp8, (None, "e4m3", 32)),
+        "fp8_per_block": (fakequant.fake_quant_fp8, autograd_reference.fake_quant_fp8, (block_scale, "e4m3", 32)),
+        "mx_floor": (fakequant.fake_quant_mx, autograd_reference.fake_quant_mx, ("e2m1", 32, "floor")),
+        "mx_rceil_unmasked": (fakequant.fake_quant_mx, autograd_reference.fake_quant_mx,
+                              ("e4m3", 32, "rceil", -1, False)),  # fmt: skip
+        "nvfp4": (fakequant.fake_quant_nvfp4, autograd_reference.fake_quant_nvfp4, ()),
+        "nvfp4_one_level": (fakequant.fake_quant_nvfp4, autograd_reference.fake_quant_nvfp4, (None, False)),
+    }
+    for public, oracle, args in calls.values():
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = public(xa, *args)
+        ref = oracle(xb, *args)
+        assert_bits_equal(out, ref.detach())
+        assert_layout_of(out, x)
+        out.backward(grad)
+        ref.backward(grad)
+        assert_bits_equal(xa.grad, xb.grad)
+
+    assert set(triton_backend) == {
+        "_fp8_amax_kernel",
+        "_fake_quant_fp8_kernel",
+        "_fake_quant_mx_kernel",
+        "_fake_quant_nvfp4_kernel",
+        "_masked_grad_kernel",
+    }
+
+
 def test_observe_range_runs_triton(triton_backend):
     x = torch.randn(3, 70, device=DEVICE)
     state = observe_state(x, None)
@@ -409,8 +448,10 @@ _COMPILE_SCRIPT = """
 import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
-from fakequant.triton import bn_fold as triton_bn_fold, fake_quant as triton_fake_quant
-from fakequant.triton import learnable as triton_learnable, observe as triton_observe
+from fakequant.formats import ELEMENT_FORMATS, MX_SCALE_MODES
+from fakequant.triton import _common as triton_common, bn_fold as triton_bn_fold, fake_quant as triton_fake_quant
+from fakequant.triton import float_formats as triton_float_formats, learnable as triton_learnable
+from fakequant.triton import observe as triton_observe
 
 COMMON = {"out_ptr": "*fp32", "mask_ptr": "*i1", "scale_ptr": "*fp32", "zero_point_ptr": "*i32",
           "n_elements": "i32", "quant_min": "i32", "quant_max": "i32", "WRITE_MASK": "constexpr", "BLOCK": "constexpr",
@@ -443,6 +484,10 @@ LEARNABLE_TYPES = {**{p: "*fp32" for p in ("grad_ptr", "x_ptr", "grad_x_ptr", "s
                    "grad_factor": "fp32", "BLOCK": "constexpr", "STEPS": "constexpr"}
 KERNELS["learnable_backward"] = (triton_learnable._fake_quant_learnable_backward_kernel, LEARNABLE_TYPES, {"STEPS": 2})
 nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+def disassemble(compiled):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"]); f.flush()
+        return subprocess.run([nvdisasm, f.name], capture_output=True, text=True, check=True).stdout
 report = {}
 for name, (kernel, types, extra_constexprs) in KERNELS.items():
     signature = {p: types[p] for p in kernel.arg_names}
@@ -450,10 +495,7 @@ for name, (kernel, types, extra_constexprs) in KERNELS.items():
     constexprs = {p: v for p, v in constexprs.items() if p in kernel.arg_names}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32))
-    ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"]); f.flush()
-        sass = subprocess.run([nvdisasm, f.name], capture_output=True, text=True, check=True).stdout
+    ptx, sass = compiled.asm["ptx"], disassemble(compiled)
     report[name] = {
         "ptx_add_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0f4B000000", ptx)),
         "ptx_sub_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0fCB000000", ptx)),
@@ -512,6 +554,76 @@ ptx = triton.compile(observe_source(triton_observe._observe_range_partial_kernel
 observe["partial"] = {"ptx_offsets_64": len(re.findall(r"setp\\.lt\\.s64", ptx))}
 report["observe_range"] = observe
 
+# The float-format kernels, every constexpr branch (FP8's four scale sources, MX's two scale rules, NVFP4 with and
+# without the per-tensor scale) and FP8's amax kernel, in the tiles the host launches them with. They hold
+# subnormals (inputs, 2^-127 scales, products below 2^-126), so no .ftz anywhere; every division is div.rn.
+def float_types(dtype):
+    return {"x_ptr": "*" + dtype, "out_ptr": "*" + dtype, "mask_ptr": "*i1", "scale_ptr": "*fp32", "p_ptr": "*fp32",
+            "partial_ptr": "*i32", "n_elements": "i32", "n_blocks": "i32", "block_size": "i32", "n_partials": "i32",
+            "tiles_per_program": "i32"}
+FP8_SCALE_MODES = {"block_amax": triton_float_formats._BLOCK_AMAX, "per_block": triton_float_formats._PER_BLOCK,
+                   "tensor": triton_float_formats._TENSOR, "tensor_amax": triton_float_formats._TENSOR_AMAX}
+# {name: (kernel, types beyond float_types, constexprs, divides)}: divides where the spec divides.
+def float_variants():
+    variants = {}
+    for fmt, modes in (("e4m3", tuple(FP8_SCALE_MODES)), ("e5m2", ("block_amax",))):
+        e = ELEMENT_FORMATS[fmt]
+        for mode in modes:
+            # As the host: one scale for the whole tensor walks flat tiles, blocks (of 128 here) get _tile's tile.
+            whole = mode in ("tensor", "tensor_amax")
+            rows, cols = (1, triton_common.BLOCK_SIZE) if whole else triton_float_formats._tile(128)
+            constexprs = dict(MAX=e.max, SCALE_MAX=2.0 ** (126 - e.emax), EMIN=e.emin, EMAX=e.emax, MBITS=e.mbits,
+                              SCALE_MODE=FP8_SCALE_MODES[mode].value, PARTIALS=64, WRITE_MASK=True, ROWS=rows,
+                              COLS=cols)
+            # tensor_amax reads the amax partials' fp32 bits as int32 through scale_ptr.
+            types = {"scale_ptr": "*i32"} if mode == "tensor_amax" else {}
+            variants[f"fp8_{fmt}_{mode}"] = (triton_float_formats._fake_quant_fp8_kernel, types, constexprs, True)
+    variants["fp8_amax"] = (triton_float_formats._fp8_amax_kernel, {}, {"BLOCK": triton_float_formats.AMAX_BLOCK},
+                            False)
+    rows, cols = triton_float_formats._tile(32)
+    for elem in ("e4m3", "int8", "e2m1"):  # an FP8, the integer and an FP4 element: their constants differ
+        e = ELEMENT_FORMATS[elem]
+        for scale_mode in MX_SCALE_MODES:
+            constexprs = dict(MAX=e.max, EMIN=e.emin, EMAX=e.emax, MBITS=e.mbits, RCEIL=scale_mode == "rceil",
+                              WRITE_MASK=True, ROWS=rows, COLS=cols)
+            # floor's scale is a power of two built from the amax's bits: no division.
+            variants[f"mx_{elem}_{scale_mode}"] = (triton_float_formats._fake_quant_mx_kernel, {}, constexprs,
+                                                   scale_mode == "rceil")
+    rows, cols = triton_float_formats._tile(16)
+    for has_p in (False, True):
+        constexprs = dict(HAS_P=has_p, WRITE_MASK=True, ROWS=rows, COLS=cols)
+        name = "nvfp4_per_tensor_scale" if has_p else "nvfp4"
+        variants[name] = (triton_float_formats._fake_quant_nvfp4_kernel, {}, constexprs, True)
+    return variants
+def float_source(kernel, types, constexprs):
+    signature = {p: types.get(p, "constexpr") for p in kernel.arg_names}
+    return triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+# What would change a float kernel's results: flush to zero, divisions other than div.rn, FMAs, min/max.
+def exactness(ptx):
+    return {
+        "ptx_ftz": ptx.count(".ftz"),
+        "ptx_div_rn": ptx.count("div.rn.f32"),
+        "ptx_div_f32": len(re.findall(r"(div|rcp|sqrt)(\\.\\w+)*\\.f32", ptx)),
+        "ptx_fma": len(re.findall(r"fma\\.\\w+\\.f32", ptx)),
+        "ptx_min_max": len(re.findall(r"(min|max)(\\.\\w+)*\\.f32", ptx)),
+    }
+floats = {}
+for name, (kernel, types, constexprs, divides) in float_variants().items():
+    compiled = triton.compile(float_source(kernel, {**float_types("fp32"), **types}, constexprs),
+                              target=GPUTarget("cuda", 80, 32))
+    ptx, sass = compiled.asm["ptx"], disassemble(compiled)
+    floats[name] = {
+        **exactness(ptx),
+        "divides": divides,
+        "rounds": kernel is not triton_float_formats._fp8_amax_kernel,
+        "ptx_add_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0f4B000000", ptx)),
+        "ptx_sub_2_23": len(re.findall(r"add\\.f32\\s+%r\\d+, %r\\d+, 0fCB000000", ptx)),
+        "ptx_offsets_64": len(re.findall(r"setp\\.lt\\.s64", ptx)),
+        "sass_add_abs_2_23": len(re.findall(r"FADD R\\d+, \\|R\\d+\\|(\\.reuse)?, 8388608", sass)),
+        "sass_sub_2_23": len(re.findall(r"FADD R\\d+, R\\d+(\\.reuse)?, -8388608", sass)),
+    }
+report["float_formats"] = floats
+
 # Every kernel, in every dtype, must also build (the interpreter accepts code the compiler rejects).
 def build_all():
     built = []
@@ -547,10 +659,18 @@ def build_all():
                                            constexprs={"BLOCK": 1024, "STEPS": 16})
         triton.compile(source, target=GPUTarget("cuda", 90, 32))
         built.append(f"{kernel.fn.__name__}:{dtype}")
+        # The float-format kernels in every variant, their fp16/bf16 loads and stores checked as sm_80's fp32.
+        for name, (kernel, types, constexprs, _) in float_variants().items():
+            source = float_source(kernel, {**float_types(dtype), **types}, constexprs)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            float_exactness[f"{name}:{dtype}"] = exactness(compiled.asm["ptx"])
+            built.append(f"{name}:{dtype}")
     return built
 
 
+float_exactness = {}
 report["built_for_sm_90"] = build_all()
+report["float_formats_sm_90"] = float_exactness
 print(json.dumps(report))
 """
 
@@ -560,7 +680,8 @@ def test_gpu_build_keeps_exact_arithmetic():
 
     The interpreter runs the kernels' Python with numpy; this checks that the GPU compiler neither folds
     ``(|v| + 2^23) - 2^23`` nor fuses it into an FMA, divides with IEEE rounding and clamps with
-    comparisons (no min/max.f32, which would map NaN to a range end).
+    comparisons (no min/max.f32, which would map NaN to a range end); and that the float-format kernels, which
+    the reference computes with fp32 subnormals, keep them (no .ftz, as numpy under the interpreter).
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(ROOT), FAKEQUANT_DISABLE_EXTENSION="1")
@@ -570,8 +691,27 @@ def test_gpu_build_keeps_exact_arithmetic():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     # 6 element-wise/backward kernels, the two BN-fold ones in both modes, observe_range's two and the learnable
-    # backward; 3 dtypes.
-    assert len(report.pop("built_for_sm_90")) == 11 * 3
+    # backward; the 14 float-format variants (FP8's kernel in its 4 scale modes and E5M2, its amax kernel, MX with
+    # 3 elements in 2 scale modes, NVFP4 with and without P); 3 dtypes.
+    assert len(report.pop("built_for_sm_90")) == (11 + 14) * 3
+    floats = report.pop("float_formats")
+    assert len(floats) == 14
+    for name, counts in floats.items():
+        # Subnormals kept (no flush to zero), IEEE divisions only, no contraction, clamps that keep NaN.
+        assert counts["ptx_ftz"] == 0 and counts["ptx_fma"] == 0 and counts["ptx_min_max"] == 0, (name, counts)
+        assert counts["ptx_div_f32"] == counts["ptx_div_rn"], (name, counts)
+        assert (counts["ptx_div_rn"] > 0) == counts["divides"], (name, counts)
+        # 64-bit offsets: i32 sizes, so a 64-bit compare means the offsets themselves are.
+        assert counts["ptx_offsets_64"] > 0, (name, counts)
+        if counts["rounds"]:
+            assert counts["ptx_add_2_23"] > 0 and counts["ptx_add_2_23"] == counts["ptx_sub_2_23"], (name, counts)
+            assert counts["sass_add_abs_2_23"] == counts["ptx_add_2_23"], (name, counts)
+            assert counts["sass_sub_2_23"] == counts["ptx_sub_2_23"], (name, counts)
+    floats_sm_90 = report.pop("float_formats_sm_90")
+    assert len(floats_sm_90) == 14 * 3
+    for name, counts in floats_sm_90.items():
+        assert counts["ptx_ftz"] == 0 and counts["ptx_fma"] == 0 and counts["ptx_min_max"] == 0, (name, counts)
+        assert counts["ptx_div_f32"] == counts["ptx_div_rn"], (name, counts)
     observe = report.pop("observe_range")
     assert observe.pop("partial")["ptx_offsets_64"] > 0, observe
     for mode, counts in observe.items():
@@ -623,12 +763,30 @@ def test_compile_fullgraph_traces_the_triton_ops():
     compiled = torch.compile(fn, fullgraph=True)
     assert_bits_equal(compiled(x), fn(x))
 
+    # The float-format ops: FP8's two launches (amax partials, then the tensor) and its blocks, MX and NVFP4.
+    xf = torch.randn(4, 3, 64, device="cuda")
+    block_scale = torch.rand(xf.numel() // 32, device="cuda") * 0.01 + 0.001
+    per_tensor_scale = torch.tensor([0.002], device="cuda")
+
+    def floats(x):
+        out, mask = torch.ops.fakequant._triton_fake_quant_fp8(x, None, "e4m3", 0, True)
+        out, _ = torch.ops.fakequant._triton_fake_quant_fp8(out, block_scale, "e5m2", 32, False)
+        out, _ = torch.ops.fakequant._triton_fake_quant_mx(out, "e2m1", 32, "rceil", False)
+        out, _ = torch.ops.fakequant._triton_fake_quant_nvfp4(out, per_tensor_scale, 16, False)
+        return torch.ops.fakequant._triton_masked_grad(out, mask)
+
+    assert_bits_equal(torch.compile(floats, fullgraph=True)(xf), floats(xf))
+
     def public(x):
         return fakequant.fake_quant_per_tensor(x, scale, zero_point, -128, 127) * 2
+
+    def public_floats(x):
+        return fakequant.fake_quant_fp8(x, None, "e4m3", 32) * fakequant.fake_quant_mx(x, "e4m3", 32, "floor")
 
     fakequant.set_backend("triton")
     try:
         assert_bits_equal(torch.compile(public, fullgraph=True)(x), public(x))
+        assert_bits_equal(torch.compile(public_floats, fullgraph=True)(xf), public_floats(xf))
     finally:
         fakequant.set_backend("auto")
 
@@ -663,6 +821,22 @@ def test_opcheck_triton_ops_on_cuda():
         torch.ops.fakequant._triton_bn_fold_fake_quant_weight_backward.default,
         (x, x, gamma, var, 1e-5, channel_scale, channel_zp, -8, 7, True),
     )
+    # The float-format ops in each of their kernels' modes.
+    xf = torch.randn(4, 3, 32, generator=gen).cuda()
+    block_scale = torch.rand(xf.numel() // 16, generator=gen).cuda() * 0.01 + 0.001
+    tensor_scale = torch.tensor([0.005], device="cuda")
+    float_cases = [
+        ("fake_quant_fp8", (xf, None, "e4m3", 0, True)),
+        ("fake_quant_fp8", (xf, tensor_scale, "e5m2", 0, False)),
+        ("fake_quant_fp8", (xf, None, "e5m2", 16, True)),
+        ("fake_quant_fp8", (xf, block_scale, "e4m3", 16, True)),
+        ("fake_quant_mx", (xf, "e4m3", 32, "floor", True)),
+        ("fake_quant_mx", (xf, "e2m1", 16, "rceil", False)),
+        ("fake_quant_nvfp4", (xf, None, 16, True)),
+        ("fake_quant_nvfp4", (xf, tensor_scale, 16, False)),
+    ]
+    for name, args in float_cases:
+        torch.library.opcheck(getattr(torch.ops.fakequant, f"_triton_{name}").default, args)
 
 
 @needs_cuda
@@ -677,16 +851,34 @@ def test_triton_matches_the_cuda_kernels_on_cuda():
     channel_zp = torch.randint(-4, 4, (16,), generator=gen, dtype=torch.int32).cuda()
     weight, gamma, var, eps, w_scale, w_zp = bn_case((6, 3, 3, 3), gen, device=DEVICE)
     keep = x > 0
+    # The float-format ops: blocks of 32 along a last dimension that channels_last makes strided, each row with
+    # its own exponent (subnormal to overflowing), NaN/inf/zeros; one block wider than the kernels' tiles.
+    xf = torch.randn(4, 8, 5, 32, generator=gen) * torch.exp2(torch.randint(-150, 130, (4, 8, 5, 1), generator=gen))
+    xf.view(-1)[: len(NONFINITE)] = torch.tensor(NONFINITE)
+    xf = xf.cuda().contiguous(memory_format=torch.channels_last)
+    wide = (torch.randn(3, 8192, generator=gen) * 100).cuda()
+    block_scale = (torch.rand(xf.numel() // 32, generator=gen) * 0.01 + 0.001).cuda()
+    tensor_scale = torch.tensor([0.005], device="cuda")
     for dtype in FLOATS:
-        xd, wd = x.to(dtype), weight.to(dtype)
-        calls = {
-            "fake_quant_per_tensor": (xd, scale, zero_point, -128, 127, True),
-            "fake_quant_per_channel": (xd, channel_scale, channel_zp, 1, -8, 7, True),
-            "binarize": (xd, True, True),
-            "bn_fold_fake_quant_weight": (wd, gamma, var, eps, w_scale, w_zp, -128, 127, True),
-            "masked_grad": (xd, keep),
-        }
-        for name, args in calls.items():
+        xd, wd, xfd, wided = x.to(dtype), weight.to(dtype), xf.to(dtype), wide.to(dtype)
+        calls = [
+            ("fake_quant_per_tensor", (xd, scale, zero_point, -128, 127, True)),
+            ("fake_quant_per_channel", (xd, channel_scale, channel_zp, 1, -8, 7, True)),
+            ("binarize", (xd, True, True)),
+            ("bn_fold_fake_quant_weight", (wd, gamma, var, eps, w_scale, w_zp, -128, 127, True)),
+            ("masked_grad", (xd, keep)),
+            ("fake_quant_fp8", (xfd, None, "e4m3", 0, True)),
+            ("fake_quant_fp8", (xfd, tensor_scale, "e5m2", 0, True)),
+            ("fake_quant_fp8", (xfd, None, "e5m2", 32, True)),
+            ("fake_quant_fp8", (xfd, block_scale, "e4m3", 32, False)),
+            ("fake_quant_fp8", (xfd, None, "e4m3", xf.numel(), True)),  # one block of whole rows, chunked
+            *[("fake_quant_mx", (xfd, elem, 32, mode, True)) for elem in ELEMENT_FORMATS for mode in MX_SCALE_MODES],
+            ("fake_quant_mx", (wided, "e4m3", 8192, "floor", True)),
+            ("fake_quant_nvfp4", (xfd, None, 16, True)),
+            ("fake_quant_nvfp4", (xfd, tensor_scale, 16, False)),
+            ("fake_quant_nvfp4", (wided, tensor_scale, 8192, True)),
+        ]
+        for name, args in calls:
             results = {}
             for backend in ("cuda", "triton"):
                 fakequant.set_backend(backend)
