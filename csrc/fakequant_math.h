@@ -153,14 +153,21 @@ C10_HOST_DEVICE inline float learnable_grad_terms(float x, float grad, const Qua
 }
 
 // ----------------------------------------------------------------------------------------------
-// Range observation and quantization parameters (the observe_range op). NaN propagates everywhere, as
-// in torch's min/max reductions and clamps, so a NaN in an observed tensor makes its scale NaN and the
-// next fake quantization fails loudly instead of quantizing with a stale range.
+// Range observation and quantization parameters (the observe_range op). The batch range is that of the
+// finite elements ((+inf, -inf) when there is none: no range, which leaves the tracked range as it was), so
+// one non-finite batch does not end a training run; a NaN end (a non-finite fold factor) counts as no range too.
+// A NaN tracked range (not one this op wrote) propagates through choose_qparams, as in torch's clamps.
 // ----------------------------------------------------------------------------------------------
 
-// min/max that return NaN when either operand is NaN.
-C10_HOST_DEVICE inline float nan_min(float a, float b) { return (a != a || a < b) ? a : b; }
-C10_HOST_DEVICE inline float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+// min/max that return NaN when either operand is NaN; a tie (+-0) keeps a, the earlier operand, as torch's
+// scalar min/max reductions do.
+C10_HOST_DEVICE inline float nan_min(float a, float b) { return (a != a || b >= a) ? a : b; }
+C10_HOST_DEVICE inline float nan_max(float a, float b) { return (a != a || b <= a) ? a : b; }
+
+// min/max of an accumulated range end `acc` and a value `v`, neither NaN; a tie (+-0) keeps acc, as torch's
+// scalar min/max reductions keep the earlier element.
+C10_HOST_DEVICE inline float finite_min(float acc, float v) { return v < acc ? v : acc; }
+C10_HOST_DEVICE inline float finite_max(float acc, float v) { return v > acc ? v : acc; }
 
 // The moving average tracked + c * (observed - tracked), rounded after each operation like the
 // reference's separate tensor ops (setup.py compiles with -ffp-contract=off, so no FMA on the host).

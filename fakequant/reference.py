@@ -374,7 +374,9 @@ def fake_quant_learnable_backward(
 def batch_range(
     x: torch.Tensor, axis: int | None = None, fold: torch.Tensor | None = None, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 ``(min, max)`` of ``x`` (per tensor, or per slice along ``axis``); NaN propagates.
+    """The fp32 ``(min, max)`` of ``x``'s finite elements (per tensor, or per slice along ``axis``); NaN and
+    ``±inf`` are left out, and a tensor or slice with no finite element gives ``(+inf, -inf)`` (min > max: no
+    range, which :func:`observe_range` leaves the tracked range unchanged for).
 
     With ``fold`` (1-D, ``x.size(0)`` entries) it is the range of ``x * fold`` broadcast along axis 0,
     computed from the per-channel range of ``x``: rounding is monotonic, so ``min(x) * f`` is exactly
@@ -382,22 +384,32 @@ def batch_range(
     ``relu(x)`` (or ``relu(x * fold)``): ReLU is monotonic too, so that is ``(relu(min), relu(max))``.
     """
     low, high = _batch_range(x.detach(), axis, fold)
-    return (torch.relu(low), torch.relu(high)) if relu else (low, high)
+    if relu:
+        found = low <= high
+        low, high = torch.where(found, torch.relu(low), low), torch.where(found, torch.relu(high), high)
+    return low, high
 
 
 def _batch_range(
     x: torch.Tensor, axis: int | None, fold: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    finite = torch.isfinite(x)
+    for_min, for_max = torch.where(finite, x, inf), torch.where(finite, x, -inf)
     if fold is None and axis is None:
-        return x.amin().float(), x.amax().float()
+        return for_min.amin().float(), for_max.amax().float()
     channel_axis = 0 if axis is None else axis
     # amin + amax: on CPU aminmax(dim=1) is not vectorized (docs/benchmarks.md, Numbers once quoted in code comments).
-    flat = x.movedim(channel_axis, 0).reshape(x.size(channel_axis), -1)
-    low, high = flat.amin(dim=1).float(), flat.amax(dim=1).float()
+    low = for_min.movedim(channel_axis, 0).reshape(x.size(channel_axis), -1).amin(dim=1).float()
+    high = for_max.movedim(channel_axis, 0).reshape(x.size(channel_axis), -1).amax(dim=1).float()
     if fold is not None:
-        low, high = low * fold, high * fold
+        found = low <= high
+        folded_low, folded_high = low * fold, high * fold
         negative = fold < 0
-        low, high = torch.where(negative, high, low), torch.where(negative, low, high)
+        folded_low, folded_high = (torch.where(negative, folded_high, folded_low),
+                                   torch.where(negative, folded_low, folded_high))  # fmt: skip
+        # Channels without a finite element keep (+inf, -inf), whatever their fold factor.
+        low, high = torch.where(found, folded_low, low), torch.where(found, folded_high, high)
         if axis is None:
             low, high = low.amin(), high.amax()
     return low, high
@@ -425,18 +437,21 @@ def observe_range(
     ``averaging_constant == 1`` the batch range replaces it (a first observation, or weights, whose range is
     the current weight's); below 1 it moves towards the batch range: ``tracked + c * (batch - tracked)``
     (torch.ao's moving-average observer; ``c = 1 - decay``). Scale and zero point then follow from the
-    tracked range by :func:`fakequant.qparams.choose_qparams`.
+    tracked range by :func:`fakequant.qparams.choose_qparams`. The batch range is that of the finite elements
+    (:func:`batch_range`): a tensor or channel with none leaves its tracked range as it was.
     """
     axis = check_observe_range_args(
         x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, fold
     )
     with torch.no_grad():
         batch = torch.stack(batch_range(x, axis, fold, relu))
+        old = tracked_range.float()
         if averaging_constant == 1.0:
             tracked = batch
         else:
-            tracked = tracked_range.float()
-            tracked = tracked + (batch - tracked) * averaging_constant
+            tracked = old + (batch - old) * averaging_constant
+        # A tensor or channel without a finite element keeps its tracked range (and so its scale).
+        tracked = torch.where(batch[0] <= batch[1], tracked, old)
         tracked_range.copy_(tracked)
         new_scale, new_zero_point = choose_qparams(tracked[0], tracked[1], quant_min, quant_max, symmetric)
         scale.copy_(new_scale.reshape(scale.shape))
@@ -569,7 +584,11 @@ def nvfp4_per_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     """The per-tensor scale NVFP4 computes when none is given: ``amax(|x|) / (6 * 448)`` (torchao's
     ``per_tensor_amax_to_scale``), floored at 2^-120 so that an all-zero tensor gives zeros and ``(1 / P) / s``
     stays finite for the smallest block scale ``s = 2^-6``."""
-    amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+    if x.numel() == 0:
+        amax = torch.zeros((), device=x.device)
+    else:  # max(-min, max) is amax(|x|) (NaN included) in one read of x, where abs() would write a copy first
+        low, high = torch.aminmax(x)
+        amax = torch.maximum(-low, high).float()
     return torch.clamp(_divide(amax, _E2M1.max * _E4M3.max), min=NVFP4_SMALLEST_PER_TENSOR_SCALE).reshape(1)
 
 

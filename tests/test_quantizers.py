@@ -617,6 +617,25 @@ def test_resume_mid_training_continues_exactly(tmp_path):
     assert quantizer.steps == 8
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_with_a_non_finite_range_is_refused_before_loading(bad):
+    """A range saved after a fault (a non-finite batch) would break every later step: load_state_dict names the
+    buffer and copies nothing."""
+    model, opt, _ = make_qat()
+    train(model, opt, batches(2))
+    state = model.state_dict()
+    state["relu2.fakequant_output_range"] = state["relu2.fakequant_output_range"].clone()
+    state["relu2.fakequant_output_range"][1] = bad
+    fresh, _, _ = make_qat(seed=7)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"QAT_Quantizer: the checkpoint's relu2.fakequant_output_range holds "
+                                         r"non-finite values \((nan|inf)\)"):  # fmt: skip
+        fresh.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    del state["relu2.fakequant_output_range"]
+    fresh.load_state_dict(state, strict=False)  # without the bad entry the rest loads
+
+
 # ------------------------------------------------------------------------------------------------
 # Export
 # ------------------------------------------------------------------------------------------------

@@ -46,6 +46,51 @@ void apply_float(const float* x, float* out, bool* mask, int64_t len, BlockScale
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// float_format_value on a vector, the same operations in the same order (so bit for bit the scalar's): the
+// powers of two 2^(mbits - e) and 2^(e - mbits) come from the exponent bits of the clamped value, e raised to emin
+// with an integer max, as round_to_element builds them.
+constexpr bool kVectorFormats = true;
+
+struct VecFormat {
+  Vec neg_max, max;
+  int32_t min_exponent_bits;  // (emin + 127) << 23
+  int32_t up_bits;            // (mbits + 254) << 23: minus the exponent bits, those of 2^(mbits - e)
+  int32_t mbits_bits;         // mbits << 23: subtracted from the exponent bits, those of 2^(e - mbits)
+
+  explicit VecFormat(const ElementFormat& f)
+      : neg_max(-f.max),
+        max(f.max),
+        min_exponent_bits(static_cast<int32_t>(static_cast<uint32_t>(f.emin + 127) << 23)),
+        up_bits(static_cast<int32_t>(static_cast<uint32_t>(f.mbits + 254) << 23)),
+        mbits_bits(static_cast<int32_t>(static_cast<uint32_t>(f.mbits) << 23)) {}
+
+  template <bool kMask, bool kDivide>
+  inline Vec apply(const Vec& x, const Vec& a, const Vec& b, Vec& mask) const {
+    const Vec v = kDivide ? x / a : x * a;
+    if constexpr (kMask) mask = (v >= neg_max) & (v <= max);
+    // clamp_keep_nan: the comparisons are false for NaN, which stays.
+    const Vec c = Vec::blendv(Vec::blendv(v, neg_max, v < neg_max), max, v > max);
+    Vec up, down;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i e = _mm512_max_epi32(
+        _mm512_and_si512(_mm512_castps_si512(c), _mm512_set1_epi32(0x7F800000)), _mm512_set1_epi32(min_exponent_bits));
+    up = _mm512_castsi512_ps(_mm512_sub_epi32(_mm512_set1_epi32(up_bits), e));
+    down = _mm512_castsi512_ps(_mm512_sub_epi32(e, _mm512_set1_epi32(mbits_bits)));
+#else
+    const __m256i e = _mm256_max_epi32(
+        _mm256_and_si256(_mm256_castps_si256(c), _mm256_set1_epi32(0x7F800000)), _mm256_set1_epi32(min_exponent_bits));
+    up = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(up_bits), e));
+    down = _mm256_castsi256_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(mbits_bits)));
+#endif
+    return ((c * up).round() * down) * b;
+  }
+};
+#else
+// The baseline build keeps the compiler-vectorized loops of apply_float.
+constexpr bool kVectorFormats = false;
+#endif
+
 // fp16/bf16 <-> fp32 through a buffer of kFloatTile floats (a multiple of the reduced-float vector length).
 template <typename T>
 void load_floats(const T* src, float* dst, int64_t len) {
@@ -69,9 +114,83 @@ void store_floats(const float* src, T* dst, int64_t len) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The last len < kVec elements of a run: fp32 through apply_float, fp16/bf16 converted with the vectors' own
+// conversions (so that a NaN comes out with the same bits as in the vector body).
+template <typename T, bool kMask, bool kDivide>
+void apply_tail(const T* x, T* out, bool* mask, int64_t len, BlockScale p, const ElementFormat& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    apply_float<kMask, kDivide>(x, out, mask, len, p, f);
+  } else {
+    alignas(64) float in[2 * kVec];
+    alignas(64) float result[2 * kVec];
+    load_floats(x, in, len);
+    apply_float<kMask, kDivide>(in, result, mask, len, p, f);
+    store_floats(result, out, len);
+  }
+}
+
+// A run of len elements that share a BlockScale, converted to and from fp32 in registers.
+template <typename T, bool kMask, bool kDivide>
+void apply_uniform(const T* x, T* out, bool* mask, int64_t len, BlockScale p, const VecFormat& vf,
+                   const ElementFormat& f) {
+  const Vec a(p.a), b(p.b);
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    Vec v[4], m[4];
+    BlockIO<T>::load(x + i, v);
+    for (int k = 0; k < 4; ++k) v[k] = vf.apply<kMask, kDivide>(v[k], a, b, m[k]);
+    BlockIO<T>::store(out + i, v);
+    if constexpr (kMask) store_mask(mask + i, m);
+  }
+  for (; i + kVec <= len; i += kVec) {
+    Vec m;
+    VectorIO<T>::store(out + i, vf.apply<kMask, kDivide>(VectorIO<T>::load(x + i), a, b, m));
+    if constexpr (kMask) store_mask_vector(mask + i, m);
+  }
+  if (i < len) apply_tail<T, kMask, kDivide>(x + i, out + i, kMask ? mask + i : nullptr, len - i, p, f);
+}
+
+// count blocks of size elements (a multiple of kVec), block g scaled by a[g], b[g]. kLen > 0 (the size, fixed at
+// compile time) takes 4 vectors at a time across blocks; otherwise block by block.
+template <int64_t kLen, typename T, bool kMask, bool kDivide>
+void apply_blocks(const T* x, T* out, bool* mask, int64_t count, int64_t size, const float* a, const float* b,
+                  const VecFormat& vf, const ElementFormat& f) {
+  if constexpr (kLen > 0 && kLen % kVec == 0) {
+    const int64_t len = count * kLen;
+    int64_t i = 0;
+    for (; i + kBlock <= len; i += kBlock) {
+      Vec v[4], m[4];
+      BlockIO<T>::load(x + i, v);
+      for (int k = 0; k < 4; ++k) {
+        const int64_t g = (i + k * kVec) / kLen;
+        v[k] = vf.apply<kMask, kDivide>(v[k], Vec(a[g]), Vec(b[g]), m[k]);
+      }
+      BlockIO<T>::store(out + i, v);
+      if constexpr (kMask) store_mask(mask + i, m);
+    }
+    for (; i < len; i += kVec) {
+      const int64_t g = i / kLen;
+      Vec m;
+      VectorIO<T>::store(out + i, vf.apply<kMask, kDivide>(VectorIO<T>::load(x + i), Vec(a[g]), Vec(b[g]), m));
+      if constexpr (kMask) store_mask_vector(mask + i, m);
+    }
+  } else {
+    for (int64_t g = 0; g < count; ++g) {
+      const int64_t o = g * size;
+      apply_uniform<T, kMask, kDivide>(x + o, out + o, kMask ? mask + o : nullptr, size, BlockScale{a[g], b[g]},
+                                       vf, f);
+    }
+  }
+}
+#endif
+
 // One stretch of elements that share a BlockScale.
 template <typename T, bool kMask, bool kDivide>
 void apply_segment(const T* x, T* out, bool* mask, int64_t len, BlockScale p, const ElementFormat& f) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  apply_uniform<T, kMask, kDivide>(x, out, mask, len, p, VecFormat(f), f);
+#else
   if constexpr (std::is_same_v<T, float>) {
     apply_float<kMask, kDivide>(x, out, mask, len, p, f);
   } else {
@@ -85,6 +204,7 @@ void apply_segment(const T* x, T* out, bool* mask, int64_t len, BlockScale p, co
       store_floats(result, out + i, count);
     }
   }
+#endif
 }
 
 // The magnitude bits (magnitude_bits) of the amax of x[0, len): an unsigned max over the elements' own bits with
@@ -154,17 +274,24 @@ void batch_scales(const uint32_t* amax, float* a, float* b, int64_t count, const
   }
 }
 
-// Each block of [0, len) of fp32 values (len a multiple of the block size): its amax, then its values while it is
-// in cache; or, with scales given (one per block of this range), its values. kLen > 0 fixes the block size at
-// compile time (MX's 32, NVFP4's 16), so that each block is a few whole vectors instead of a loop too short for the
-// vectorized body.
-template <int64_t kLen, bool kMask, bool kDivide>
-void fused_blocks(const float* x, float* out, bool* mask, int64_t len, int64_t block_size, const FloatQuantSpec& spec,
+// Blocks of at least this many elements get their scale one at a time, right after their amax (a few divisions
+// are then a small part of a block's work), and their values while the block is in cache.
+constexpr int64_t kLargeBlock = 1024;
+
+// Each block of [0, len) (len a multiple of the block size): its amax, then its values while it is in cache; or,
+// with scales given (one per block of this range), its values. kLen > 0 fixes the block size at compile time
+// (MX's 32, NVFP4's 16), so that each block is a few whole vectors instead of a loop too short for the vectorized
+// body. T is fp32, or fp16/bf16 with a block size that is a multiple of kVec in the vectorized builds.
+template <int64_t kLen, typename T, bool kMask, bool kDivide>
+void fused_blocks(const T* x, T* out, bool* mask, int64_t len, int64_t block_size, const FloatQuantSpec& spec,
                   const float* scales) {
   const int64_t size = kLen > 0 ? kLen : block_size;
   uint32_t amax[kScaleBatch];
   alignas(64) float a[kScaleBatch];
   alignas(64) float b[kScaleBatch];
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  const VecFormat vf(spec.element);
+#endif
   for (int64_t start = 0; start < len; start += kScaleBatch * size) {
     const int64_t count = std::min(kScaleBatch, (len - start) / size);
     if (spec.kind != FloatScaleKind::kGiven) {
@@ -179,10 +306,17 @@ void fused_blocks(const float* x, float* out, bool* mask, int64_t len, int64_t b
       case FloatScaleKind::kNvfp4: batch_scales<FloatScaleKind::kNvfp4>(amax, a, b, count, spec); break;
       default: batch_scales<FloatScaleKind::kFp8>(amax, a, b, count, spec); break;
     }
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if (size % kVec == 0) {
+      apply_blocks<kLen, T, kMask, kDivide>(x + start, out + start, kMask ? mask + start : nullptr, count, size, a,
+                                            b, vf, spec.element);
+      continue;
+    }
+#endif
     for (int64_t g = 0; g < count; ++g) {
       const int64_t o = start + g * size;
-      apply_float<kMask, kDivide>(x + o, out + o, kMask ? mask + o : nullptr, size, BlockScale{a[g], b[g]},
-                                  spec.element);
+      apply_segment<T, kMask, kDivide>(x + o, out + o, kMask ? mask + o : nullptr, size, BlockScale{a[g], b[g]},
+                                       spec.element);
     }
   }
 }
@@ -191,12 +325,11 @@ void fused_blocks(const float* x, float* out, bool* mask, int64_t len, int64_t b
 template <int64_t kLen, typename T, bool kMask, bool kDivide>
 void fused_range(const T* x, T* out, bool* mask, int64_t first, int64_t last, int64_t block_size,
                  const FloatQuantSpec& spec, const float* scales) {
-  if constexpr (std::is_same_v<T, float>) {
-    const int64_t o = first * block_size;
-    fused_blocks<kLen, kMask, kDivide>(x + o, out + o, kMask ? mask + o : nullptr, (last - first) * block_size,
-                                       block_size, spec, scales != nullptr ? scales + first : nullptr);
-  } else if (block_size > kFloatTile) {
-    // Blocks larger than a tile: the amax from the elements' own bits, then the values converted tile by tile.
+  // The vectorized builds convert fp16/bf16 in registers when a block is whole vectors; the baseline build and
+  // other block sizes convert whole blocks a tile at a time.
+  const bool direct = std::is_same_v<T, float> || (kVectorFormats && block_size % kVec == 0);
+  if (block_size > kFloatTile || (kVectorFormats && direct && block_size >= kLargeBlock)) {
+    // Each block's amax from the elements' own bits, then its values.
     for (int64_t b = first; b < last; ++b) {
       const int64_t o = b * block_size;
       const BlockScale p = scales != nullptr
@@ -204,7 +337,11 @@ void fused_range(const T* x, T* out, bool* mask, int64_t first, int64_t last, in
                                : block_scale_from_amax(bits_float(amax_bits(x + o, block_size)), spec);
       apply_segment<T, kMask, kDivide>(x + o, out + o, kMask ? mask + o : nullptr, block_size, p, spec.element);
     }
-  } else {
+  } else if (direct) {
+    const int64_t o = first * block_size;
+    fused_blocks<kLen, T, kMask, kDivide>(x + o, out + o, kMask ? mask + o : nullptr, (last - first) * block_size,
+                                          block_size, spec, scales != nullptr ? scales + first : nullptr);
+  } else if constexpr (!std::is_same_v<T, float>) {
     // Whole blocks converted a tile at a time.
     alignas(64) float in[kFloatTile];
     alignas(64) float result[kFloatTile];
@@ -213,8 +350,8 @@ void fused_range(const T* x, T* out, bool* mask, int64_t first, int64_t last, in
       const int64_t o = b * block_size;
       const int64_t count = std::min(tile_blocks, last - b) * block_size;
       load_floats(x + o, in, count);
-      fused_blocks<kLen, kMask, kDivide>(in, result, kMask ? mask + o : nullptr, count, block_size, spec,
-                                         scales != nullptr ? scales + b : nullptr);
+      fused_blocks<kLen, float, kMask, kDivide>(in, result, kMask ? mask + o : nullptr, count, block_size, spec,
+                                                scales != nullptr ? scales + b : nullptr);
       store_floats(result, out + o, count);
     }
   }

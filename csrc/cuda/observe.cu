@@ -1,5 +1,5 @@
-// CUDA kernels of observe_range: per-channel min/max partials of a dense tensor, then one thread per
-// output entry that combines them, applies the BN fold factor, the ReLU, the moving average and
+// CUDA kernels of observe_range: per-channel min/max partials of the finite elements of a dense tensor, then
+// one thread per output entry that combines them, applies the BN fold factor, the ReLU, the moving average and
 // choose_qparams (fakequant_math.h, the functions the CPU op runs). Host side: ops/observe.cpp.
 #include <cmath>
 
@@ -11,11 +11,12 @@ namespace fakequant {
 namespace cuda {
 namespace {
 
+// lo / hi are never NaN here (the partials skip non-finite elements), so plain comparisons combine them.
 __device__ __forceinline__ void block_minmax(float& lo, float& hi, float* shared_lo, float* shared_hi) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
-    lo = nan_min(lo, __shfl_down_sync(0xffffffffu, lo, offset));
-    hi = nan_max(hi, __shfl_down_sync(0xffffffffu, hi, offset));
+    lo = finite_min(lo, __shfl_down_sync(0xffffffffu, lo, offset));
+    hi = finite_max(hi, __shfl_down_sync(0xffffffffu, hi, offset));
   }
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -29,15 +30,15 @@ __device__ __forceinline__ void block_minmax(float& lo, float& hi, float* shared
   if (warp == 0) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) {
-      lo = nan_min(lo, __shfl_down_sync(0xffffffffu, lo, offset));
-      hi = nan_max(hi, __shfl_down_sync(0xffffffffu, hi, offset));
+      lo = finite_min(lo, __shfl_down_sync(0xffffffffu, lo, offset));
+      hi = finite_max(hi, __shfl_down_sync(0xffffffffu, hi, offset));
     }
   }
   __syncthreads();  // the shared arrays are reused by the block's next work item
 }
 
-// Block b reduces split b % splits of channel b / splits; its min goes to partial[b], its max to
-// partial[channels * splits + b].
+// Block b reduces split b % splits of channel b / splits over its finite elements; its min goes to partial[b],
+// its max to partial[channels * splits + b] ((+inf, -inf) when it has none).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     minmax_partial_kernel(const scalar_t* __restrict__ x, AxisLayout layout, int64_t per_channel, int64_t splits,
@@ -53,8 +54,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k = begin + threadIdx.x; k < end; k += blockDim.x) {
       const int64_t o = divide(k, layout.inner);
       const float v = static_cast<float>(x[(o * layout.channels + c) * layout.inner + (k - o * layout.inner)]);
-      lo = nan_min(lo, v);
-      hi = nan_max(hi, v);
+      if (fabsf(v) < INFINITY) {  // NaN and +-inf are left out of the range
+        lo = finite_min(lo, v);
+        hi = finite_max(hi, v);
+      }
     }
     block_minmax(lo, hi, shared_lo, shared_hi);
     if (threadIdx.x == 0) {
@@ -86,10 +89,11 @@ __global__ void __launch_bounds__(kThreads) observe_finalize_kernel(ObserveArgs 
     for (int64_t c = first; c < last; ++c) {
       float channel_lo = INFINITY, channel_hi = -INFINITY;
       for (int64_t s = 0; s < args.splits; ++s) {
-        channel_lo = nan_min(channel_lo, args.partial[c * args.splits + s]);
-        channel_hi = nan_max(channel_hi, args.partial[items + c * args.splits + s]);
+        channel_lo = finite_min(channel_lo, args.partial[c * args.splits + s]);
+        channel_hi = finite_max(channel_hi, args.partial[items + c * args.splits + s]);
       }
-      if (args.fold != nullptr) {
+      // A channel without a finite element keeps (+inf, -inf), whatever its fold factor (inf * 0 is NaN).
+      if (args.fold != nullptr && channel_lo <= channel_hi) {
         // Rounding is monotonic: min(w) * f is min(w * f) for f >= 0; a negative f swaps the ends.
         const float f = args.fold[c];
         const float a = channel_lo * f, b = channel_hi * f;
@@ -99,13 +103,18 @@ __global__ void __launch_bounds__(kThreads) observe_finalize_kernel(ObserveArgs 
       lo = nan_min(lo, channel_lo);
       hi = nan_max(hi, channel_hi);
     }
-    if (args.relu) {
+    // lo > hi, or a NaN end (a NaN fold factor): no range, and the tracked range (so the scale) stays.
+    const bool has_range = lo <= hi;
+    if (args.relu && has_range) {
       // ReLU is monotonic, so relu(x)'s range is the relu of x's ends; after the fold, since the ReLU
       // takes x * fold. The batch range only: the moving average moves the tracked range towards it.
       lo = relu_value(lo);
       hi = relu_value(hi);
     }
-    if (!args.replace) {
+    if (!has_range) {
+      lo = load(args.tracked_min, i);
+      hi = load(args.tracked_max, i);
+    } else if (!args.replace) {
       lo = moving_average(load(args.tracked_min, i), lo, args.averaging_constant);
       hi = moving_average(load(args.tracked_max, i), hi, args.averaging_constant);
     }

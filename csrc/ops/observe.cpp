@@ -38,7 +38,7 @@ void store_floats(const at::Tensor& target, const std::vector<float>& values) {
   target.copy_(source);
 }
 
-// Zero points arrive as fp32 integral values; NaN (a NaN range) becomes INT32_MIN as the reference's
+// Zero points arrive as fp32 integral values; NaN (a NaN tracked range) becomes INT32_MIN as the reference's
 // float-to-int32 conversion gives on x86, and is rejected by the next fake quantization's checks.
 void store_zero_points(const at::Tensor& target, const std::vector<float>& values) {
   std::vector<int32_t> ints(values.size());
@@ -65,15 +65,20 @@ void observe_range_cpu(const at::Tensor& x, const at::Tensor& tracked_range, con
   const int64_t run = channels == 1 ? xd.numel() : xd.stride(*channel_axis);
   std::vector<float> lo(channels), hi(channels);
   minmax_stub(xd.scalar_type(), xd.const_data_ptr(), xd.numel(), run, channels, lo.data(), hi.data());
+  // A channel (or tensor) without a finite element has no range, lo > hi: (+inf, -inf).
+  const auto has_range = [](float low, float high) { return low <= high; };
   if (fold.has_value()) {
     const std::vector<float> f = to_float_vector(*fold);
     for (int64_t c = 0; c < channels; ++c) {
+      // No range stays (+inf, -inf), whatever the factor (inf * 0 would be NaN).
+      if (!has_range(lo[c], hi[c])) continue;
       const float a = lo[c] * f[c], b = hi[c] * f[c];
       const bool negative = f[c] < 0.0f;
       lo[c] = negative ? b : a;
       hi[c] = negative ? a : b;
     }
     if (!axis.has_value()) {
+      // Channels without a range drop out: their +inf / -inf never win.
       for (int64_t c = 1; c < channels; ++c) {
         lo[0] = nan_min(lo[0], lo[c]);
         hi[0] = nan_max(hi[0], hi[c]);
@@ -83,22 +88,27 @@ void observe_range_cpu(const at::Tensor& x, const at::Tensor& tracked_range, con
     }
   }
   if (relu) {
-    // ReLU is monotonic: the range of relu(x) is that of x through ReLU.
+    // ReLU is monotonic: the range of relu(x) is that of x through ReLU (no range stays no range).
     for (size_t i = 0; i < lo.size(); ++i) {
+      if (!has_range(lo[i], hi[i])) continue;
       lo[i] = relu_value(lo[i]);
       hi[i] = relu_value(hi[i]);
     }
   }
   const size_t count = lo.size();
   // tracked_range is [min..., max...]: row 0 the minima, row 1 the maxima.
+  const std::vector<float> old = to_float_vector(tracked_range);
   std::vector<float> tracked(2 * count);
-  if (averaging_constant == 1.0) {
-    std::copy(lo.begin(), lo.end(), tracked.begin());
-    std::copy(hi.begin(), hi.end(), tracked.begin() + count);
-  } else {
-    const std::vector<float> old = to_float_vector(tracked_range);
-    const float c = static_cast<float>(averaging_constant);
-    for (size_t i = 0; i < count; ++i) {
+  const float c = static_cast<float>(averaging_constant);
+  for (size_t i = 0; i < count; ++i) {
+    if (!has_range(lo[i], hi[i])) {
+      // No finite element (or a NaN end from a NaN fold factor): the tracked range, and so the scale, stay.
+      tracked[i] = old[i];
+      tracked[count + i] = old[count + i];
+    } else if (averaging_constant == 1.0) {
+      tracked[i] = lo[i];
+      tracked[count + i] = hi[i];
+    } else {
       tracked[i] = moving_average(old[i], lo[i], c);
       tracked[count + i] = moving_average(old[count + i], hi[i], c);
     }

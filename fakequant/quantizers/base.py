@@ -129,6 +129,10 @@ class QuantizedLayer:
     def buffer(self, name: str) -> torch.Tensor:
         return self.module._buffers[BUFFER_PREFIX + name]
 
+    def state_names(self) -> list[str]:
+        """The module attribute names of the layer's buffers and parameters (``fakequant_*``)."""
+        return [*self._buffer_names, *self._parameter_names]
+
     def sync_from_buffers(self) -> None:
         """Refreshes the Python mirrors after a state_dict was loaded."""
         for quant_type in self.observed:
@@ -344,6 +348,7 @@ class Quantizer(abc.ABC):
         self.device = tensors[0].device if tensors else torch.device("cpu")
         model.register_buffer(STEP_BUFFER, torch.tensor(self._step, dtype=torch.int64, device=self.device))
         self._wrap_modules()
+        self._handles.append(model.register_load_state_dict_pre_hook(self._before_load))
         self._handles.append(model.register_load_state_dict_post_hook(self._after_load))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_post_hook(lambda *_: self.step()))
@@ -400,6 +405,23 @@ class Quantizer(abc.ABC):
     def update_layer_on_step(self, layer: QuantizedLayer, step: int) -> None:
         """Hook: per-layer work after a step (BNN clamps its weights here). Nothing by default."""
         return None
+
+    def _before_load(self, module: nn.Module, state_dict, prefix: str, *_args) -> None:
+        """Refuses a checkpoint whose quantizer state holds NaN or inf, before anything is copied: a scale, range
+        or learned step that fakequant wrote is finite, so such a value was saved after a fault (a non-finite
+        batch) and would break every later step (docs/numerics.md, Non-finite inputs)."""
+        for layer in self.layers.values():
+            for full in layer.state_names():
+                key = prefix + (layer.name + "." if layer.name else "") + full
+                value = state_dict.get(key)
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+                    bad = value.flatten()[~value.flatten().isfinite()][0].item()
+                    raise ValueError(
+                        f"{type(self).__name__}: the checkpoint's {key} holds non-finite values "
+                        f"({bad}); the quantizer's scales and ranges "
+                        "are finite, so it was saved after a fault corrupted them: load an earlier checkpoint, or "
+                        "drop the quantizer state from this one (strict=False) so that it is observed again"
+                    )
 
     def _after_load(self, module: nn.Module, incompatible_keys) -> None:
         self._step = int(self.bound_model._buffers[STEP_BUFFER].item())

@@ -57,9 +57,9 @@ def _nan_max(a, b):
 def _nan_min_max_rows(lo, hi):
     """Per-row ``(min(lo), max(hi))`` of 2-D ``lo``/``hi``; a NaN anywhere in a row gives NaN.
 
-    ``tl.min``/``tl.max`` do not promise to propagate NaN (on a GPU they may return the other operand), so
-    NaN is counted separately and the reduction sees +-inf in its place. (lo and hi are flagged apart:
-    after a fold, ``0 * inf`` can make one end of a channel NaN and not the other.)
+    Only folded channel ranges can hold NaN (a NaN or infinite fold factor), and torch's ``amin`` over them (the
+    reference's) propagates it. ``tl.min``/``tl.max`` do not promise to (on a GPU they may return the other
+    operand), so NaN is counted separately and the reduction sees +-inf in its place.
     """
     lo_nan = tl.max((lo != lo).to(tl.int32), axis=1) > 0
     hi_nan = tl.max((hi != hi).to(tl.int32), axis=1) > 0
@@ -99,11 +99,13 @@ def _observe_range_partial_kernel(
         offsets = (outer[None, :] * channels + c[:, None]) * run + (k - outer * run)[None, :]
         in_bounds = c_in[:, None] & (k < k_end)[None, :]
         v = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        # _nan_min/_nan_max written out: a jit helper call is slow under the interpreter.
-        is_nan = v != v
-        lo = tl.where(in_bounds & (is_nan | (v < lo)), v, lo)
-        hi = tl.where(in_bounds & (is_nan | (v > hi)), v, hi)
-    row_lo, row_hi = _nan_min_max_rows(lo, hi)
+        # Only finite elements count (NaN fails both comparisons): a lane that sees none keeps (+inf, -inf).
+        counted = in_bounds & (v > float("-inf")) & (v < float("inf"))
+        lo = tl.where(counted & (v < lo), v, lo)
+        hi = tl.where(counted & (v > hi), v, hi)
+    # NaN-free, so the plain reductions are exact; a channel without a finite element gives (+inf, -inf).
+    row_lo = tl.min(lo, axis=1)
+    row_hi = tl.max(hi, axis=1)
     # Channel c's partials are contiguous: minima at c * splits + split, maxima channels * splits further.
     out = c * splits + split
     tl.store(partial_ptr + out, row_lo, mask=c_in)
@@ -131,17 +133,20 @@ def _channel_ranges(
         index = c[:, None] * splits + s[None, :]
         a = tl.load(partial_ptr + index, mask=in_bounds, other=float("inf"))
         b = tl.load(partial_ptr + channels * splits + index, mask=in_bounds, other=float("-inf"))
-        lo = tl.where((a != a) | (a < lo), a, lo)  # _nan_min, written out as in the partial kernel
-        hi = tl.where((b != b) | (b > hi), b, hi)
-    lo, hi = _nan_min_max_rows(lo, hi)
+        lo = tl.where(a < lo, a, lo)  # the partials hold no NaN
+        hi = tl.where(b > hi, b, hi)
+    lo = tl.min(lo, axis=1)
+    hi = tl.max(hi, axis=1)
     if HAS_FOLD:
         # Rounding is monotonic: min(w) * f is min(w * f) for f >= 0; a negative f swaps the ends.
         f = tl.load(fold_ptr + c, mask=c_in, other=1.0)
         a = lo * f
         b = hi * f
         negative = f < 0.0
-        lo = tl.where(negative, b, a)
-        hi = tl.where(negative, a, b)
+        # A channel without a finite element keeps (+inf, -inf) whatever its factor (inf * 0 would be NaN).
+        found = lo <= hi
+        lo = tl.where(found, tl.where(negative, b, a), lo)
+        hi = tl.where(found, tl.where(negative, a, b), hi)
     return lo, hi
 
 
@@ -200,23 +205,29 @@ def _observe_range_finalize_kernel(
         hi = tl.broadcast_to(tensor_hi, [BLOCK_E])
     else:
         lo, hi = _channel_ranges(partial_ptr, fold_ptr, e, e_in, channels, splits, HAS_FOLD, BLOCK_E, BLOCK_S)
+    # A batch range with min <= max came from finite elements; (+inf, -inf) (no finite element) or NaN (a
+    # non-finite fold factor) is no range, and leaves the tracked range as it was.
+    found = lo <= hi
     if RELU:
         # ReLU is monotonic, so relu(min) and relu(max) are the ends of relu(x)'s range. As torch.relu (the
-        # reference's): negatives and -inf become +0, NaN stays NaN and -0.0 stays -0.0 (a comparison, not
-        # tl.maximum, which may drop NaN on a GPU).
-        lo = tl.where(lo < 0.0, 0.0, lo)
-        hi = tl.where(hi < 0.0, 0.0, hi)
+        # reference's): negatives become +0 and -0.0 stays -0.0 (a comparison, not tl.maximum).
+        lo = tl.where(found & (lo < 0.0), 0.0, lo)
+        hi = tl.where(found & (hi < 0.0), 0.0, hi)
 
     min_ptr = tracked_ptr + e * tracked_entry_stride
     max_ptr = min_ptr + tracked_row_stride
+    old_lo = tl.load(min_ptr, mask=e_in, other=0.0).to(tl.float32)
+    old_hi = tl.load(max_ptr, mask=e_in, other=0.0).to(tl.float32)
     if not REPLACE:
-        lo = _moving_average(tl.load(min_ptr, mask=e_in, other=0.0).to(tl.float32), lo, averaging_constant)
-        hi = _moving_average(tl.load(max_ptr, mask=e_in, other=0.0).to(tl.float32), hi, averaging_constant)
-    tl.store(min_ptr, to_dtype(lo, tracked_ptr.dtype.element_ty), mask=e_in)
-    tl.store(max_ptr, to_dtype(hi, tracked_ptr.dtype.element_ty), mask=e_in)
+        lo = _moving_average(old_lo, lo, averaging_constant)
+        hi = _moving_average(old_hi, hi, averaging_constant)
+    lo = tl.where(found, lo, old_lo)
+    hi = tl.where(found, hi, old_hi)
+    tl.store(min_ptr, to_dtype(lo, tracked_ptr.dtype.element_ty), mask=e_in & found)
+    tl.store(max_ptr, to_dtype(hi, tracked_ptr.dtype.element_ty), mask=e_in & found)
 
     # choose_qparams (docs/numerics.md, Choosing scale and zero point) on the fp32 range, operation by operation,
-    # NaN propagating.
+    # NaN propagating (a NaN tracked range the batch left unchanged).
     min_neg = tl.where((lo != lo) | (lo < 0.0), lo, 0.0)
     max_pos = tl.where((hi != hi) | (hi > 0.0), hi, 0.0)
     if SYMMETRIC:
@@ -273,9 +284,10 @@ def observe_range_triton(
 ) -> None:
     """Triton ``fakequant::observe_range``: updates ``tracked_range``, ``scale`` and ``zero_point`` in place.
 
-    Two launches: per-channel min/max partials of the dense ``x`` read in memory order, then one lane per
-    entry that combines them, applies ``fold`` (and, with ``relu``, ReLU to both ends of the range), the
-    moving average and ``choose_qparams``, and stores in the state tensors' own dtypes and strides.
+    Two launches: per-channel min/max partials of the finite elements of the dense ``x`` read in memory order,
+    then one lane per entry that combines them, applies ``fold`` (and, with ``relu``, ReLU to both ends of the
+    range), the moving average and ``choose_qparams``, and stores in the state tensors' own dtypes and strides;
+    an entry without a finite element keeps its tracked range.
     """
     axis = checks.check_observe_range_args(
         x, tracked_range, scale, zero_point, axis, averaging_constant, quant_min, quant_max, fold

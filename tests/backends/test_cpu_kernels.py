@@ -238,8 +238,8 @@ def observe_same_as_reference(x: torch.Tensor, axis: int | None, relu: bool = Fa
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_observe_range_every_length_and_nan_position(dtype):
-    # The vector body finds NaN on the side of plain min/max: a NaN anywhere (body or tail, either operand of
-    # the pairwise check) must give a NaN range, and infinities must not.
+    # The vector body masks out non-finite lanes: a NaN or +-inf anywhere (body or tail, any accumulator) must be
+    # left out of the range, as must a run of them (no finite element: the state stays).
     g = torch.Generator().manual_seed(11)
     for n in list(range(1, 136)) + [1001]:
         x = (torch.randn(n, generator=g) * 5).to(dtype)
@@ -250,6 +250,11 @@ def test_observe_range_every_length_and_nan_position(dtype):
                 y = x.clone()
                 y[position] = value
                 observe_same_as_reference(y, None)
+        for value in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[n // 3 :] = value  # the body and the tail: all non-finite beyond n // 3 (all of it for n < 3)
+            observe_same_as_reference(y, None)
+            observe_same_as_reference(y, None, relu=True)
     for channels, run in ((3, 70), (5, 33), (2, 1001)):
         x = (torch.randn(channels, run, generator=g) * 5).to(dtype)
         x[1, run // 3] = float("nan")

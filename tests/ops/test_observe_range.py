@@ -2,8 +2,10 @@
 
 Every pair must write the same tracked range, scale and zero point bit for bit as the reference on the CPU, for
 per-tensor and per-channel ranges, the moving average and the first observation, BN-folded weights, ReLU outputs,
-any layout and dtype, and NaN (whose zero point is INT32_MIN, the x86 float-to-int32 conversion the kernels
-reproduce); and raise the reference's ValueError for bad arguments (docs/numerics.md, Range observation).
+any layout and dtype, and non-finite inputs (left out of the range: a tensor or channel without a finite element
+keeps its tracked range, scale and zero point); a NaN tracked range gives a NaN scale and an INT32_MIN zero point
+(the x86 float-to-int32 conversion the kernels reproduce); and raise the reference's ValueError for bad arguments
+(docs/numerics.md, Range observation).
 """
 
 from __future__ import annotations
@@ -186,23 +188,34 @@ def test_first_observation_replaces_and_later_ones_average(device):
     assert tracked.tolist() == [-2.0, 5.0]  # halfway, exactly representable
 
 
-def test_nan_propagates_to_the_scale(device):
-    # A diverging run must stay visible: the range and scale become NaN, so the next fake quant raises (on CPU
-    # tensors, where the scale's value is checked).
+def test_nan_is_left_out_of_the_range(device):
+    # One NaN (a transient fault) must not end a training run: the range is that of the finite elements, so the
+    # scale stays usable.
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(device)
     x[417] = float("nan")
     tracked, scale, zero_point = check_observe(x, None, 1.0, (0, 255, False))
-    assert bool(tracked.isnan().all()) and bool(scale.isnan()) and zero_point.item() == -(2**31)
+    finite = torch.cat([x[:417], x[418:]])
+    assert tracked.tolist() == [finite.min().item(), finite.max().item()]
+    assert bool(scale.isfinite()) and float(scale) > 0
+    torch.ops.fakequant.fake_quant_per_tensor(x, scale, zero_point, 0, 255)  # does not raise
+
+
+def test_infinities_are_left_out_of_the_range(device):
+    x = torch.tensor([1.0, float("inf"), -2.0, float("-inf")], device=device)
+    actual = check_observe(x, None, 1.0, (-128, 127, True))
+    assert actual[0].tolist() == [-2.0, 1.0]
+
+
+def test_nan_tracked_range_gives_a_nan_scale(device):
+    # A NaN tracked range (not one this op wrote: a corrupt checkpoint) propagates through the moving average:
+    # NaN scale, zero point INT32_MIN, which the next fake quantization rejects (on CPU tensors).
+    x = torch.randn(100, generator=torch.Generator().manual_seed(0)).to(device)
+    tracked = torch.tensor([float("nan"), 1.0])
+    tracked, scale, zero_point = check_observe(x, None, 0.01, (0, 255, False), tracked=tracked)
+    assert bool(tracked[0].isnan()) and bool(scale.isnan()) and zero_point.item() == -(2**31)
     if device == "cpu":
         with pytest.raises(ValueError, match=SCALE_MESSAGE + r", got nan"):
             torch.ops.fakequant.fake_quant_per_tensor(x, scale, torch.zeros((), dtype=torch.int32), 0, 255)
-
-
-def test_infinities_give_an_infinite_range(device):
-    x = torch.tensor([1.0, float("inf"), -2.0], device=device)
-    actual = _observe(OP, x, None, 1.0, (-128, 127, True))
-    _assert_same(actual, _observe(reference.observe_range, x, None, 1.0, (-128, 127, True)))
-    assert actual[0].tolist() == [-2.0, float("inf")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +317,11 @@ def test_fold_special_ends(device, small_observe_blocks):
     _, _, only_low_nan, only_high_nan = folds
     for case in fold_observe_cases(weight, folds, gen):
         check_observe(*case)
-    # Per tensor, NaN in one end of one channel's folded range makes only that end NaN.
-    low, high = check_observe(weight, None, 1.0, (0, 255, False), only_low_nan)[0].tolist()
-    assert low != low and high == float("inf")
-    low, high = check_observe(weight, None, 1.0, (0, 255, False), only_high_nan)[0].tolist()
-    assert low == float("-inf") and high != high
+    # Per tensor, NaN in one end of one channel's folded range (an infinite factor times 0) is no range: the
+    # tracked range stays.
+    tracked = torch.tensor([-1.5, 2.5])
+    for f in (only_low_nan, only_high_nan):
+        assert check_observe(weight, None, 1.0, (0, 255, False), f, tracked)[0].tolist() == [-1.5, 2.5]
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
@@ -335,19 +348,15 @@ def test_relu_every_layout_and_axis(device, dtype, small_observe_blocks):
             if constant == 1.0:
                 assert not bool(state[0].any()) and not bool(state[0].signbit().any()), state[0]
         assert bool((check_observe(negative, axis, 1.0, (0, 255, False))[0] < 0).all())
-    # NaN per tensor: both ends NaN (relu keeps NaN), the zero point INT32_MIN, as without relu.
-    state = check_observe(x, None, 0.01, (0, 255, False), relu=True)
-    assert bool(state[0].isnan().all()) and state[2].item() == -(2**31)
+    # NaN and +-inf per tensor: left out, the range is relu's of the finite elements'.
+    state = check_observe(x, None, 1.0, (0, 255, False), relu=True)
+    finite = x[x.isfinite()].float()
+    assert state[0].tolist() == [max(finite.min().item(), 0.0), finite.max().item()]
 
 
-def test_relu_signed_zeros(device_backend, small_observe_blocks, request):
+def test_relu_signed_zeros(device_backend, small_observe_blocks):
     """-0.0 ends: torch.relu (the reference) keeps -0.0, and so must every kernel, bit for bit."""
-    device, backend = device_backend
-    if device == "cpu" and backend in ("auto", "cuda"):
-        # A known difference, kept visible: strict, so the test fails once the C++ kernel is fixed.
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "the C++ CPU kernel's per-channel relu range gives +0.0 where the reference keeps -0.0 (axis 0 and 1, "
-            "averaging constant 1)")))  # fmt: skip
+    device, _ = device_backend
     x = torch.tensor([[-0.0, -0.0, -0.0], [-1.0, -0.0, -2.0], [-0.0, 0.0, 3.0]], device=device)
     for axis in (None, 0, 1):
         for constant, qrange in OBSERVE_MODES:
@@ -374,11 +383,10 @@ def test_relu_fold(device, small_observe_blocks):
         state = check_observe(wl, axis, constant, qrange, f, tracked, relu=True)
         if constant == 1.0 and axis == 0:
             assert state[0][:, 20].tolist() == [0.0, 0.0] and state[0][:, 21].tolist() == [0.0, 0.0]
-    # Per tensor: relu(NaN) is NaN at the end that has it, the other end as relu's.
-    low, high = check_observe(weight, None, 1.0, (0, 255, False), only_low_nan, relu=True)[0].tolist()
-    assert low != low and high == float("inf")
-    low, high = check_observe(weight, None, 1.0, (0, 255, False), only_high_nan, relu=True)[0].tolist()
-    assert low == 0.0 and high != high
+    # Per tensor: a NaN end (inf * 0) is no range, with relu too: the tracked range stays.
+    tracked = torch.tensor([0.5, 2.5])
+    for f in (only_low_nan, only_high_nan):
+        assert check_observe(weight, None, 1.0, (0, 255, False), f, tracked, relu=True)[0].tolist() == [0.5, 2.5]
     # A positive weight times negative factors: every folded value negative, [0, 0] per tensor and per channel.
     positive = weight.abs() + 0.25
     for axis in (None, 0):
@@ -416,10 +424,117 @@ def test_state_dtypes_and_strides(device, small_observe_blocks):
                     assert a.dtype == e.dtype and torch.equal(a.cpu(), e), (a, e)
             assert bool((tracked_base[:, 1] == 7).all() and (scale_base[1::2] == 7).all())
             assert bool((zp_base[:, 0] == 7).all())
-    # A NaN range: INT32_MIN in an int64 zero point too (sign-extended, as the reference's int32 copy).
-    x[3, 4] = float("nan")
-    state = check_observe(x, None, 0.01, (0, 255, False), state_dtype=torch.float16, zp_dtype=torch.int64)
+    # A NaN range (a NaN tracked range moved towards the batch's): INT32_MIN in an int64 zero point too
+    # (sign-extended, as the reference's int32 copy).
+    tracked = torch.tensor([float("nan"), 1.0])
+    state = check_observe(x, None, 0.01, (0, 255, False), tracked=tracked, state_dtype=torch.float16,
+                          zp_dtype=torch.int64)  # fmt: skip
     assert state[2].item() == -(2**31) and bool(state[1].isnan())
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs: left out of the range; no finite element keeps the tracked state
+# ---------------------------------------------------------------------------------------------
+
+NON_FINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def _sprinkle(x, gen, fraction=0.1):
+    """x with NaN, +inf and -inf at random positions (about ``fraction`` of the elements)."""
+    x = x.clone()
+    where = torch.rand(x.shape, generator=gen) < fraction
+    which = torch.randint(0, 3, x.shape, generator=gen)
+    for k, value in enumerate(NON_FINITE):
+        x[where & (which == k)] = value
+    return x
+
+
+def _finite_range(x, axis):
+    """(min, max) of x's finite elements in fp32, per tensor or per channel of ``axis``; (+inf, -inf) if none."""
+    xf = x.float()
+    finite = xf.isfinite()
+    low = torch.where(finite, xf, float("inf"))
+    high = torch.where(finite, xf, float("-inf"))
+    if axis is None:
+        return low.amin(), high.amax()
+    dims = [d for d in range(x.dim()) if d != axis]
+    return low.amin(dims), high.amax(dims)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_non_finite_values_are_left_out(device, dtype, relu, small_observe_blocks):
+    """NaN, +inf and -inf sprinkled in: per tensor and per channel (every axis and layout, channels_last
+    included), replace and moving average: the range of the finite elements, bit for bit as the reference."""
+    gen = torch.Generator().manual_seed(21)
+    x = _sprinkle(torch.randn(4, 6, 5, 7, generator=gen) * 3 + 0.5, gen).to(dtype)
+    results = check_observe_every_layout_and_axis(x.to(device), gen, relu=relu)
+    for axis, constant, state in results:
+        assert bool(state[0].isfinite().all()) and bool(state[1].isfinite().all())
+        if constant == 1.0:
+            low, high = _finite_range(x, axis)
+            if relu:
+                low, high = torch.relu(low), torch.relu(high)
+            assert_bits_equal(state[0].cpu(), torch.stack([low, high]))
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("constant", [1.0, 0.25])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_no_finite_element_keeps_the_state(device, dtype, constant, relu):
+    """A tensor of NaN and +-inf only leaves the tracked range, scale and zero point as they were, per tensor
+    and per channel, folded or not."""
+    gen = torch.Generator().manual_seed(22)
+    x = torch.tensor(NON_FINITE)[torch.randint(0, 3, (6, 4, 3, 3), generator=gen)]
+    x = x.to(dtype=dtype, device=device)
+    fold = torch.tensor([1.5, -2.0, 0.0, -0.0, 0.5, 3.0])
+    for xl, axis, f in itertools.product((x, x.contiguous(memory_format=torch.channels_last)), (None, 0, 1),
+                                         (None, fold)):  # fmt: skip
+        if f is not None and axis == 1:
+            continue
+        channels = 1 if axis is None else x.size(axis)
+        shape = (2,) if axis is None else (2, channels)
+        tracked = torch.stack([-torch.rand(shape[1:], generator=gen), torch.rand(shape[1:], generator=gen)])
+        # The state an earlier observation wrote: scale and zero point chosen from the tracked range.
+        scale, zero_point = choose_qparams(tracked[0], tracked[1], -128, 127, False)
+        zero_point = zero_point.to(torch.int32)
+        before = [t.to(device) for t in (tracked, scale, zero_point)]
+        state = [t.clone() for t in before]
+        OP(xl, *state, axis, constant, -128, 127, False, None if f is None else f.to(device), relu)
+        for a, b in zip(state, before, strict=True):
+            assert torch.equal(a, b), (axis, f, a, b)
+        check_observe(xl, axis, constant, (-128, 127, False), f, tracked, relu=relu)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("constant", [1.0, 0.25])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_channel_without_finite_element_keeps_its_state(device, dtype, constant, relu, small_observe_blocks):
+    """One channel of NaN and +-inf only keeps its tracked range, scale and zero point while the others update;
+    with a fold factor (positive, negative, +-0: inf * 0 would be NaN) per channel, and per tensor, where the
+    channel drops out of the range."""
+    gen = torch.Generator().manual_seed(23)
+    base = torch.randn(6, 4, 3, 3, generator=gen) * 2
+    fold = torch.tensor([1.5, -2.0, 0.0, -0.0, 0.5, -0.75])
+    for empty in range(6):
+        x = _sprinkle(base, gen, 0.05)
+        x[empty] = torch.tensor(NON_FINITE)[torch.randint(0, 3, (4, 3, 3), generator=gen)]
+        x = x.to(dtype=dtype, device=device)
+        for xl, f in itertools.product((x, x.contiguous(memory_format=torch.channels_last)), (None, fold)):
+            tracked = torch.stack([-torch.rand(6, generator=gen), torch.rand(6, generator=gen)])
+            state = check_observe(xl, 0, constant, (0, 255, False), f, tracked, relu=relu)
+            assert torch.equal(state[0][:, empty].cpu(), tracked[:, empty])
+            others = [c for c in range(6) if c != empty]
+            assert bool((state[0][:, others].cpu() != tracked[:, others]).any())
+            # Per tensor: the empty channel drops out (folded or not).
+            per_tensor = check_observe(xl, None, constant, (0, 255, False), f, tracked[:, 0], relu=relu)[0]
+            low, high = _finite_range(x.cpu(), None) if f is None else reference.batch_range(x.cpu(), None, f)
+            if relu:
+                low, high = torch.relu(low), torch.relu(high)
+            if constant == 1.0:
+                assert_bits_equal(per_tensor.cpu(), torch.stack([low, high]).float())
+        # Along axis 1 every channel has finite elements from the other rows.
+        check_observe(x, 1, constant, (0, 255, False), relu=relu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,7 +579,7 @@ def test_relu_all_negative_and_nan(device, dtype, axis, constant, fold):
         if zero_range and constant == 1.0:
             assert torch.equal(got[0], torch.zeros_like(got[0]))  # relu(x)'s range: [0, 0]
         if x is with_nan:
-            assert bool(got[0].isnan().any())
+            assert bool(got[0].isfinite().all())  # the NaN is left out
 
 
 # ---------------------------------------------------------------------------------------------
