@@ -33,11 +33,6 @@ def reference_differentiable(i):
     return autograd_reference.fake_quant_fp8(i.x, None, "e4m3", i.x.size(1))
 
 
-def composition_differentiable(i):
-    out, mask = reference_forward(common.Inputs(x=i.x.detach()), True)
-    return common.straight_through(out, mask, i.x)
-
-
 _TORCHAO = {}
 
 
@@ -60,7 +55,7 @@ SPEC = common.OpBench(
     reference_forward=reference_forward,
     reference_differentiable=reference_differentiable,
     composition_forward=reference_forward,
-    composition_differentiable=composition_differentiable,
+    composition_differentiable=float_formats.straight_through_composition(reference_forward),
     torchao_differentiable=torchao_differentiable,
 )
 

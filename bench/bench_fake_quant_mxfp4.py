@@ -12,57 +12,8 @@ from __future__ import annotations
 
 import torch
 
-import fakequant
 from bench import common, float_formats
-from fakequant import reference
-from tests import autograd_reference
 
-ELEM, BLOCK = "e2m1", 32
-
-
-def fused_forward(i, compute_mask):
-    return torch.ops.fakequant.fake_quant_mx(i.x, ELEM, BLOCK, "floor", compute_mask)
-
-
-def fused_differentiable(i):
-    return fakequant.fake_quant_mx(i.x, ELEM, BLOCK)
-
-
-def reference_forward(i, compute_mask):
-    return reference.fake_quant_mx_forward(i.x, ELEM, BLOCK, "floor", compute_mask)
-
-
-def reference_differentiable(i):
-    return autograd_reference.fake_quant_mx(i.x, ELEM, BLOCK)
-
-
-def composition_differentiable(i):
-    out, mask = reference_forward(common.Inputs(x=i.x.detach()), True)
-    return common.straight_through(out, mask, i.x)
-
-
-def _torchao_round_trip(x):
-    from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
-
-    scale, data = to_mx(x, torch.float4_e2m1fn_x2, BLOCK)
-    return to_dtype(data, scale, torch.float4_e2m1fn_x2, BLOCK, x.dtype)
-
-
-def torchao_differentiable(i):
-    return float_formats.StraightThrough.apply(i.x, _torchao_round_trip)
-
-
-SPEC = common.OpBench(
-    op="mxfp4",
-    cases=float_formats.cases(BLOCK),
-    make_inputs=float_formats.make_inputs,
-    fused_forward=fused_forward,
-    fused_differentiable=fused_differentiable,
-    reference_forward=reference_forward,
-    reference_differentiable=reference_differentiable,
-    composition_forward=reference_forward,
-    composition_differentiable=composition_differentiable,
-    torchao_differentiable=torchao_differentiable,
-)
+SPEC = float_formats.mx_spec("mxfp4", "e2m1", torch.float4_e2m1fn_x2)
 
 test_fake_quant_mxfp4 = common.make_test(SPEC)

@@ -35,11 +35,6 @@ def reference_differentiable(i):
     return autograd_reference.fake_quant_nvfp4(i.x)
 
 
-def composition_differentiable(i):
-    out, mask = reference_forward(common.Inputs(x=i.x.detach()), True)
-    return common.straight_through(out, mask, i.x)
-
-
 def _torchao_round_trip(x):
     from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
@@ -60,7 +55,7 @@ SPEC = common.OpBench(
     reference_forward=reference_forward,
     reference_differentiable=reference_differentiable,
     composition_forward=reference_forward,
-    composition_differentiable=composition_differentiable,
+    composition_differentiable=float_formats.straight_through_composition(reference_forward),
     torchao_differentiable=torchao_differentiable,
 )
 

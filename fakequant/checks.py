@@ -122,15 +122,8 @@ def check_qparam_values(scale: torch.Tensor, zero_point: torch.Tensor, quant_min
     # call, so there the quantizers (which compute the values) guarantee them instead. Fake tensors
     # (tracing, compile) have no values to check. A float (learned) zero point is clamped into the range by the
     # learnable ops, not checked against it.
-    if scale.device.type == "cpu" and scale.numel() > 0:
-        # A subnormal scale is positive but its fp32 reciprocal is inf, which would turn 0 into NaN.
-        bad = ~(torch.isfinite(scale) & (scale >= SMALLEST_NORMAL))
-        if bool(bad.any()):
-            value = scale[bad].flatten()[0].item()
-            raise ValueError(
-                "fakequant: scale must be finite and >= 2^-126 (the smallest normal float32; 1 / scale overflows "
-                f"below it), got {value}"
-            )
+    # A subnormal scale is positive but its fp32 reciprocal is inf, which would turn 0 into NaN.
+    _check_scale_values(scale, "scale")
     if zero_point.device.type == "cpu" and zero_point.numel() > 0 and not zero_point.is_floating_point():
         bad = (zero_point < quant_min) | (zero_point > quant_max)
         if bool(bad.any()):
